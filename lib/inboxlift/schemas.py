@@ -1,0 +1,43 @@
+"""Declared schemas: the landing-file contract between `generate` (or a shop's export) and `ingest`.
+
+Landing layout, under ``paths.landing_dir``:
+
+- ``users/*.csv[.gz]`` — one user per line, header row, columns ``USERS_LANDING``;
+- ``products/*.csv[.gz]`` — header row, columns ``PRODUCTS_LANDING``;
+- ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``.
+
+Everything in landing files is text as a shop would export it: timestamps are
+ISO-8601 (``2026-11-20T08:15:00Z``), money is a decimal string or number,
+booleans are ``true``/``false``. Ingest validates and types it; ``generate``
+plants dirty records of every kind in these same files.
+"""
+
+from __future__ import annotations
+
+from pyspark.sql.types import StringType, StructField, StructType
+
+EVENT_TYPES = (
+    "view", "add_to_cart", "remove_from_cart", "purchase", "search", "review",
+    "email_delivered", "email_open", "email_click", "unsubscribe", "bounce",
+)
+
+
+def _text(*names: str) -> StructType:
+    return StructType([StructField(n, StringType(), True) for n in names])
+
+
+USERS_LANDING = _text(
+    "user_id", "email", "first_name", "locale", "timezone", "country", "birthday",
+    "signup_ts", "email_consent", "consent_ts", "updated_at",
+)
+
+PRODUCTS_LANDING = _text(
+    "item_id", "name", "description", "category_path", "brand", "price", "currency",
+    "image_url", "url", "stock", "launched_at", "updated_at",
+)
+
+EVENTS_LANDING = _text(
+    "event_id", "event_type", "event_ts", "user_id", "item_id", "session_id",
+    "order_id", "quantity", "price", "currency", "query", "rating", "review_text",
+    "campaign_id", "message_id",
+)
