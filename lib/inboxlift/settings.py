@@ -224,8 +224,10 @@ def _coerce(tp: Any, value: Any, *, source: str, path: str) -> Any:
             return float(value)
         raise SettingsError(f"{where} expected a number, got {value!r}")
     if tp is str:
-        # YAML reads 2024-01-01 as a date and 10 as an int; settings that are strings take them as text.
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        # YAML reads 2024-01-01 as a date, 10 as an int, false as a bool; string settings take them as text.
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (str, int, float)):
             return str(value)
         if hasattr(value, "isoformat"):
             return value.isoformat()

@@ -93,7 +93,9 @@ class DeltaRsBackend:
     def __init__(self, spark: SparkSession, *, max_rows_per_file: int = 5_000_000) -> None:
         self.spark = spark
         self.max_rows_per_file = max_rows_per_file
-        spark.dataSource.register(DeltaRsDataSource)
+        if not getattr(spark, "_inboxlift_deltars_registered", False):
+            spark.dataSource.register(DeltaRsDataSource)
+            spark._inboxlift_deltars_registered = True  # type: ignore[attr-defined]
 
     # ---- snapshots -----------------------------------------------------------------------
 
@@ -196,6 +198,11 @@ class DeltaRsBackend:
         root = self._require_path(ref)
         write_id = uuid.uuid4().hex
         manifest = f"{root}/{STAGING_DIR}/{write_id}.json"
+        # Spark looks Python data sources up in the thread's active session, which a thread
+        # other than the one that built the session does not have (concurrent writers do).
+        jvm_session = getattr(self.spark, "_jsparkSession", None)
+        if jvm_session is not None:
+            self.spark._jvm.org.apache.spark.sql.SparkSession.setActiveSession(jvm_session)  # type: ignore[attr-defined]
         (
             df.write.format(FORMAT_NAME)
             .mode("append")
@@ -246,6 +253,13 @@ class DeltaRsBackend:
                 mode: str, write_id: WriteId | None, replace_schema: bool = False) -> WriteResult:
         adds = self._add_actions(files)
         props = self._commit_properties(operation, ref, write_id)
+        if table is not None and not replace_schema:
+            known = set(table.schema().to_arrow().names)
+            new_fields = [f for f in _delta_schema(schema).fields if f.name not in known]
+            if new_fields:
+                # Schema evolution is its own commit (delta-rs does not widen a schema inside a
+                # write transaction); the new columns are nullable, so older files read as null.
+                table.alter.add_columns(new_fields)
         try:
             if table is None or replace_schema:
                 create_table_with_add_actions(

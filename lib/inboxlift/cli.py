@@ -1,0 +1,180 @@
+"""The ``inboxlift`` command: the boundary where settings, session, lake and clock are built."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from inboxlift.clock import FixedClock, SystemClock
+from inboxlift.context import RunContext
+from inboxlift.pipeline import RUN_ALL, STAGES, generate_default_data, landing_is_empty
+from inboxlift.settings import Settings, SettingsError, load_settings, parse_override
+
+
+def default_conf_dir(environ: Mapping[str, str]) -> str:
+    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
+    if environ.get("INBOXLIFT_CONF_DIR"):
+        return environ["INBOXLIFT_CONF_DIR"]
+    if Path("conf").is_dir():
+        return "conf"
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _common(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--env", default=environ.get("INBOXLIFT_ENV", "local"),
+                        help="settings file conf/<env>.yml (default: local, or $INBOXLIFT_ENV)")
+    common.add_argument("--conf-dir", default=default_conf_dir(environ), help="folder of the settings files")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set storage.lake_dir=/tmp/lake (repeatable)")
+    common.add_argument("--now", help="pin the clock to this UTC instant (ISO 8601), e.g. for a back-fill")
+    return common
+
+
+def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    environ = os.environ if environ is None else environ
+    common = _common(environ)
+    parser = argparse.ArgumentParser(
+        prog="inboxlift",
+        description="Turn a shop's event data into personalised marketing emails, with Spark and Delta tables.",
+        epilog="stages: " + "; ".join(f"{s.name} ({s.help})" for s in STAGES.values()),
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run one pipeline stage")
+    stages = run.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage in STAGES.values():
+        stage_parser = stages.add_parser(stage.name, help=stage.help, parents=[common])
+        stage.add_arguments(stage_parser)
+
+    run_all = commands.add_parser("run-all", help=f"run every stage in order ({', '.join(RUN_ALL)})",
+                                  parents=[common])
+    run_all.add_argument("--no-generate", action="store_true",
+                         help="do not generate synthetic data when the local landing folder is empty")
+
+    commands.add_parser("tables", help="list the tables with rows, version and last write", parents=[common])
+
+    generate = commands.add_parser("generate", help="write synthetic shop data as landing files",
+                                   parents=[common])
+    generate.add_argument("--users", type=int, help="number of users (default: generate.users)")
+    generate.add_argument("--items", type=int, help="number of products (default: generate.items)")
+    generate.add_argument("--days", type=int, help="days of activity (default: generate.days)")
+    generate.add_argument("--dirty-rate", type=float, help="share of dirty records (default: generate.dirty_rate)")
+    generate.add_argument("--seed", type=int, help="random seed (default: generate.seed)")
+    generate.add_argument("--gzip", action="store_true", default=None, help="gzip the landing files")
+
+    commands.add_parser("settings", help="print the effective settings", parents=[common])
+    return parser
+
+
+def load_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    overrides = dict(parse_override(text) for text in args.overrides)
+    return load_settings(args.env, conf_dir=args.conf_dir, overrides=overrides, environ=environ)
+
+
+def build_context(settings: Settings, *, now: str | None, environ: Mapping[str, str]) -> RunContext:
+    from inboxlift.session import build_session
+    from inboxlift.storage import Lake
+
+    info = build_session(settings.spark, environ=environ)
+    print(info.describe(), flush=True)
+    lake = Lake.open(info.spark, settings.storage, has_delta_jars=info.has_delta_jars)
+    print(f"storage backend: {lake.backend.name}; tables at {lake.names.lake_dir or settings.storage.catalog}",
+          flush=True)
+    clock = FixedClock.at(now) if now else SystemClock()
+    return RunContext(spark=info.spark, settings=settings, lake=lake, clock=clock)
+
+
+def _print_result(result: Any) -> None:
+    if result is None:
+        return
+    if hasattr(result, "summary"):
+        print(result.summary(), flush=True)
+    elif isinstance(result, list):
+        for line in result:
+            print(f"  {line}", flush=True)
+    else:
+        print(result, flush=True)
+
+
+def print_tables(ctx: RunContext) -> None:
+    names = ctx.lake.table_names()
+    if not names:
+        print("no tables yet", flush=True)
+        return
+    print(f"{'table':<24}{'rows':>12}{'version':>9}{'files':>7}  last write (UTC)      operation", flush=True)
+    for name in names:
+        info = ctx.lake.info(name)
+        when = info.last_write.strftime("%Y-%m-%d %H:%M:%S") if info.last_write else "-"
+        print(f"{name:<24}{info.rows:>12,}{info.version:>9}{info.files:>7}  {when:<21} {info.last_operation or '-'}",
+              flush=True)
+
+
+def print_locations(settings: Settings) -> None:
+    lake = settings.storage.lake_dir if not settings.storage.catalog else \
+        f"{settings.storage.catalog}.{settings.storage.schema}"
+    print("\nwhere things are:", flush=True)
+    print(f"  lake (Delta tables): {Path(lake).absolute() if not settings.storage.catalog else lake}")
+    print(f"  MLflow store:        {settings.mlflow.tracking_uri}"
+          + (f" (artifacts in {Path(settings.mlflow.artifact_location).absolute()})"
+             if settings.mlflow.artifact_location else ""))
+    print(f"  landing files:       {Path(settings.paths.landing_dir).absolute()}")
+    print(f"  outputs (emails):    {Path(settings.paths.output_dir).absolute()}", flush=True)
+
+
+def _generate(ctx: RunContext, args: argparse.Namespace) -> Any:
+    import dataclasses
+
+    g = ctx.settings.generate
+    chosen = {k: v for k, v in {
+        "users": args.users, "items": args.items, "days": args.days, "dirty_rate": args.dirty_rate,
+        "seed": args.seed, "gzip": args.gzip}.items() if v is not None}
+    settings = dataclasses.replace(ctx.settings, generate=dataclasses.replace(g, **chosen))
+    return generate_default_data(dataclasses.replace(ctx, settings=settings))
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_from_args(args, environ)
+    except SettingsError as exc:
+        print(f"inboxlift: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "settings":
+        print(settings)
+        return 0
+    ctx = build_context(settings, now=args.now, environ=environ)
+    started = time.monotonic()
+    if args.command == "run":
+        stage = STAGES[args.stage]
+        print(f"== {stage.name}: {stage.help}", flush=True)
+        _print_result(stage.run(ctx, args))
+    elif args.command == "run-all":
+        if (not args.no_generate and settings.env == "local"
+                and landing_is_empty(settings.paths.landing_dir) and not ctx.lake.exists("events")):
+            print("== generate: the local lake and landing folder are empty, so synthetic data is generated",
+                  flush=True)
+            _print_result(generate_default_data(ctx))
+        for name in RUN_ALL:
+            stage = STAGES[name]
+            print(f"== {stage.name}: {stage.help}", flush=True)
+            _print_result(stage.run(ctx, args))
+        print("\n== tables", flush=True)
+        print_tables(ctx)
+        print_locations(settings)
+    elif args.command == "tables":
+        print_tables(ctx)
+    elif args.command == "generate":
+        _print_result(_generate(ctx, args))
+    print(f"done in {time.monotonic() - started:.1f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

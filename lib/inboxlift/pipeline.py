@@ -1,0 +1,83 @@
+"""The pipeline's stages, in order: what ``inboxlift run STAGE`` and ``run-all`` execute.
+
+Each stage is registered with its name, a one-line description, the arguments
+it takes and the function that runs it on a :class:`RunContext`. Jobs, the CLI
+and the Databricks bundle all go through this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from inboxlift.context import RunContext
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[RunContext, argparse.Namespace], Any]
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--landing-dir", help="folder of landing files (default: paths.landing_dir)")
+
+
+def _run_ingest(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.ingest import run_ingest
+
+    return run_ingest(ctx, landing_dir=args.landing_dir)
+
+
+def _maintain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--retention-hours", type=int, default=None,
+                        help="vacuum files unreferenced for longer than this (default: storage.vacuum_retention_hours)")
+
+
+def _run_maintain(ctx: RunContext, args: argparse.Namespace) -> list[str]:
+    """Compact small files and vacuum old ones in every table."""
+    lines = []
+    for name in ctx.lake.table_names():
+        ctx.lake.optimize(name)
+        removed = ctx.lake.vacuum(name, retention_hours=args.retention_hours)
+        lines.append(f"{name}: optimized, {len(removed)} old files vacuumed")
+    return lines
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in [
+        Stage("ingest", "validate landing files into events, users, products (+ quarantine, run log)",
+              _ingest_arguments, _run_ingest),
+        Stage("maintain", "compact and vacuum every table", _maintain_arguments, _run_maintain),
+    ]
+}
+
+# The stages run-all executes, in order (maintenance is scheduled on its own).
+RUN_ALL = ["ingest"]
+
+
+def landing_is_empty(landing_dir: str) -> bool:
+    root = Path(landing_dir)
+    return not root.is_dir() or not any(p.is_file() for p in root.rglob("*") if not p.name.startswith((".", "_")))
+
+
+def generate_default_data(ctx: RunContext) -> Any:
+    """Synthetic shop data from ``settings.generate``, ending at the clock's now."""
+    from inboxlift.generate import generate_shop
+
+    g = ctx.settings.generate
+    return generate_shop(
+        ctx.spark, landing_dir=ctx.settings.paths.landing_dir, truth_dir=g.truth_dir, users=g.users,
+        items=g.items, days=g.days, dirty_rate=g.dirty_rate, seed=g.seed, gzip=g.gzip,
+        end=ctx.clock.now().replace(minute=0, second=0, microsecond=0) - dt.timedelta(hours=1),
+    )

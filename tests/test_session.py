@@ -1,0 +1,62 @@
+"""The session builder: local configuration, Delta jar discovery, reuse of an active session."""
+
+from __future__ import annotations
+
+import sys
+
+from inboxlift.session import build_session, find_delta_jars, local_conf
+from inboxlift.settings import SparkSettings
+
+
+def test_local_conf_sizes_and_settles_the_session():
+    conf = local_conf(SparkSettings(driver_memory="6g", shuffle_partitions=4), environ={}, delta_jars=[])
+    assert conf["spark.driver.memory"] == "6g"
+    assert conf["spark.sql.shuffle.partitions"] == "4"
+    assert conf["spark.sql.adaptive.enabled"] == "true"
+    assert conf["spark.sql.execution.arrow.pyspark.enabled"] == "true"
+    assert conf["spark.pyspark.python"] == sys.executable
+    assert conf["spark.ui.enabled"] == "true"
+    assert "spark.sql.extensions" not in conf
+
+
+def test_ui_is_off_under_ci_and_delta_is_wired_when_jars_exist():
+    jars = ["/x/delta-spark_2.13-4.4.1.jar", "/x/delta-storage-4.4.1.jar"]
+    conf = local_conf(SparkSettings(extra_conf={"spark.sql.ansi.enabled": "false"}), environ={"CI": "true"},
+                      delta_jars=jars)
+    assert conf["spark.ui.enabled"] == "false"
+    assert conf["spark.jars"] == ",".join(jars)
+    assert conf["spark.sql.extensions"] == "io.delta.sql.DeltaSparkSessionExtension"
+    assert conf["spark.sql.catalog.spark_catalog"] == "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+    assert conf["spark.sql.ansi.enabled"] == "false"
+
+
+def test_find_delta_jars_needs_the_spark_jar(tmp_path):
+    (tmp_path / "delta-storage-4.4.1.jar").write_bytes(b"")
+    assert find_delta_jars([str(tmp_path)]) == []
+    (tmp_path / "delta-spark_2.13-4.4.1.jar").write_bytes(b"")
+    assert [p.rsplit("/", 1)[1] for p in find_delta_jars([str(tmp_path)])] == [
+        "delta-spark_2.13-4.4.1.jar", "delta-storage-4.4.1.jar",
+    ]
+
+
+def test_an_active_session_is_reused_as_it_is(spark, base_settings):
+    info = build_session(SparkSettings(master="local[1]", shuffle_partitions=64), environ={})
+    assert info.spark is spark
+    assert info.is_local is False
+    # Nothing was changed on the running session.
+    assert spark.conf.get("spark.sql.shuffle.partitions") == "1"
+
+
+def test_the_session_runs_python_workers_on_this_interpreter(spark):
+    from pyspark.sql import functions as F
+
+    def interpreter(batches):
+        import sys as worker_sys
+
+        import pyarrow as pa
+
+        for _ in batches:
+            yield pa.RecordBatch.from_pydict({"exe": [worker_sys.executable]})
+
+    seen = spark.range(1).mapInArrow(interpreter, "exe string").select(F.col("exe")).first()[0]
+    assert seen == sys.executable
