@@ -101,7 +101,10 @@ def local_conf(settings: SparkSettings, *, environ: Mapping[str, str], delta_jar
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
         "spark.sql.warehouse.dir": str(Path(settings.checkpoint_dir).absolute().parent / "warehouse"),
-        "spark.driver.extraJavaOptions": "-Dderby.system.home=" + str(Path(settings.checkpoint_dir).absolute().parent),
+        "spark.driver.extraJavaOptions": " ".join([
+            "-Dderby.system.home=" + str(Path(settings.checkpoint_dir).absolute().parent),
+            "-Dlog4j2.configurationFile=" + str(Path(__file__).with_name("log4j2.properties")),
+        ]),
     }
     if delta_jars:
         conf["spark.jars"] = ",".join(delta_jars)
