@@ -175,11 +175,23 @@ class DeltaRsBackend:
         data_fields = [f for f in schema.fields if f.name not in parts]
         part_fields = [f for f in schema.fields if f.name in parts]
         uris = [f"{root}/{unquote(a['path'])}" for a in actions]
-        frame = (
-            self.spark.read.schema(StructType(data_fields + part_fields))
-            .option("basePath", root)
-            .parquet(*uris)
-        )
+        reader = self.spark.read.schema(StructType(data_fields + part_fields)).option("basePath", root)
+        # Spark "lists" more than this many paths with a Spark job (seconds of scheduling). These paths
+        # are the log's files, not folders to search: on a local disk each costs one stat on the driver,
+        # so the job is pure overhead. Object stores pay a request per file, so there the job stays.
+        # The listing happens here, when the DataFrame is made; reading it later uses the result.
+        threshold_key = "spark.sql.sources.parallelPartitionDiscovery.threshold"
+        was_set = self.spark.conf.get(threshold_key, None)
+        lift = urlparse(root).scheme in ("", "file") and len(uris) > int(self.spark.conf.get(threshold_key))
+        if lift:
+            self.spark.conf.set(threshold_key, str(len(uris)))
+        try:
+            frame = reader.parquet(*uris)
+        finally:
+            if lift and was_set is None:
+                self.spark.conf.unset(threshold_key)
+            elif lift:
+                self.spark.conf.set(threshold_key, was_set)
         columns = [F.col(n) for n in schema.fieldNames()]
         if with_file:
             columns.append(F.col("_metadata.file_path").alias(FILE_COL))
