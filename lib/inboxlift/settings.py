@@ -97,6 +97,63 @@ class GenerateSettings:
     gzip: bool = False
     # The planted truth (taste groups, active hours) lives apart from the landing files; no stage reads it.
     truth_dir: str = "var/truth"
+    # Browsing sessions of an average user per day (activity is skewed around this mean).
+    sessions_per_user_day: float = 0.06
+    # Days between the shop's newsletters, whose opens and clicks become email events.
+    campaign_every_days: int = 7
+    # Items launched within this many days before the end of the data are new arrivals.
+    new_arrival_days: int = 14
+
+
+@dataclass(frozen=True)
+class InvoiceLinesImport:
+    """An invoice-lines export (one row per invoice line): its column names and conventions."""
+
+    invoice: str = "InvoiceNo"
+    stock_code: str = "StockCode"
+    description: str = "Description"
+    quantity: str = "Quantity"
+    invoice_date: str = "InvoiceDate"
+    unit_price: str = "UnitPrice"
+    customer_id: str = "CustomerID"
+    country: str = "Country"
+    # A Spark datetime pattern, or "iso", "epoch_ms", "epoch_s"; pattern times are wall-clock times in `timezone`.
+    timestamp_format: str = "M/d/yyyy H:mm"
+    timezone: str = "Europe/London"
+    currency: str = "GBP"
+    # An invoice number starting with this marks a cancellation (as does a negative quantity).
+    cancel_prefix: str = "C"
+    # Stock codes that are charges or adjustments, not products: their lines are quarantined as excluded_item.
+    non_product_codes: list[str] = field(default_factory=lambda: [
+        "POST", "DOT", "M", "D", "C2", "S", "B", "CRUK", "PADS", "BANK CHARGES", "AMAZONFEE",
+    ])
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class ClickstreamImport:
+    """A clickstream export (one row per visitor event): its column names and event vocabulary."""
+
+    timestamp: str = "timestamp"
+    visitor_id: str = "visitorid"
+    event: str = "event"
+    item_id: str = "itemid"
+    transaction_id: str = "transactionid"
+    timestamp_format: str = "epoch_ms"
+    timezone: str = "UTC"
+    # The export's event names -> inboxlift event types; names not listed are quarantined as unknown_event_type.
+    event_types: dict[str, str] = field(default_factory=lambda: {
+        "view": "view", "addtocart": "add_to_cart", "transaction": "purchase",
+    })
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    """Column mappings for real retailers' exports (``inboxlift import --shape ...``)."""
+
+    invoice_lines: InvoiceLinesImport = field(default_factory=InvoiceLinesImport)
+    clickstream: ClickstreamImport = field(default_factory=ClickstreamImport)
 
 
 @dataclass(frozen=True)
@@ -108,6 +165,241 @@ class IngestSettings:
     # The shop's first day: events before it are quarantined (as are events after "now" + skew).
     shop_opened: str = "2020-01-01"
     future_skew_minutes: int = 10
+    # Review ratings outside this range are quarantined as bad_rating.
+    rating_min: int = 1
+    rating_max: int = 5
+    # Files committed together (one batch, one Delta commit per table); a crash redoes at most one batch.
+    files_per_batch: int = 500
+    imports: ImportSettings = field(default_factory=ImportSettings)
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """User and item features, interactions and review sentiment (``inboxlift run features``).
+
+    Every feature is described in ``docs/features.md``; windows count whole UTC days ending with the as-of day.
+    """
+
+    # Implicit-feedback weights per event type and the decay half-life of interactions.
+    view_weight: float = 1.0
+    cart_weight: float = 3.0
+    purchase_weight: float = 8.0
+    half_life_days: float = 30.0
+    # Activity windows (days) for the *_7d / *_30d / *_90d columns of user_features and item_features.
+    activity_windows_days: list[int] = field(default_factory=lambda: [7, 30, 90])
+    # Email rates are smoothed towards these priors as if the user had had `rate_prior_emails` more emails.
+    open_rate_prior: float = 0.2
+    click_rate_prior: float = 0.03
+    rate_prior_emails: float = 5.0
+    # Open cart: the latest add is at most `cart_window_days` old and at least `cart_min_age_minutes`
+    # old (a cart being filled right now is not abandoned), and nothing since removed it or bought it.
+    cart_window_days: int = 7
+    cart_min_age_minutes: int = 60
+    # Browsed-not-bought: viewed in the last `browse_window_days`, not bought in that time, not in the open cart.
+    browse_window_days: int = 3
+    # Longest item lists kept per user (open cart, browsed, negatively reviewed): emails show a few.
+    max_listed_items: int = 10
+    # Category / brand shares count view, cart and purchase events of the last `affinity_window_days`.
+    affinity_window_days: int = 90
+    top_categories: int = 3
+    # Price bands: a price below edges[i] falls in labels[i]; at or above the last edge, the last label.
+    price_band_edges: list[float] = field(default_factory=lambda: [25.0, 75.0, 200.0])
+    price_band_labels: list[str] = field(default_factory=lambda: ["budget", "mid", "premium", "luxury"])
+    # Send hour: local hours of opens (weighted) and other activity in the last `send_hour_window_days`.
+    send_hour_window_days: int = 90
+    send_hour_open_weight: float = 3.0
+    send_hour_activity_weight: float = 1.0
+    # Below this much evidence a user gets the population's hour, and with no data at all this one.
+    send_hour_min_weight: float = 6.0
+    default_send_hour: int = 10
+    # Lifecycle: new while tenure <= new_user_days; then by days since last activity.
+    new_user_days: int = 30
+    active_days: int = 30
+    lapsing_days: int = 90
+    lapsed_days: int = 180
+    # Item features.
+    new_arrival_days: int = 30
+    trend_recent_days: int = 7
+    trend_baseline_days: int = 28
+    # Pseudo-events per day added to both rates, so an item going from 0 to 1 view is not "infinitely" trending.
+    trend_smoothing_per_day: float = 1.0
+    conversion_window_days: int = 30
+    conversion_prior_rate: float = 0.02
+    conversion_prior_views: float = 20.0
+    # Review sentiment model (labels from ratings: >= 4 positive, <= 2 negative, 3 left out).
+    sentiment_num_features: int = 262144
+    sentiment_reg_param: float = 0.01
+    sentiment_elastic_net: float = 0.0
+    sentiment_max_iter: int = 50
+    sentiment_test_percent: int = 20
+    # Fewer labelled reviews than this (or one class only) and the model is not trained; scores stay empty.
+    sentiment_min_reviews: int = 20
+    # A review scored below this probability of being positive counts as negative.
+    negative_review_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'features.{key}' {why}")
+
+        if not self.activity_windows_days or any(d <= 0 for d in self.activity_windows_days):
+            raise bad("activity_windows_days", f"must be positive day counts, got {self.activity_windows_days}")
+        if self.half_life_days <= 0:
+            raise bad("half_life_days", f"must be positive, got {self.half_life_days}")
+        if list(self.price_band_edges) != sorted(set(self.price_band_edges)):
+            raise bad("price_band_edges", f"must be strictly increasing, got {self.price_band_edges}")
+        if len(self.price_band_labels) != len(self.price_band_edges) + 1:
+            raise bad("price_band_labels", f"needs one label more than price_band_edges "
+                      f"({len(self.price_band_edges) + 1}), got {len(self.price_band_labels)}")
+        if not 0 <= self.default_send_hour <= 23:
+            raise bad("default_send_hour", f"must be an hour 0..23, got {self.default_send_hour}")
+        if not self.active_days <= self.lapsing_days <= self.lapsed_days:
+            raise bad("lapsing_days", "lifecycle thresholds must satisfy active_days <= lapsing_days <= lapsed_days")
+        if not 0 < self.sentiment_test_percent < 100:
+            raise bad("sentiment_test_percent", f"must be between 1 and 99, got {self.sentiment_test_percent}")
+
+
+@dataclass(frozen=True)
+class SegmentNaming:
+    """Thresholds of the segment naming rules (``docs/segments.md``); ratios compare a segment with all users."""
+
+    vip_monetary_ratio: float = 2.0
+    vip_frequency_ratio: float = 1.5
+    big_spender_monetary_ratio: float = 1.5
+    at_risk_recency_days: float = 45.0
+    new_tenure_days: float = 30.0
+    low_frequency_ratio: float = 0.5
+    dormant_days: float = 60.0
+    bargain_price_band: str = "budget"
+    bargain_band_share_ratio: float = 1.5
+    bargain_order_value_ratio: float = 0.6
+    engaged_open_rate_ratio: float = 1.5
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """User segments (``inboxlift run segment-train`` and ``segment``); described in ``docs/segments.md``."""
+
+    # Numeric columns of user_features in the feature vector, and those log1p-transformed (skewed counts, money, days).
+    feature_columns: list[str] = field(default_factory=lambda: [
+        "days_since_last_purchase", "orders", "monetary", "avg_order_value", "views_30d", "carts_30d",
+        "purchases_30d", "sessions_30d", "open_rate", "click_rate", "tenure_days", "days_since_last_activity",
+    ])
+    log_columns: list[str] = field(default_factory=lambda: [
+        "days_since_last_purchase", "orders", "monetary", "avg_order_value", "views_30d", "carts_30d",
+        "purchases_30d", "sessions_30d", "days_since_last_activity",
+    ])
+    # A null feature is read as this value (0 for a column not listed).
+    null_fill: dict[str, float] = field(default_factory=dict)
+    # The column playing each role in profiles and names, so names survive column renames. Roles: recency,
+    # frequency, monetary, order_value, activity, inactivity, open_rate, tenure, price_band, categories.
+    roles: dict[str, str] = field(default_factory=lambda: {
+        "recency": "days_since_last_purchase", "frequency": "orders", "monetary": "monetary",
+        "order_value": "avg_order_value", "activity": "sessions_30d", "inactivity": "days_since_last_activity",
+        "open_rate": "open_rate", "tenure": "tenure_days", "price_band": "preferred_price_band",
+        "categories": "top_categories",
+    })
+    # 0: no PCA; n > 0: the scaled features projected on n principal components.
+    pca_components: int = 0
+    algorithms: list[Literal["kmeans", "bisecting_kmeans"]] = field(
+        default_factory=lambda: ["kmeans", "bisecting_kmeans"])
+    k_min: int = 3
+    k_max: int = 8
+    max_iter: int = 20
+    tol: float = 1e-4
+    # Rounds of the k-means|| initialisation.
+    init_steps: int = 2
+    seed: int = 42
+    # The chosen (algorithm, k) is refitted with these seeds too; their agreement (adjusted Rand index) is reported.
+    stability_seeds: list[int] = field(default_factory=lambda: [7, 11])
+    # Below this mean agreement between seeds, the run is tagged stability_ok=false.
+    min_stability_ari: float = 0.8
+    # Silhouette is measured on at most this many users (the same hash-picked users in every run).
+    silhouette_sample_rows: int = 50000
+    top_categories: int = 3
+    # The MLflow registered model; scoring uses its version with alias "champion".
+    registered_model: str = "inboxlift-segments"
+    naming: SegmentNaming = field(default_factory=SegmentNaming)
+
+
+CONTENT_PARTS = ("category", "brand", "price_band", "text")
+
+
+@dataclass(frozen=True)
+class RecommendSettings:
+    """Recommendations (``inboxlift run recommend-train`` and ``recommend``); described in ``docs/recommend.md``."""
+
+    # Every @k metric uses this k. The test window is the last `test_days` whole UTC days before the cut-off,
+    # the validation window the `validation_days` before it; training data is everything earlier.
+    k: int = 10
+    test_days: int = 14
+    validation_days: int = 14
+    # What counts as relevant in a window: any view, cart or purchase ("interaction"), or purchases only.
+    relevance: Literal["interaction", "purchase"] = "interaction"
+    # The tuning grid: every (rank, reg_param, alpha, confidence weights) is scored by NDCG@k on validation.
+    ranks: list[int] = field(default_factory=lambda: [16, 32])
+    reg_params: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    alphas: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    # Confidence weights [view, cart, purchase] to try; empty means the features' weights only.
+    confidence_weights: list[list[float]] = field(default_factory=list)
+    max_iter: int = 10
+    seed: int = 42
+    # ALS checkpoints every this many iterations (where a checkpoint directory is set), so lineage stays short.
+    checkpoint_interval: int = 5
+    # ALS blocks; 0 means the session's default parallelism.
+    num_user_blocks: int = 0
+    num_item_blocks: int = 0
+    # Popular = most distinct users interacting in the last `popularity_days` before the cut-off.
+    popularity_days: int = 30
+    # popular_in_category uses the user's this many top categories (by summed interaction confidence).
+    fallback_categories: int = 1
+    # Rows per user in `recommendations`; up to `content_slots` of them are new arrivals chosen by content.
+    top_n: int = 10
+    content_slots: int = 2
+    # A user's new-arrival picks are scored against their this many strongest interactions.
+    content_anchor_items: int = 5
+    # Filters: bought items (except in `consumable_categories`, top-level names), negatively reviewed items.
+    exclude_purchased: bool = True
+    consumable_categories: list[str] = field(default_factory=list)
+    exclude_negative_reviews: bool = True
+    # similar_items (ALS factors, cosine) and content_similar_items: neighbours kept per item.
+    similar_items: int = 10
+    content_similar_items: int = 10
+    # Content similarity = sum of weight * per-part cosine; the weights are normalised to sum to 1.
+    content_weights: dict[str, float] = field(default_factory=lambda: {
+        "category": 0.4, "brand": 0.2, "price_band": 0.1, "text": 0.3})
+    content_text_features: int = 512
+    # Blocked scoring: users (or items) per block, candidate items per block.
+    user_block_size: int = 2048
+    item_block_size: int = 8192
+    # The MLflow registered model; scoring uses its version with alias "champion".
+    registered_model: str = "inboxlift-recommender"
+    # Users whose recommendations are logged to MLflow as examples (the first by id hash).
+    example_users: int = 5
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'recommend.{key}' {why}")
+
+        for key in ("k", "test_days", "validation_days", "max_iter", "top_n", "similar_items",
+                    "content_similar_items", "content_text_features", "user_block_size", "item_block_size",
+                    "popularity_days", "fallback_categories"):
+            if getattr(self, key) <= 0:
+                raise bad(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("ranks", "reg_params", "alphas"):
+            values = getattr(self, key)
+            if not values or any(v <= 0 for v in values):
+                raise bad(key, f"must be a non-empty list of positive numbers, got {values}")
+        if any(len(w) != 3 or any(x < 0 for x in w) or not any(w) for w in self.confidence_weights):
+            raise bad("confidence_weights", f"must be [view, cart, purchase] weights >= 0, not all 0; "
+                      f"got {self.confidence_weights}")
+        if not 0 <= self.content_slots < self.top_n:
+            raise bad("content_slots", f"must be in 0..top_n-1 ({self.top_n - 1}), got {self.content_slots}")
+        unknown = sorted(set(self.content_weights) - set(CONTENT_PARTS))
+        if unknown or any(v < 0 for v in self.content_weights.values()) or not sum(self.content_weights.values()):
+            raise bad("content_weights", f"must weigh parts of {list(CONTENT_PARTS)} with numbers >= 0, "
+                      f"not all 0; got {self.content_weights}")
+        if self.checkpoint_interval < 1:
+            raise bad("checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +412,9 @@ class Settings:
     secrets: SecretSettings = field(default_factory=SecretSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    segments: SegmentSettings = field(default_factory=SegmentSettings)
+    recommend: RecommendSettings = field(default_factory=RecommendSettings)
 
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""
