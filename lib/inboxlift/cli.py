@@ -67,6 +67,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     generate.add_argument("--seed", type=int, help="random seed (default: generate.seed)")
     generate.add_argument("--gzip", action="store_true", default=None, help="gzip the landing files")
 
+    imports = commands.add_parser(
+        "import", parents=[common],
+        help="ingest a retailer's export (invoice lines or clickstream) through the column mapping in settings")
+    imports.add_argument("--shape", required=True, choices=["invoice_lines", "clickstream"],
+                         help="the export's shape; its columns are mapped in ingest.imports.<shape>")
+    imports.add_argument("path", help="an export file, or a folder of them (files imported before are skipped)")
+
     commands.add_parser("settings", help="print the effective settings", parents=[common])
     return parser
 
@@ -151,6 +158,24 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     ctx = build_context(settings, now=args.now, environ=environ)
     started = time.monotonic()
+    try:
+        _dispatch(ctx, args, settings)
+    except _user_errors() as exc:
+        print(f"inboxlift: {exc}", file=sys.stderr)
+        return 2
+    print(f"done in {time.monotonic() - started:.1f}s", flush=True)
+    return 0
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
+    from inboxlift.stages.segments import NoChampionError
+    from inboxlift.stages.ingest import ImportMappingError
+
+    return (ImportMappingError, NoChampionError, FileNotFoundError)
+
+
+def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "run":
         stage = STAGES[args.stage]
         print(f"== {stage.name}: {stage.help}", flush=True)
@@ -172,8 +197,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print_tables(ctx)
     elif args.command == "generate":
         _print_result(_generate(ctx, args))
-    print(f"done in {time.monotonic() - started:.1f}s", flush=True)
-    return 0
+    elif args.command == "import":
+        from inboxlift.stages.ingest import run_import
+
+        _print_result(run_import(ctx, shape=args.shape, path=args.path, echo=lambda text: None))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,34 @@ def _ingest_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_ingest(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.ingest import run_ingest
 
-    return run_ingest(ctx, landing_dir=args.landing_dir)
+    return run_ingest(ctx, landing_dir=args.landing_dir, echo=_quiet)
+
+
+def _quiet(text: str) -> None:
+    """Stages that print their own summary hand it back instead; the CLI prints it once."""
+
+
+def _features_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--as-of", type=dt.date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                        help="compute the features as of this date (default: today per the clock)")
+
+
+def _run_features(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.features import run_features
+
+    return run_features(ctx, as_of=getattr(args, "as_of", None))
+
+
+def _run_segment_train(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.segments import run_segment_train
+
+    return run_segment_train(ctx)
+
+
+def _run_segment(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.segments import run_segment
+
+    return run_segment(ctx)
 
 
 def _maintain_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +85,18 @@ STAGES: dict[str, Stage] = {
     for stage in [
         Stage("ingest", "validate landing files into events, users, products (+ quarantine, run log)",
               _ingest_arguments, _run_ingest),
+        Stage("features", "user_features, item_features, interactions and review sentiment as of a date",
+              _features_arguments, _run_features),
+        Stage("segment-train", "search K-means / bisecting K-means segmentations, log and register in MLflow",
+              _no_arguments, _run_segment_train),
+        Stage("segment", "assign every user a segment with the champion model (user_segments)",
+              _no_arguments, _run_segment),
         Stage("maintain", "compact and vacuum every table", _maintain_arguments, _run_maintain),
     ]
 }
 
 # The stages run-all executes, in order (maintenance is scheduled on its own).
-RUN_ALL = ["ingest"]
+RUN_ALL = ["ingest", "features", "segment-train", "segment"]
 
 
 def landing_is_empty(landing_dir: str) -> bool:
