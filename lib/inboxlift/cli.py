@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 from inboxlift.clock import FixedClock, SystemClock
 from inboxlift.context import RunContext
-from inboxlift.pipeline import RUN_ALL, STAGES, generate_default_data, landing_is_empty
+from inboxlift.pipeline import RUN_ALL, STAGES, Stage, generate_default_data, landing_is_empty
 from inboxlift.settings import Settings, SettingsError, load_settings, parse_override
 
 
@@ -175,6 +175,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (ImportMappingError, NoChampionError, FileNotFoundError)
 
 
+def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` plus the defaults of the stage's own options, as ``inboxlift run STAGE`` would have them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    stage.add_arguments(parser)
+    return argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args)})
+
+
 def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "run":
         stage = STAGES[args.stage]
@@ -189,7 +196,7 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         for name in RUN_ALL:
             stage = STAGES[name]
             print(f"== {stage.name}: {stage.help}", flush=True)
-            _print_result(stage.run(ctx, args))
+            _print_result(stage.run(ctx, _with_stage_defaults(stage, args)))
         print("\n== tables", flush=True)
         print_tables(ctx)
         print_locations(settings)

@@ -50,7 +50,7 @@ def _features_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_features(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.features import run_features
 
-    return run_features(ctx, as_of=getattr(args, "as_of", None))
+    return run_features(ctx, as_of=args.as_of)
 
 
 def _run_segment_train(ctx: RunContext, args: argparse.Namespace) -> Any:
