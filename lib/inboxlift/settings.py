@@ -177,7 +177,7 @@ class IngestSettings:
 class FeatureSettings:
     """User and item features, interactions and review sentiment (``inboxlift run features``).
 
-    Every feature is described in ``docs/features.md``; windows count whole UTC days ending with the as-of day.
+    Every feature is described in ``the README's Feature reference``; windows count whole UTC days ending with the as-of day.
     """
 
     # Implicit-feedback weights per event type and the decay half-life of interactions.
@@ -345,7 +345,7 @@ class RecommendSettings:
     seed: int = 42
     # ALS checkpoints every this many iterations (where a checkpoint directory is set), so lineage stays short.
     checkpoint_interval: int = 5
-    # ALS blocks; 0 means the session's default parallelism.
+    # ALS blocks (partitions of users and items while fitting); 0 means spark.sql.shuffle.partitions.
     num_user_blocks: int = 0
     num_item_blocks: int = 0
     # Popular = most distinct users interacting in the last `popularity_days` before the cut-off.
