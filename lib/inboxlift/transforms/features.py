@@ -6,7 +6,7 @@
 - :func:`select_reviews` — the reviews the sentiment model reads (``inboxlift.models.sentiment``).
 
 They live in ``features_*`` modules by subject; the as-of rule shared by all of them is in
-:mod:`inboxlift.transforms.features_common`, and every output column is described in ``the README's Feature reference``.
+:mod:`inboxlift.transforms.features_common`, and every output column is described in the README's Feature reference.
 """
 
 from inboxlift.transforms.features_activity import activity_columns, aggregate_user_activity

@@ -1,5 +1,5 @@
 """user_features: one row per user — RFM, activity, affinities, email engagement, abandonment, send hour,
-lifecycle stage, review sentiment and replenishment timing. Every column is described in ``the README's Feature reference``.
+lifecycle stage, review sentiment and replenishment timing. Every column is described in the README's Feature reference.
 
 Defaults: counts, sums, rates, scores and "days since" values are never null. A "days since" value of
 something that never happened is the user's tenure (it has not happened for at least that long); the
