@@ -169,10 +169,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
-    from inboxlift.stages.segments import NoChampionError
+    from inboxlift.campaigns.planning import MissingInputError
     from inboxlift.stages.ingest import ImportMappingError
+    from inboxlift.stages.plan import UnknownCampaignError
+    from inboxlift.stages.segments import NoChampionError
 
-    return (ImportMappingError, NoChampionError, FileNotFoundError)
+    return (ImportMappingError, NoChampionError, FileNotFoundError, MissingInputError, UnknownCampaignError,
+            SettingsError)
 
 
 def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:

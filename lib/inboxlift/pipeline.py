@@ -59,6 +59,21 @@ def _run_segment_train(ctx: RunContext, args: argparse.Namespace) -> Any:
     return run_segment_train(ctx)
 
 
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--campaign", help="plan this campaign (an id of the campaigns file)")
+    which.add_argument("--all", dest="all_campaigns", action="store_true",
+                       help="plan every enabled campaign, due today or not")
+    parser.add_argument("--date", type=dt.date.fromisoformat, default=None, metavar="YYYY-MM-DD",
+                        help="the campaign day (default: today per the clock)")
+
+
+def _run_plan(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.plan import run_plan
+
+    return run_plan(ctx, campaign_id=args.campaign, all_campaigns=args.all_campaigns, plan_date=args.date)
+
+
 def _run_segment(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.segments import run_segment
 
@@ -91,6 +106,8 @@ STAGES: dict[str, Stage] = {
               _no_arguments, _run_segment_train),
         Stage("segment", "assign every user a segment with the champion model (user_segments)",
               _no_arguments, _run_segment),
+        Stage("plan", "choose who gets which campaign, with which products, when (campaign_plan)",
+              _plan_arguments, _run_plan),
         Stage("maintain", "compact and vacuum every table", _maintain_arguments, _run_maintain),
     ]
 }

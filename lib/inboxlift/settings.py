@@ -75,6 +75,8 @@ class PathSettings:
 
     landing_dir: str = "var/landing"
     output_dir: str = "var/output"
+    # Campaign definitions (validated on load); unset means campaigns.yml beside the settings file.
+    campaigns_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +179,7 @@ class IngestSettings:
 class FeatureSettings:
     """User and item features, interactions and review sentiment (``inboxlift run features``).
 
-    Every feature is described in ``the README's Feature reference``; windows count whole UTC days ending with the as-of day.
+    Every feature is described in the README's Feature reference; windows count whole UTC days ending with the as-of day.
     """
 
     # Implicit-feedback weights per event type and the decay half-life of interactions.
@@ -368,9 +370,10 @@ class RecommendSettings:
     content_weights: dict[str, float] = field(default_factory=lambda: {
         "category": 0.4, "brand": 0.2, "price_band": 0.1, "text": 0.3})
     content_text_features: int = 512
-    # Blocked scoring: users (or items) per block, candidate items per block.
+    # Blocked top-k: users (or items) per block, and items multiplied at once; a task holds
+    # user_block_size x item_block_size scores.
     user_block_size: int = 2048
-    item_block_size: int = 8192
+    item_block_size: int = 4096
     # The MLflow registered model; scoring uses its version with alias "champion".
     registered_model: str = "inboxlift-recommender"
     # Users whose recommendations are logged to MLflow as examples (the first by id hash).
@@ -403,6 +406,46 @@ class RecommendSettings:
 
 
 @dataclass(frozen=True)
+class RenderSettings:
+    """Rendering emails into the outbox (``inboxlift run render``); described in ``docs/render.md``."""
+
+    from_address: str = "news@shop.example"
+    from_name: str = "Example Shop"
+    # Shown in the footer of every email (CAN-SPAM and similar laws require a postal address).
+    postal_address: str = "Example Shop Ltd, 1 Market Street, London EC1A 1AA, United Kingdom"
+    # Product links go through this click redirect (signed, so it is no open redirect); "" links straight to the shop.
+    tracking_base_url: str = "https://t.shop.example/c"
+    # The one-click unsubscribe endpoint (RFC 8058 POST, and a page for GET); links carry an HMAC signature.
+    unsubscribe_base_url: str = "https://shop.example/unsubscribe"
+    unsubscribe_mailto: str = "unsubscribe@shop.example"
+    # The open-tracking pixel (a 1x1 image); the message id is added as ?m=.
+    pixel_url: str = "https://t.shop.example/o.gif"
+    utm_source: str = "inboxlift"
+    utm_medium: str = "email"
+    # Product cards shown per email at most (the plan may hold more items).
+    max_products: int = 10
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'render.{key}' {why}")
+
+        for key in ("from_address", "unsubscribe_mailto"):
+            value = getattr(self, key)
+            if value.count("@") != 1 or any(c.isspace() or ord(c) < 32 for c in value) or value[0] == "@":
+                raise bad(key, f"must be a plain email address, got {value!r}")
+        for key in ("unsubscribe_base_url", "pixel_url", "tracking_base_url"):
+            value = getattr(self, key)
+            if key == "tracking_base_url" and value == "":
+                continue
+            if not value.startswith(("https://", "http://")) or any(c.isspace() for c in value):
+                raise bad(key, f"must be an http(s) URL without spaces, got {value!r}")
+        if any(ord(c) < 32 for c in self.from_name + self.postal_address):
+            raise bad("from_name", "and postal_address must not hold control characters (line breaks)")
+        if self.max_products <= 0:
+            raise bad("max_products", f"must be positive, got {self.max_products}")
+
+
+@dataclass(frozen=True)
 class Settings:
     env: str = "local"
     spark: SparkSettings = field(default_factory=SparkSettings)
@@ -415,6 +458,7 @@ class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     segments: SegmentSettings = field(default_factory=SegmentSettings)
     recommend: RecommendSettings = field(default_factory=RecommendSettings)
+    render: RenderSettings = field(default_factory=RenderSettings)
 
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""
@@ -615,6 +659,9 @@ def load_settings(
         raise SettingsError(f"{path}: setting 'env' is {data['env']!r} but the file is for {env!r}")
     data = _deep_merge({"env": env}, data)
     settings = _build(Settings, data, source=str(path), path="")
+    if settings.paths.campaigns_file is None:
+        settings = dataclasses.replace(settings, paths=dataclasses.replace(
+            settings.paths, campaigns_file=str(Path(conf_dir) / "campaigns.yml")))
     if environ:
         from_env = env_overrides(environ)
         if from_env:

@@ -1,0 +1,151 @@
+"""The plan stage (``inboxlift run plan``): campaign definitions -> ``campaign_plan`` and ``campaign_exclusions``.
+
+Campaigns are planned one at a time in ``priority`` order, so a campaign planned first counts
+against the frequency cap of the ones after it. Each campaign's plan for the day replaces its
+earlier plan for the same day (``overwrite where campaign_id = .. and plan_date = ..``): a re-run
+gives the same plan, and ``campaign_plan`` keeps every day's plans, which is the send history the
+cap and the cool-down count (with the ``outbox``'s rows once rendering has run).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_campaigns
+from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, plan_campaign
+from inboxlift.context import RunContext
+
+PLAN_TABLE = "campaign_plan"
+EXCLUSIONS_TABLE = "campaign_exclusions"
+SUPPRESSIONS_TABLE = "suppressions"
+OUTBOX_TABLE = "outbox"
+
+
+class UnknownCampaignError(ValueError):
+    """A campaign id that is not in the campaigns file."""
+
+
+@dataclass(frozen=True)
+class CampaignCounts:
+    campaign_id: str
+    campaign_type: str
+    variants: dict[str, int] = field(default_factory=dict)
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def planned(self) -> int:
+        return sum(n for v, n in self.variants.items() if v != HOLDOUT)
+
+    @property
+    def audience(self) -> int:
+        return sum(self.variants.values()) + sum(self.excluded.values())
+
+
+@dataclass(frozen=True)
+class PlanReport:
+    plan_date: dt.date
+    plan_run_id: str
+    campaigns: tuple[CampaignCounts, ...]
+
+    def summary(self) -> str:
+        lines = [f"plan {self.plan_run_id} for {self.plan_date}: {len(self.campaigns)} campaigns",
+                 f"  {'campaign':<22}{'audience':>9}{'planned':>9}  variants / exclusions"]
+        for c in self.campaigns:
+            variants = ", ".join(f"{v}={n}" for v, n in sorted(c.variants.items()))
+            excluded = ", ".join(f"{r}={c.excluded[r]}" for r in EXCLUSION_REASONS if c.excluded.get(r))
+            lines.append(f"  {c.campaign_id:<22}{c.audience:>9}{c.planned:>9}  {variants or '-'}"
+                         + (f" | excluded: {excluded}" if excluded else ""))
+        return "\n".join(lines)
+
+
+def _optional(ctx: RunContext, name: str) -> DataFrame | None:
+    return ctx.lake.read(name) if ctx.lake.exists(name) else None
+
+
+def _required(ctx: RunContext, name: str) -> DataFrame:
+    if not ctx.lake.exists(name):
+        raise FileNotFoundError(f"planning needs table {name!r}, which does not exist yet: run the stage that "
+                                f"writes it first")
+    return ctx.lake.read(name)
+
+
+def plan_inputs(ctx: RunContext) -> PlanInputs:
+    """The tables planning reads, as of the clock's now."""
+    now = ctx.clock.now()
+    events = _required(ctx, "events")
+    purchases = (events.where((F.col("event_type") == "purchase") & (F.col("event_ts") < F.lit(now))
+                              & F.col("user_id").isNotNull() & F.col("item_id").isNotNull())
+                 .select("user_id", "item_id", "event_ts"))
+    history = None
+    for name in (PLAN_TABLE, OUTBOX_TABLE):
+        table = _optional(ctx, name)
+        if table is None or "plan_date" not in table.columns:
+            continue
+        rows = table.where(F.col("variant") != HOLDOUT) if "variant" in table.columns else table
+        rows = rows.select("campaign_id", "user_id", "plan_date")
+        history = rows if history is None else history.unionByName(rows)
+    if history is None:
+        history = ctx.spark.createDataFrame([], "campaign_id string, user_id string, plan_date date")
+    return PlanInputs(
+        users=_required(ctx, "users"),
+        user_features=_required(ctx, "user_features"),
+        item_features=_required(ctx, "item_features"),
+        history=history.distinct(),
+        purchases=purchases,
+        recommendations=_optional(ctx, "recommendations"),
+        similar_items=_optional(ctx, "similar_items"),
+        content_similar_items=_optional(ctx, "content_similar_items"),
+        user_segments=_optional(ctx, "user_segments"),
+        suppressions=_optional(ctx, SUPPRESSIONS_TABLE),
+    )
+
+
+def chosen_campaigns(campaigns: dict[str, Campaign], *, campaign_id: str | None, all_campaigns: bool,
+                     plan_date: dt.date) -> list[Campaign]:
+    """The campaigns to plan, by priority: one by id, every enabled one, or the enabled ones due that weekday."""
+    if campaign_id is not None:
+        if campaign_id not in campaigns:
+            raise UnknownCampaignError(f"no campaign {campaign_id!r}; the campaigns are {', '.join(sorted(campaigns))}")
+        chosen = [campaigns[campaign_id]]
+    else:
+        weekday = WEEKDAYS[plan_date.weekday()]
+        chosen = [c for c in campaigns.values() if c.enabled and (all_campaigns or weekday in c.schedule)]
+    return sorted(chosen, key=lambda c: (c.priority, c.id))
+
+
+def run_plan(ctx: RunContext, *, campaign_id: str | None = None, all_campaigns: bool = False,
+             plan_date: dt.date | None = None) -> PlanReport:
+    """Plan one campaign, every campaign (``all_campaigns``) or the campaigns due on ``plan_date`` (default today)."""
+    plan_date = plan_date or ctx.clock.today()
+    campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
+    chosen = chosen_campaigns(campaigns, campaign_id=campaign_id, all_campaigns=all_campaigns, plan_date=plan_date)
+    now = ctx.clock.now()
+    run_id = f"plan-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    counts = []
+    for campaign in chosen:
+        inputs = plan_inputs(ctx)  # re-read: the history includes the campaigns planned before this one
+        plan, exclusions = plan_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id, planned_at=now)
+        where = f"campaign_id = '{campaign.id}' AND plan_date = DATE'{plan_date.isoformat()}'"
+        for table, frame in ((PLAN_TABLE, plan), (EXCLUSIONS_TABLE, exclusions)):
+            if ctx.lake.exists(table):
+                ctx.lake.overwrite(table, frame, where=where)
+            else:
+                ctx.lake.append(table, frame)
+        counts.append(_counts(ctx, campaign, plan_date))
+    return PlanReport(plan_date=plan_date, plan_run_id=run_id, campaigns=tuple(counts))
+
+
+def _counts(ctx: RunContext, campaign: Campaign, plan_date: dt.date) -> CampaignCounts:
+    def grouped(table: str, column: str) -> dict[str, int]:
+        rows = (ctx.lake.read(table)
+                .where((F.col("campaign_id") == campaign.id) & (F.col("plan_date") == F.lit(plan_date)))
+                .groupBy(column).count().collect())  # one row per variant / reason
+        return {row[column]: row["count"] for row in rows}
+
+    return CampaignCounts(campaign.id, campaign.type, variants=grouped(PLAN_TABLE, "variant"),
+                          excluded=grouped(EXCLUSIONS_TABLE, "reason"))
