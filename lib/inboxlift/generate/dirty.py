@@ -101,10 +101,11 @@ _EVENT_DRAWS = ("blank", "type", "future", "epoch", "past", "shift", "user", "it
                 "bytes")
 
 
-def with_dirty_event_line(events: DataFrame, *, seed: int, users: int, items: int) -> DataFrame:
+def with_dirty_event_line(events: DataFrame, *, seed: int, users: int, items: int, end_s: int) -> DataFrame:
     """Adds ``dirty_line`` (the landing line of the dirty sibling) and ``dirty_record_id`` (its event id).
 
     Both are null for events without a ``dirty_kind``; their draws are skipped there.
+    ``end_s`` is the end of the data: future timestamps lie at least 30 days beyond it.
     """
     kind = F.col("dirty_kind")
     is_dirty = kind.isNotNull()
@@ -118,7 +119,9 @@ def with_dirty_event_line(events: DataFrame, *, seed: int, users: int, items: in
     record_id = (F.when(kind.isin("duplicate_exact", "duplicate_conflict"), key)
                  .when(kind == "missing_event_id", F.when(u("blank") < 0.5, F.lit("")))
                  .otherwise(draws.hex_id("e", seed, "dirty-event-id", key)))
-    ts = (F.when(kind == "future_timestamp", F.col("ts") + F.floor((30 + 1800 * u("future")) * SECONDS_PER_DAY))
+    # From the end of the data, not the event: an early event moved 30 days on can
+    # still lie before the end, a valid timestamp that ingest rightly accepts.
+    ts = (F.when(kind == "future_timestamp", end_s + F.floor((30 + 1800 * u("future")) * SECONDS_PER_DAY))
           .when(kind == "before_shop_timestamp",
                 F.when(u("epoch") < 0.3, F.lit(0)).otherwise(
                     SHOP_OPENED_S - F.floor((1 + 3000 * u("past")) * SECONDS_PER_DAY)))

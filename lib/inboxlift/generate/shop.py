@@ -262,7 +262,7 @@ def _generate(
                                                every_days=campaign_every_days, dirty_unit_share=plan.unit_share)
             generated = generated.unionByName(ev.explode_email_events(deliveries, seed=seed, end_s=end_s))
         events = (dirty.with_event_dirt(generated, seed=seed, plan=plan)
-                  .transform(dirty.with_dirty_event_line, seed=seed, users=users, items=items))
+                  .transform(dirty.with_dirty_event_line, seed=seed, users=users, items=items, end_s=end_s))
 
         events_obs = Observation(f"generate-events-{batch_id}")
         observed = events.observe(
