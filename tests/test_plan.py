@@ -258,3 +258,48 @@ def test_locale_falls_back_to_english_and_picks_the_variant_subject(spark):
     plan, _ = run(data, campaign())
     assert (plan["zh"].locale, plan["zh"].subject_template) == ("zh-CN", "你好")
     assert (plan["fr"].locale, plan["fr"].subject_template) == ("en", "Hello {{ first_name }}")
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_plan(spark, ctx, tmp_path):
+    from inboxlift.stages.plan import run_plan
+
+    campaigns = tmp_path / "campaigns.yml"
+    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
+             "    frequency_cap: {max_emails: 1, days: 7}"
+    campaigns.write_text(
+        "campaigns:\n"
+        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n"
+        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n")
+    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
+                                                                           campaigns_file=str(campaigns)))
+    ctx = dataclasses.replace(ctx, settings=settings)
+    cart_at = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
+    ctx.lake.append("users", spark.createDataFrame([user("a"), user("b")], USERS))
+    ctx.lake.append("user_features", spark.createDataFrame(
+        [features("a", cart=["i1"], cart_at=cart_at), features("b")], FEATURES))
+    ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2")], ITEMS))
+    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
+                                                        "event_ts timestamp"))
+    ctx.lake.append("recommendations", spark.createDataFrame(
+        [("a", 1, "i2", "als"), ("b", 1, "i2", "als")], "user_id string, rank int, item_id string, source string"))
+    ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
+
+    report = run_plan(ctx, all_campaigns=True, plan_date=DAY)
+    assert [c.campaign_id for c in report.campaigns] == ["cart", "picks"]
+    # "a" got the cart email first, so the cap of 1 email a week keeps picks from "a".
+    assert report.campaigns[0].variants == {"A": 1}
+    assert report.campaigns[1].variants == {"A": 1} and report.campaigns[1].excluded == {"frequency_cap": 1}
+    assert "frequency_cap=1" in report.summary()
+
+    def plan_rows():
+        return sorted((r.campaign_id, r.user_id, r.variant, tuple(r.item_ids), r.send_at)
+                      for r in ctx.lake.read("campaign_plan").collect())
+
+    first = plan_rows()
+    assert first == [("cart", "a", "A", ("i1",), dt.datetime(2026, 11, 20, 10, 0)),
+                     ("picks", "b", "A", ("i2",), dt.datetime(2026, 11, 20, 10, 0))]
+    run_plan(ctx, all_campaigns=True, plan_date=DAY)
+    assert plan_rows() == first
+    assert ctx.lake.read("campaign_exclusions").count() == 1
