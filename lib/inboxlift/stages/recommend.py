@@ -1,0 +1,523 @@
+"""The recommend stages: ``recommend-train`` (tune, evaluate, log, register, promote) and ``recommend`` (score).
+
+``run_recommend_train`` extends the id maps, then (:class:`~inboxlift.models.recommend.RecommenderTraining`)
+tunes ALS on the validation window, evaluates the chosen parameters on the test window beside the
+``popular`` and ``popular_in_category`` baselines, fits on all events before the cut-off and logs
+everything in one MLflow run. The model is registered under ``recommend.registered_model``; it takes
+the alias ``champion`` only if its test NDCG@k beats the champion's *on the same split* (the
+champion's parameters retrained on the same training data and scored on the same test window),
+otherwise ``challenger``.
+
+``run_recommend`` loads the ``champion`` and writes, replacing each table:
+
+- ``recommendations``: ``user_id, rank, item_id, score, source, model_version, run_id, scored_at``,
+  ``top_n`` rows per user of ``user_features`` (fewer only when the catalogue runs out);
+- ``similar_items``: ``item_id, rank, similar_item_id, score, model_version, run_id`` — cosine of ALS
+  item factors, in-stock neighbours only;
+- ``content_similar_items``: ``item_id, rank, similar_item_id, score`` — content similarity within
+  the top-level category, in-stock neighbours only.
+
+A user's list is filled in this order: ALS (users the model knows), up to ``content_slots`` new
+arrivals (in-stock items the model has no factors for) most similar by content to the user's
+strongest interactions, then ``popular_in_category`` and ``popular``. Every source skips items the
+user bought (except ``consumable_categories``), reviewed negatively, or that are out of stock.
+The id maps ``id_map_users`` (``user_id, user_idx``) and ``id_map_items`` (``item_id, item_idx``)
+only grow: an id keeps its index for ever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlflow
+from mlflow import MlflowClient
+from pyspark.sql import DataFrame, Window
+from pyspark.sql import functions as F
+
+from inboxlift.context import RunContext
+from inboxlift.models import registry
+from inboxlift.models.recommend import (
+    CONFIDENCE,
+    INTERACTION_TYPES,
+    ITEM_ID,
+    ITEM_IDX,
+    MODEL_ARTIFACT,
+    SOURCE_PRIORITY,
+    SOURCES,
+    USER_ID,
+    USER_IDX,
+    AlsParams,
+    RecommenderTraining,
+    TrainedRecommender,
+    als_top_k,
+    blas_implementation,
+    item_popularity,
+    load_als,
+    log_recommender,
+    metric_name,
+    new_id_rows,
+    param_grid,
+    popularity_candidates,
+    to_indexes,
+    user_top_categories,
+)
+from inboxlift.models.similar import (
+    FEATURES,
+    GROUP,
+    ID,
+    content_similar,
+    content_vectors,
+    similar_items,
+    top_k_blocked,
+)
+from inboxlift.models.tracking import configure_mlflow, tracked_run
+from inboxlift.transforms.features_common import cutoff_of, latest_row_per_key
+
+EVENTS, PRODUCTS = "events", "products"
+USER_FEATURES, ITEM_FEATURES, INTERACTIONS, REVIEW_SENTIMENT = (
+    "user_features", "item_features", "interactions", "review_sentiment")
+USER_MAP, ITEM_MAP = "id_map_users", "id_map_items"
+RECOMMENDATIONS, SIMILAR_ITEMS, CONTENT_SIMILAR_ITEMS = "recommendations", "similar_items", "content_similar_items"
+RECOMMENDATION_COLUMNS = ["user_id", "rank", "item_id", "score", "source", "model_version", "run_id", "scored_at"]
+SIMILAR_COLUMNS = ["item_id", "rank", "similar_item_id", "score", "model_version", "run_id"]
+CONTENT_SIMILAR_COLUMNS = ["item_id", "rank", "similar_item_id", "score"]
+CHOSEN = "chosen"
+
+
+class NoChampionError(RuntimeError):
+    """Scoring found no ``champion`` version of the recommender: run recommend-train first."""
+
+
+def promotion_metric(k: int) -> str:
+    return f"promotion/test_als_{metric_name('ndcg', k)}_same_split"
+
+
+@dataclass(frozen=True)
+class IdMapUpdate:
+    table: str
+    version: int
+    added: int
+
+
+@dataclass(frozen=True)
+class RecommendTrainReport:
+    run_id: str
+    model_name: str
+    version: str
+    promotion: registry.Promotion
+    trained: TrainedRecommender
+    id_maps: tuple[IdMapUpdate, ...]
+
+    def lines(self) -> list[str]:
+        t = self.trained
+        lines = [f"recommend-train: run {self.run_id}, {self.model_name} version {self.version} -> "
+                 f"{self.promotion.alias}",
+                 f"  {self.promotion.reason}",
+                 f"  chosen {t.params.label}; fit on {t.training_pairs} pairs ({t.training_users} users, "
+                 f"{t.training_items} items) in {t.fit_seconds:.1f}s"]
+        for m in self.id_maps:
+            lines.append(f"  {m.table}: {m.added} new ids (table version {m.version})")
+        if len(t.tuning) > 1:
+            lines.append(f"  validation NDCG@{t.test.metrics['als'].k}:")
+            for point in t.tuning:
+                mark = " <-" if point.params == t.params else ""
+                lines.append(f"    {point.params.label:<48}{point.ndcg:>8.4f}{mark}")
+        lines.append(f"  test window ({t.cutoffs.get('test_start', '?')} .. {t.cutoffs.get('cutoff', '?')}):")
+        lines += ["  " + line for line in t.test.table()]
+        return lines
+
+    def summary(self) -> str:
+        return "\n".join(self.lines())
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+@dataclass(frozen=True)
+class RecommendReport:
+    model_name: str
+    version: str
+    run_id: str
+    users: int
+    rows: int
+    rows_by_source: dict[str, int]
+    # Share of users whose first recommendation comes from each source.
+    users_by_first_source: dict[str, int]
+    users_without_rows: int
+    similar_items_rows: int
+    content_similar_rows: int
+    id_maps: tuple[IdMapUpdate, ...] = field(default_factory=tuple)
+
+    def lines(self) -> list[str]:
+        lines = [f"recommend: {self.rows} rows for {self.users} users from {self.model_name} version {self.version} "
+                 f"(champion, run {self.run_id}) into {RECOMMENDATIONS}"]
+        lines.append(f"  {'source':<21}{'rows':>9}{'users (first row)':>19}{'share':>8}")
+        for source in SOURCES:
+            users = self.users_by_first_source.get(source, 0)
+            share = users / self.users if self.users else 0.0
+            lines.append(f"  {source:<21}{self.rows_by_source.get(source, 0):>9}{users:>19}{share:>8.1%}")
+        if self.users_without_rows:
+            lines.append(f"  users without any recommendation (nothing left to recommend): {self.users_without_rows}")
+        lines.append(f"  {SIMILAR_ITEMS}: {self.similar_items_rows} rows; {CONTENT_SIMILAR_ITEMS}: "
+                     f"{self.content_similar_rows} rows")
+        return lines
+
+    def summary(self) -> str:
+        return "\n".join(self.lines())
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _read(ctx: RunContext, name: str) -> DataFrame:
+    if not ctx.lake.exists(name):
+        raise FileNotFoundError(f"the recommend stages need table {name!r}, which does not exist yet: "
+                                f"run ingest and features first")
+    return ctx.lake.read(name)
+
+
+def _client(ctx: RunContext) -> MlflowClient:
+    configure_mlflow(ctx.settings.mlflow)
+    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+
+
+# ---- id maps -----------------------------------------------------------------------------------
+
+def update_id_map(ctx: RunContext, table: str, ids: DataFrame, *, id_col: str, idx_col: str) -> IdMapUpdate:
+    """Give the ids of ``ids`` not yet in ``table`` the next free indexes; existing rows never change."""
+    existing = ctx.lake.read(table) if ctx.lake.exists(table) else None
+    unseen = ids.select(id_col).where(F.col(id_col).isNotNull()).distinct()
+    if existing is not None:
+        unseen = unseen.join(existing.select(id_col), on=id_col, how="left_anti")
+    unseen = unseen.persist()
+    try:
+        # Most runs add nothing (or few ids): checking first spares numbering an empty set.
+        if existing is not None and unseen.isEmpty():
+            return IdMapUpdate(table=table, version=ctx.lake.version(table), added=0)
+        fresh = new_id_rows(unseen, existing=existing, id_col=id_col, idx_col=idx_col)
+        result = ctx.lake.append(table, fresh.select(id_col, idx_col))
+        added = result.rows_written if result.rows_written is not None else unseen.count()
+    finally:
+        unseen.unpersist()
+    return IdMapUpdate(table=table, version=ctx.lake.version(table), added=added)
+
+
+def update_id_maps(ctx: RunContext, *, users: DataFrame, items: DataFrame) -> tuple[IdMapUpdate, IdMapUpdate]:
+    """Extend ``id_map_users`` and ``id_map_items`` with the user and item ids given."""
+    return (update_id_map(ctx, USER_MAP, users.select(USER_ID), id_col=USER_ID, idx_col=USER_IDX),
+            update_id_map(ctx, ITEM_MAP, items.select(ITEM_ID), id_col=ITEM_ID, idx_col=ITEM_IDX))
+
+
+def _maps(ctx: RunContext, updates: tuple[IdMapUpdate, IdMapUpdate]) -> tuple[DataFrame, DataFrame]:
+    # Read at the versions just written, so every step of the run sees the same maps.
+    users, items = updates
+    return ctx.lake.read(USER_MAP, version=users.version), ctx.lake.read(ITEM_MAP, version=items.version)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
+    """Tune, evaluate against the baselines, log and register ALS; promote it if it beats the champion."""
+    s, fs = ctx.settings.recommend, ctx.settings.features
+    events, item_features = _read(ctx, EVENTS), _read(ctx, ITEM_FEATURES)
+    cutoff = cutoff_of(ctx.clock.today())
+    interaction_events = events.where(F.col("event_type").isin(*INTERACTION_TYPES)).where(
+        F.col("event_ts") < F.lit(cutoff).cast("timestamp"))
+    known = interaction_events.where(F.col(USER_ID).isNotNull() & F.col(ITEM_ID).isNotNull())
+    id_maps = update_id_maps(ctx, users=known.select(USER_ID),
+                             items=item_features.select(ITEM_ID).unionByName(known.select(ITEM_ID)))
+    user_map, item_map = _maps(ctx, id_maps)
+    weights = (fs.view_weight, fs.cart_weight, fs.purchase_weight)
+    training = RecommenderTraining(events=events, item_categories=item_features.select(ITEM_ID, "category"),
+                                   user_map=user_map, item_map=item_map, settings=s, cutoff=cutoff,
+                                   default_weights=weights, half_life_days=fs.half_life_days)
+    grid = param_grid(s, default_weights=weights)
+    data = {"events_version": ctx.lake.version(EVENTS), "item_features_version": ctx.lake.version(ITEM_FEATURES),
+            "id_map_users_version": id_maps[0].version, "id_map_items_version": id_maps[1].version,
+            "as_of": ctx.clock.today().isoformat()}
+    run_name = f"recommend-train {ctx.clock.now():%Y-%m-%dT%H:%MZ}"
+    metric = promotion_metric(s.k)
+    with tracked_run(ctx.settings.mlflow, run_name=run_name, tags={"inboxlift.stage": "recommend-train"}) as run:
+        trained, test = training.run(grid)
+        try:
+            examples = example_recommendations(trained, user_map=user_map, item_map=item_map, n_users=s.example_users,
+                                               k=s.k, block_size=s.user_block_size, chunk_size=s.item_block_size)
+            log_recommender(trained, data=data, settings=s, examples=examples, blas=blas_implementation(ctx.spark))
+            client = MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+            version = registry.register_model_version(
+                client, name=s.registered_model, run_id=run.info.run_id, artifact_path=MODEL_ARTIFACT,
+                tags={"params": trained.params.label, "id_map_users_version": str(id_maps[0].version),
+                      "id_map_items_version": str(id_maps[1].version)},
+                description=f"implicit ALS, {trained.params.label}")
+            score = trained.test.metrics["als"].ndcg
+
+            def champion_score(champion_version) -> float | None:
+                # The champion's own parameters, retrained on this split's training data and scored on
+                # this test window: a model trained on later data would otherwise have seen the test window.
+                params = AlsParams.from_params(client.get_run(champion_version.run_id).data.params, CHOSEN)
+                if params is None:
+                    return None
+                if params == trained.params:
+                    return score
+                return training.evaluate(training.fit(test.pairs, params), test, params,
+                                         baselines=False).metrics["als"].ndcg
+
+            promotion = registry.promote(client, s.registered_model, str(version.version), score=score,
+                                         metric=metric, higher_is_better=True, champion_score_fn=champion_score)
+        finally:
+            test.release()
+        metrics = {metric: promotion.score}
+        if promotion.champion_score is not None and promotion.previous_champion is not None:
+            metrics[f"promotion/champion_test_als_{metric_name('ndcg', s.k)}_same_split"] = promotion.champion_score
+        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
+        mlflow.set_tags({"registered_model": s.registered_model, "registered_version": str(version.version),
+                         "promotion": promotion.alias, "promotion_reason": promotion.reason})
+    return RecommendTrainReport(run_id=run.info.run_id, model_name=s.registered_model, version=str(version.version),
+                                promotion=promotion, trained=trained, id_maps=id_maps)
+
+
+def example_recommendations(trained: TrainedRecommender, *, user_map: DataFrame, item_map: DataFrame, n_users: int,
+                            k: int, block_size: int, chunk_size: int) -> dict[str, list[dict]]:
+    """Top-k of a few users (the smallest ``xxhash64(user_id)`` the model knows): user ids only, no personal data."""
+    if n_users <= 0:
+        return {}
+    known = trained.model.userFactors.select(F.col("id").alias(USER_IDX))
+    chosen = (user_map.join(known, on=USER_IDX, how="inner")
+              .orderBy(F.xxhash64(USER_ID), USER_ID).limit(n_users).select(USER_IDX))
+    rows = (als_top_k(trained.model, chosen, k=k, block_size=block_size, chunk_size=chunk_size)
+            .join(user_map, on=USER_IDX, how="inner").join(item_map, on=ITEM_IDX, how="inner")
+            .select(USER_ID, "rank", ITEM_ID, "score").orderBy(USER_ID, "rank").collect())  # n_users x k rows
+    examples: dict[str, list[dict]] = {}
+    for r in rows:
+        examples.setdefault(r[USER_ID], []).append({"rank": r["rank"], "item_id": r[ITEM_ID],
+                                                    "score": round(float(r["score"]), 6)})
+    return examples
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+
+def recommendation_exclusions(*, interactions: DataFrame, item_categories: DataFrame, negative: DataFrame | None,
+                              exclude_purchased: bool, consumable_categories: list[str]) -> DataFrame:
+    """(user_id, item_id) pairs no source may recommend: bought (except consumables) and negatively reviewed items.
+
+    Args:
+        interactions: the ``interactions`` table (``has_purchased``).
+        item_categories: ``item_id, category``.
+        negative: ``user_id, item_id`` of negative reviews, or None.
+    """
+    parts = []
+    if exclude_purchased:
+        consumable = [c.lower() for c in consumable_categories]
+        bought = (interactions.where(F.col("has_purchased")).select(USER_ID, ITEM_ID)
+                  .join(item_categories.select(ITEM_ID, "category"), on=ITEM_ID, how="left"))
+        if consumable:
+            bought = bought.where(~F.coalesce(F.lower(F.col("category")).isin(*consumable), F.lit(False)))
+        parts.append(bought.select(USER_ID, ITEM_ID))
+    if negative is not None:
+        parts.append(negative.select(USER_ID, ITEM_ID))
+    if not parts:
+        return interactions.select(USER_ID, ITEM_ID).limit(0)
+    out = parts[0]
+    for part in parts[1:]:
+        out = out.unionByName(part)
+    return out.where(F.col(USER_ID).isNotNull() & F.col(ITEM_ID).isNotNull()).distinct()
+
+
+def negative_reviews(ctx: RunContext, user_features: DataFrame) -> DataFrame:
+    """Negatively reviewed (user, item) pairs: every scored review, plus user_features' list."""
+    listed = user_features.select(USER_ID, F.explode_outer("negatively_reviewed_item_ids").alias(ITEM_ID)) \
+        if "negatively_reviewed_item_ids" in user_features.columns else None
+    scored = None
+    if ctx.lake.exists(REVIEW_SENTIMENT):
+        reviews = ctx.lake.read(REVIEW_SENTIMENT)
+        if "is_negative" in reviews.columns:
+            scored = reviews.where(F.col("is_negative")).select(USER_ID, ITEM_ID)
+    frames = [f for f in (listed, scored) if f is not None]
+    if not frames:
+        return user_features.select(USER_ID, F.lit(None).cast("string").alias(ITEM_ID)).limit(0)
+    out = frames[0]
+    for frame in frames[1:]:
+        out = out.unionByName(frame)
+    return out.where(F.col(ITEM_ID).isNotNull()).distinct()
+
+
+def content_rows(*, anchors: DataFrame, new_items: DataFrame, vectors: DataFrame, exclusions: DataFrame,
+                 slots: int, neighbours: int, block_size: int, chunk_size: int) -> DataFrame:
+    """Up to ``slots`` new arrivals per user, by content similarity to the user's anchor items.
+
+    Each new item's ``neighbours`` nearest items by content (within its top-level category) are
+    found block-wise; a user's score for a new item is its best similarity to one of the user's
+    anchors. Returns ``user_idx, item_idx, score, position``.
+    """
+    if slots <= 0:
+        return anchors.select(USER_IDX, ITEM_IDX, F.lit(0.0).alias("score"), F.lit(1).alias("position")).limit(0)
+    queries = vectors.join(new_items.select(F.col(ITEM_IDX).alias(ID)).distinct(), on=ID, how="inner")
+    nearest = top_k_blocked(queries, vectors, k=neighbours, block_size=block_size, chunk_size=chunk_size,
+                            group_col=GROUP, exclude_self=True).where(F.col("score") > 0)
+    picks = (anchors.join(nearest.select(F.col("query_id").alias("_new"), F.col("item_id").alias(ITEM_IDX), "score"),
+                          on=ITEM_IDX, how="inner")
+             .groupBy(USER_IDX, F.col("_new").alias("_item")).agg(F.max("score").alias("score"))
+             .withColumnRenamed("_item", ITEM_IDX)
+             .join(exclusions, on=[USER_IDX, ITEM_IDX], how="left_anti"))
+    order = Window.partitionBy(USER_IDX).orderBy(F.col("score").desc(), F.col(ITEM_IDX))
+    return (picks.withColumn("position", F.row_number().over(order)).where(F.col("position") <= slots)
+            .select(USER_IDX, ITEM_IDX, F.col("score").cast("double").alias("score"), "position"))
+
+
+def assemble_recommendations(*, users: DataFrame, als: DataFrame, content: DataFrame, fallback_for,
+                             top_n: int) -> DataFrame:
+    """Merge the sources into one list per user of at most ``top_n`` rows.
+
+    Content rows keep their (at most ``content_slots``) places; ALS fills the rest, then
+    ``fallback_for(needs, chosen)`` (which gets ``user_idx, need`` and the pairs already chosen)
+    returns ``popular_in_category`` / ``popular`` rows. Ranks follow the source order
+    ``als, content, popular_in_category, popular``, then each source's own order.
+
+    Returns ``user_idx, rank, item_idx, score, source``.
+    """
+    content_count = content.groupBy(USER_IDX).agg(F.count(F.lit(1)).alias("_content"))
+    als_kept = (als.join(content.select(USER_IDX, ITEM_IDX), on=[USER_IDX, ITEM_IDX], how="left_anti")
+                .join(content_count, on=USER_IDX, how="left")
+                .withColumn("_keep", F.row_number().over(Window.partitionBy(USER_IDX).orderBy("rank", ITEM_IDX)))
+                .where(F.col("_keep") <= F.lit(top_n) - F.coalesce(F.col("_content"), F.lit(0)))
+                .select(USER_IDX, ITEM_IDX, "score", F.lit("als").alias("source"), F.col("_keep").alias("position")))
+    chosen = als_kept.unionByName(content.select(USER_IDX, ITEM_IDX, "score", F.lit("content").alias("source"),
+                                                 "position"))
+    chosen_count = chosen.groupBy(USER_IDX).agg(F.count(F.lit(1)).alias("_chosen"))
+    needs = (users.select(USER_IDX).distinct().join(chosen_count, on=USER_IDX, how="left")
+             .select(USER_IDX, (F.lit(top_n) - F.coalesce(F.col("_chosen"), F.lit(0))).alias("need"))
+             .where(F.col("need") > 0))
+    fallback = fallback_for(needs, chosen.select(USER_IDX, ITEM_IDX)).select(USER_IDX, ITEM_IDX, "score", "source",
+                                                                              "position")
+    rows = chosen.unionByName(fallback)
+    priority = F.create_map(*[x for s, p in SOURCE_PRIORITY.items() for x in (F.lit(s), F.lit(p))])
+    order = Window.partitionBy(USER_IDX).orderBy(priority[F.col("source")], F.col("position"), F.col(ITEM_IDX))
+    return rows.select(USER_IDX, F.row_number().over(order).cast("int").alias("rank"), ITEM_IDX,
+                       F.col("score").cast("double").alias("score"), "source")
+
+
+def run_recommend(ctx: RunContext) -> RecommendReport:
+    """Score every user of ``user_features`` with the champion; replace the three recommendation tables."""
+    s, fs = ctx.settings.recommend, ctx.settings.features
+    name = s.registered_model
+    client = _client(ctx)
+    champion = registry.champion(client, name)
+    if champion is None:
+        raise NoChampionError(f"no version of model {name!r} has the alias 'champion': run recommend-train first")
+    model = load_als(f"models:/{name}/{champion.version}")
+    model_version, run_id = str(champion.version), champion.run_id
+
+    user_features, item_features = _read(ctx, USER_FEATURES), _read(ctx, ITEM_FEATURES)
+    interactions, products, events = _read(ctx, INTERACTIONS), _read(ctx, PRODUCTS), _read(ctx, EVENTS)
+    id_maps = update_id_maps(ctx, users=user_features.select(USER_ID),
+                             items=item_features.select(ITEM_ID).unionByName(interactions.select(ITEM_ID)))
+    user_map, item_map = _maps(ctx, id_maps)
+    item_categories = item_features.select(ITEM_ID, "category")
+    users = to_indexes(user_features.select(USER_ID), user_map=user_map).persist()
+    in_stock = to_indexes(item_features.where(F.col("is_in_stock")).select(ITEM_ID), item_map=item_map).persist()
+    exclusions = to_indexes(
+        recommendation_exclusions(interactions=interactions, item_categories=item_categories,
+                                  negative=negative_reviews(ctx, user_features) if s.exclude_negative_reviews else None,
+                                  exclude_purchased=s.exclude_purchased,
+                                  consumable_categories=s.consumable_categories),
+        user_map=user_map, item_map=item_map).persist()
+    persisted = [users, in_stock, exclusions]
+    try:
+        als = als_top_k(model, users, k=s.top_n, block_size=s.user_block_size, chunk_size=s.item_block_size,
+                        exclusions=exclusions, candidate_items=in_stock)
+
+        products_latest = latest_row_per_key(products, key=ITEM_ID, order_by="updated_at",
+                                             columns=["name", "description", "category_path", "brand", "price"])
+        vectors = (to_indexes(content_vectors(products_latest, weights=s.content_weights,
+                                              text_features=s.content_text_features,
+                                              price_edges=fs.price_band_edges, price_labels=fs.price_band_labels),
+                              item_map=item_map)
+                   .select(F.col(ITEM_IDX).alias(ID), GROUP, FEATURES).persist())
+        persisted.append(vectors)
+        content_similar_rows = content_similar(vectors, k=s.content_similar_items, block_size=s.user_block_size,
+                                               chunk_size=s.item_block_size,
+                                               candidate_ids=in_stock.select(F.col(ITEM_IDX).alias(ID)))
+        with_factors = model.itemFactors.select(F.col("id").alias(ITEM_IDX))
+        new_items = in_stock.join(with_factors, on=ITEM_IDX, how="left_anti")
+        interactions_idx = to_indexes(interactions.select(USER_ID, ITEM_ID, CONFIDENCE), user_map=user_map,
+                                      item_map=item_map)
+        strongest = Window.partitionBy(USER_IDX).orderBy(F.col(CONFIDENCE).desc(), F.col(ITEM_IDX))
+        anchors = (interactions_idx.withColumn("_a", F.row_number().over(strongest))
+                   .where(F.col("_a") <= s.content_anchor_items).select(USER_IDX, ITEM_IDX))
+        content = content_rows(anchors=anchors, new_items=new_items, vectors=vectors, exclusions=exclusions,
+                               slots=s.content_slots, neighbours=s.content_similar_items,
+                               block_size=s.user_block_size, chunk_size=s.item_block_size)
+
+        popularity = item_popularity(events, item_categories=item_categories, end=cutoff_of(ctx.clock.today()),
+                                     days=s.popularity_days, item_map=item_map, candidate_items=in_stock).persist()
+        categories_idx = to_indexes(item_categories, item_map=item_map)
+        user_categories = user_top_categories(interactions_idx, item_categories=categories_idx,
+                                              n=s.fallback_categories)
+        persisted.append(popularity)
+
+        def fallback_for(needs: DataFrame, chosen: DataFrame) -> DataFrame:
+            return popularity_candidates(needs, popularity=popularity, user_categories=user_categories,
+                                         exclusions=exclusions.unionByName(chosen).distinct())
+
+        ranked = assemble_recommendations(users=users, als=als, content=content, fallback_for=fallback_for,
+                                          top_n=s.top_n)
+        scored_at = F.lit(ctx.clock.now()).cast("timestamp")
+        recommendations = (ranked.join(user_map, on=USER_IDX, how="inner").join(item_map, on=ITEM_IDX, how="inner")
+                           .select(USER_ID, "rank", ITEM_ID, "score", "source",
+                                   F.lit(model_version).alias("model_version"), F.lit(run_id).alias("run_id"),
+                                   scored_at.alias("scored_at")))
+        ctx.lake.overwrite(RECOMMENDATIONS, recommendations.select(*RECOMMENDATION_COLUMNS), overwrite_schema=True)
+
+        similar = similar_items(model.itemFactors, k=s.similar_items, block_size=s.user_block_size,
+                                chunk_size=s.item_block_size, candidate_ids=in_stock.select(F.col(ITEM_IDX).alias(ID)))
+        similar_written = ctx.lake.overwrite(SIMILAR_ITEMS, _with_item_ids(similar, item_map).select(
+            "item_id", "rank", "similar_item_id", F.col("score").cast("double").alias("score"),
+            F.lit(model_version).alias("model_version"), F.lit(run_id).alias("run_id")), overwrite_schema=True)
+        content_written = ctx.lake.overwrite(
+            CONTENT_SIMILAR_ITEMS, _with_item_ids(content_similar_rows, item_map).select(
+                "item_id", "rank", "similar_item_id", F.col("score").cast("double").alias("score")),
+            overwrite_schema=True)
+    finally:
+        for frame in persisted:
+            frame.unpersist()
+
+    report = _score_report(ctx, name=name, version=model_version, run_id=run_id, id_maps=id_maps,
+                           written={SIMILAR_ITEMS: similar_written.rows_written,
+                                    CONTENT_SIMILAR_ITEMS: content_written.rows_written})
+    with tracked_run(ctx.settings.mlflow, run_name=f"recommend {ctx.clock.now():%Y-%m-%dT%H:%MZ}",
+                     tags={"inboxlift.stage": "recommend", "model_version": model_version, "model_run_id": run_id}):
+        metrics = {"users": float(report.users), "rows": float(report.rows),
+                   "users_without_rows": float(report.users_without_rows)}
+        for source in SOURCES:
+            metrics[f"rows/{source}"] = float(report.rows_by_source.get(source, 0))
+            metrics[f"users_share_first_source/{source}"] = (
+                report.users_by_first_source.get(source, 0) / report.users if report.users else 0.0)
+        mlflow.log_metrics(metrics)
+    return report
+
+
+def _with_item_ids(pairs: DataFrame, item_map: DataFrame) -> DataFrame:
+    ids = item_map.select(ITEM_IDX, ITEM_ID)
+    return (pairs.join(ids, on=ITEM_IDX, how="inner")
+            .join(ids.select(F.col(ITEM_IDX).alias("similar_item_idx"), F.col(ITEM_ID).alias("similar_item_id")),
+                  on="similar_item_idx", how="inner"))
+
+
+def _score_report(ctx: RunContext, *, name: str, version: str, run_id: str, id_maps: tuple[IdMapUpdate, ...],
+                  written: dict[str, int | None]) -> RecommendReport:
+    def rows(table: str) -> int:
+        known = written.get(table)
+        return known if known is not None else ctx.lake.read(table).count()
+
+    counts = (ctx.lake.read(RECOMMENDATIONS).groupBy("source")
+              .agg(F.count(F.lit(1)).alias("rows"), F.count(F.when(F.col("rank") == 1, True)).alias("first"))
+              .collect())  # one row per source
+    by_source = {r["source"]: int(r["rows"]) for r in counts}
+    first = {r["source"]: int(r["first"]) for r in counts if r["first"]}
+    users = ctx.lake.read(USER_FEATURES).select(USER_ID).distinct().count()
+    with_rows = sum(first.values())
+    return RecommendReport(model_name=name, version=version, run_id=run_id, users=users, rows=sum(by_source.values()),
+                           rows_by_source=by_source, users_by_first_source=first,
+                           users_without_rows=users - with_rows,
+                           similar_items_rows=rows(SIMILAR_ITEMS), content_similar_rows=rows(CONTENT_SIMILAR_ITEMS),
+                           id_maps=id_maps)
