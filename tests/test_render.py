@@ -1,0 +1,521 @@
+"""Rendering: the row and partition functions without Spark, then the stage through Spark.
+
+Expected values are written out by hand (Babel's and CLDR's spellings were read off once and typed in).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email
+import hashlib
+import json
+from decimal import Decimal
+from email import policy
+from urllib.parse import parse_qsl, urlsplit
+
+import pyarrow as pa
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
+    DateType,
+    DecimalType,
+    IntegerType,
+    MapType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from inboxlift.render import RenderConfig, render_row, verify_click_url, verify_unsubscribe_url
+from inboxlift.render.eml import eml_bytes
+from inboxlift.render.partition import RENDERED_ARROW_SCHEMA, render_batches
+from inboxlift.settings import RenderSettings
+from inboxlift.stages.render import export_eml, preview, run_render
+
+KEY = b"test-signing-key-0123456789abcdef"
+UTC = dt.timezone.utc
+RENDERED_AT = dt.datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+SEND_AT = dt.datetime(2026, 11, 21, 9, 0, tzinfo=UTC)
+
+
+def make_config() -> RenderConfig:
+    return RenderConfig.from_settings(RenderSettings(), signing_key=KEY, rendered_at=RENDERED_AT)
+
+
+def product(i: int, **changes) -> dict:
+    base = dict(position=i, item_id=f"i{i}", source="als", name=f"Lamp {i}", brand="Lumo", category="Home",
+                price=Decimal("1234.50"), currency="USD", image_url=f"https://img.shop.example/i{i}.jpg",
+                url=f"https://shop.example/p/i{i}", in_stock=True, is_found=True)
+    base.update(changes)
+    return base
+
+
+def recipient(**changes) -> dict:
+    base = dict(campaign_id="c1", campaign_type="weekly_picks", user_id="u1", variant="A", template="weekly_picks",
+                locale="en", subject_template="{{ first_name or 'Hi there' }}, your picks for this week",
+                send_at=SEND_AT, context=[("segment_name", "bargain hunters")], has_user=True,
+                email="ann@mail.example", first_name="Ann", timezone="Europe/London", email_consent=True,
+                products=[product(1), product(2)])
+    base.update(changes)
+    return base
+
+
+def hand_message_id(campaign_id: str, user_id: str) -> str:
+    return hashlib.sha256(json.dumps([campaign_id, user_id]).replace(" ", "").encode()).hexdigest()[:32] \
+        + "@shop.example"
+
+
+def parse_eml(raw: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(raw, policy=policy.default)
+
+
+# ---- one row, no Spark ---------------------------------------------------------------------------
+
+def test_a_row_renders_subject_bodies_links_and_headers():
+    out = render_row(recipient(), make_config())
+    assert out["reason"] is None and out["error"] is None
+    assert out["subject"] == "Ann, your picks for this week"
+    assert out["to_email"] == "ann@mail.example"
+    assert out["message_id"] == hand_message_id("c1", "u1")
+    text, html = out["text"], out["html"]
+    assert "Hi Ann," in text and "Great value this week: these picks are chosen for you." in text
+    assert "- Lamp 1 (Lumo): $1,234.50" in text
+    assert "Saturday, November 21, 2026" in text
+    assert '<img class="card-img" src="https://img.shop.example/i1.jpg" alt="Lamp 1"' in html
+    assert html.index("Lamp 1") < html.index("Lamp 2")
+    assert 'width="1" height="1" alt=""' in html
+    assert f"https://t.shop.example/o.gif?m={out['message_id'].replace('@', '%40')}" in html
+    assert html.count("<img") == 3  # two product images and the pixel
+
+    # Product links: a signed click redirect to the product page with utm parameters.
+    click = [line.strip() for line in text.splitlines() if line.strip().startswith("https://t.shop.example/c?")][0]
+    target = verify_click_url(click, key=KEY)
+    assert target == ("https://shop.example/p/i1?utm_source=inboxlift&utm_medium=email&utm_campaign=c1"
+                      "&utm_content=A")
+    assert verify_click_url(click.replace("p%2Fi1", "p%2Fi9"), key=KEY) is None
+
+    headers = out["headers"]
+    assert headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert headers["Message-ID"] == f"<{hand_message_id('c1', 'u1')}>"
+    assert headers["From"] == "Example Shop <news@shop.example>"
+    https_part, mailto_part = headers["List-Unsubscribe"].split(", ")
+    assert https_part.startswith("<https://shop.example/unsubscribe?c=c1&u=u1&s=") and https_part.endswith(">")
+    assert mailto_part.startswith("<mailto:unsubscribe@shop.example?subject=unsubscribe&body=https%3A%2F%2F")
+    assert verify_unsubscribe_url(https_part[1:-1], key=KEY) == ("c1", "u1")
+    assert https_part[1:-1].replace("&amp;", "&") in html.replace("&amp;", "&")
+
+
+def test_signed_unsubscribe_link_verifies_and_altered_ones_do_not():
+    out = render_row(recipient(), make_config())
+    link = out["headers"]["List-Unsubscribe"].split(", ")[0][1:-1]
+    assert verify_unsubscribe_url(link, key=KEY) == ("c1", "u1")
+    params = dict(parse_qsl(urlsplit(link).query))
+    other_user = link.replace("u=u1", "u=u2")
+    flipped = params["s"][:-1] + ("A" if params["s"][-1] != "A" else "B")
+    assert verify_unsubscribe_url(other_user, key=KEY) is None
+    assert verify_unsubscribe_url(link.replace(params["s"], flipped), key=KEY) is None
+    assert verify_unsubscribe_url(link.replace("c=c1", "c=c2"), key=KEY) is None
+    assert verify_unsubscribe_url(link, key=b"another key") is None
+    assert verify_unsubscribe_url("https://shop.example/unsubscribe?c=c1&u=u1", key=KEY) is None
+
+
+def test_message_id_is_deterministic_per_campaign_and_user():
+    config = make_config()
+    first = render_row(recipient(first_name="Ann"), config)["message_id"]
+    again = render_row(recipient(first_name="Annie", variant="B"), config)["message_id"]
+    other_user = render_row(recipient(user_id="u2"), config)["message_id"]
+    other_campaign = render_row(recipient(campaign_id="c2"), config)["message_id"]
+    assert first == again == hand_message_id("c1", "u1")
+    assert len({first, other_user, other_campaign}) == 3
+
+
+def test_fallback_greeting_when_the_first_name_is_missing_or_blank():
+    for missing in (None, "", "   "):
+        out = render_row(recipient(first_name=missing), make_config())
+        assert out["subject"] == "Hi there, your picks for this week"
+        assert "Hi there," in out["text"] and "Hi ," not in out["text"]
+        assert "Hi there," in out["html"]
+    zh = render_row(recipient(first_name=None, locale="zh-CN"), make_config())
+    assert "\n您好！\n" in zh["text"]
+
+
+def test_locale_formats_money_and_dates_and_falls_back_to_english():
+    cart = dict(campaign_type="abandoned_cart", template="abandoned_cart",
+                context=[("cart_added_at", "2026-11-19T08:00:00Z")],
+                products=[product(1, source="cart"), product(2, source="similar", price=Decimal("5"),
+                                                                currency="EUR")])
+    en = render_row(recipient(**cart, locale="en"), make_config())
+    zh = render_row(recipient(**cart, locale="zh-CN", timezone="Asia/Shanghai"), make_config())
+    underscore = render_row(recipient(**cart, locale="zh_CN"), make_config())
+    french = render_row(recipient(**cart, locale="fr-FR"), make_config())
+    assert "- Lamp 1: $1,234.50" in en["text"] and "- Lamp 2: €5.00" in en["text"]
+    assert "You added these on November 19, 2026" in en["text"]
+    assert "- Lamp 1: US$1,234.50" in zh["text"] and "- Lamp 2: €5.00" in zh["text"]
+    assert "您在2026年11月19日加入购物车的商品还在等您。" in zh["text"]
+    assert "2026年11月21日星期六" in zh["text"]
+    assert '<html lang="zh-CN">' in zh["html"] and "购物车中的商品" in zh["html"]
+    assert "US$1,234.50" in underscore["text"]
+    assert "You added these on November 19, 2026" in french["text"] and '<html lang="en">' in french["html"]
+
+
+def test_a_price_may_come_as_decimal_text():
+    out = render_row(recipient(products=[product(1, price="1234.5"), product(2, price=Decimal("0.99"))]),
+                     make_config())
+    assert "- Lamp 1 (Lumo): $1,234.50" in out["text"] and "- Lamp 2 (Lumo): $0.99" in out["text"]
+
+
+def test_send_date_is_the_users_local_date():
+    late_evening_in_la = dt.datetime(2026, 11, 21, 1, 0, tzinfo=UTC)
+    la = render_row(recipient(send_at=late_evening_in_la, timezone="America/Los_Angeles"), make_config())
+    london = render_row(recipient(send_at=late_evening_in_la, timezone="Europe/London"), make_config())
+    assert "Friday, November 20, 2026" in la["text"]
+    assert "Saturday, November 21, 2026" in london["text"]
+
+
+def test_birthday_shows_the_day_without_the_year_in_each_locale():
+    bday = dict(campaign_type="birthday", template="birthday", context=[("birthday", "1990-03-07")], products=[])
+    en = render_row(recipient(**bday), make_config())
+    zh = render_row(recipient(**bday, locale="zh-CN"), make_config())
+    assert "March 7 is your day" in en["text"] and "1990" not in en["text"]
+    assert "3月7日是您的生日" in zh["text"]
+    assert "<img" in en["html"] and en["html"].count("<img") == 1  # the pixel only: no products planned
+
+
+def test_every_campaign_type_renders_in_both_locales():
+    types = ["weekly_picks", "abandoned_cart", "browse_abandonment", "win_back", "new_arrivals", "birthday",
+             "cross_sell"]
+    for campaign_type in types:
+        for locale in ("en", "zh-CN"):
+            out = render_row(recipient(campaign_type=campaign_type, template=campaign_type, locale=locale),
+                             make_config())
+            assert out["reason"] is None, (campaign_type, locale, out["error"])
+            assert "Lamp 2" in out["text"] and "Lamp 2" in out["html"]
+            assert ('<html lang="%s">' % locale) in out["html"]
+
+
+def test_one_sandboxed_environment_per_process_and_none_in_the_pickled_task():
+    import functools
+    import pickle
+
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+    from pyspark import cloudpickle
+
+    from inboxlift.render import engine
+
+    render_row(recipient(), make_config())
+    first = engine.environment()
+    for user in ("u2", "u3", "u4"):
+        render_row(recipient(user_id=user, locale="zh-CN"), make_config())
+    assert engine.environment() is first
+    assert isinstance(first, SandboxedEnvironment) and first.undefined is StrictUndefined
+    assert first.autoescape("en/weekly_picks.html") is True and first.autoescape("en/weekly_picks.txt") is False
+    # What Spark ships to workers: the function by reference and the small config, no environment.
+    task = cloudpickle.dumps(functools.partial(render_batches, config=make_config()))
+    assert b"SandboxedEnvironment" not in task and b"jinja2" not in task and len(task) < 2000
+    assert pickle.loads(task).keywords["config"] == make_config()
+
+
+# ---- safety ----------------------------------------------------------------------------------------
+
+def test_line_breaks_in_data_cannot_add_headers():
+    name = "Ann\r\nBcc: victim@mail.example\nX-Evil: 1"
+    out = render_row(recipient(first_name=name, variant="A\r\nX-Injected: yes"), make_config())
+    assert out["subject"] == "Ann Bcc: victim@mail.example X-Evil: 1, your picks for this week"
+    assert all("\r" not in v and "\n" not in v for v in out["headers"].values())
+    raw = eml_bytes({**out, "send_at": SEND_AT})
+    parsed = parse_eml(raw)
+    assert parsed["Bcc"] is None and parsed["X-Evil"] is None and parsed["X-Injected"] is None
+    assert parsed["Subject"] == "Ann Bcc: victim@mail.example X-Evil: 1, your picks for this week"
+    assert parsed["X-Inboxlift-Variant"] == "A X-Injected: yes"
+    # An address with a line break is refused, not cleaned into some other address.
+    bad = render_row(recipient(email="ann@mail.example\r\nBcc: victim@mail.example"), make_config())
+    assert bad["reason"] == "invalid_email" and "victim" not in bad["error"]
+
+
+def test_template_code_in_data_stays_literal():
+    code = "{{ 7 * 7 }}{% for x in range(3) %}x{% endfor %}"
+    out = render_row(recipient(first_name=code, context=[("segment_name", code)],
+                               products=[product(1, name=code)]), make_config())
+    assert out["reason"] is None
+    assert out["subject"] == f"{code}, your picks for this week"
+    assert f"Hi {code}," in out["text"] and f"- {code} (Lumo)" in out["text"]
+    assert "49" not in out["text"] and "xxx" not in out["text"]
+    assert f"Hi {code}," in out["html"]
+
+
+def test_html_in_data_is_escaped_in_html_and_kept_as_text_in_text():
+    script = "<script>alert(1)</script>"
+    attr = '"><img src=x onerror=alert(1)>'
+    out = render_row(recipient(first_name=script, products=[product(1, name=attr), product(2)]), make_config())
+    html = out["html"]
+    assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "onerror=alert(1)>" not in html
+    assert 'alt="&#34;&gt;&lt;img src=x onerror=alert(1)&gt;"' in html
+    assert f"Hi {script}," in out["text"]
+
+
+def test_only_web_urls_become_links_or_images():
+    products = [product(1, url="javascript:alert(1)"), product(2, image_url="data:image/png;base64,AAAA"),
+                product(3, url="https://shop.example/p/ok\nX: y")]
+    out = render_row(recipient(products=products), make_config())
+    assert "javascript:" not in out["html"] and "data:image" not in out["html"]
+    assert "Lamp 1" not in out["html"] and "Lamp 3" not in out["html"]
+    assert "Lamp 2" in out["html"] and out["html"].count("<img") == 1  # Lamp 2 without its image, and the pixel
+
+
+def test_the_sandbox_refuses_unsafe_template_code():
+    out = render_row(recipient(subject_template="{{ ''.__class__.__mro__[1].__subclasses__() }}"), make_config())
+    assert out["reason"] == "sandbox_violation", out["error"]
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(subject_template="Picks for {{ context.favourite_colour }}"), "undefined_value"),
+    (dict(subject_template="{{ first_name "), "template_syntax"),
+    (dict(template="no_such_template"), "template_missing"),
+    (dict(template="../base"), "template_missing"),
+    (dict(email=None), "invalid_email"),
+    (dict(email="not-an-address"), "invalid_email"),
+    (dict(has_user=False, email=None), "unknown_user"),
+    (dict(email_consent=False), "no_consent"),
+    (dict(email_consent=None), "no_consent"),
+    (dict(products=[product(1, is_found=None), product(2, in_stock=False), product(3, price=None)]), "no_products"),
+    (dict(context=[("cart_added_at", "yesterday")]), "bad_value"),
+    (dict(products=[product(1, price="12,50")]), "bad_value"),
+    (dict(subject_template="  {{ '' }} "), "empty_subject"),
+])
+def test_a_row_that_breaks_gets_a_reason_not_an_exception(changes, reason):
+    out = render_row(recipient(**changes), make_config())
+    assert out["reason"] == reason, out["error"]
+    assert out["error"]
+    assert "message_id" not in out
+
+
+# ---- the partition function on Arrow batches, no Spark ----------------------------------------------
+
+PRODUCT_STRUCT = pa.struct([
+    ("position", pa.int32()), ("item_id", pa.string()), ("source", pa.string()), ("name", pa.string()),
+    ("brand", pa.string()), ("category", pa.string()), ("price", pa.decimal128(12, 2)), ("currency", pa.string()),
+    ("image_url", pa.string()), ("url", pa.string()), ("in_stock", pa.bool_()), ("is_found", pa.bool_()),
+])
+RECIPIENT_ARROW = pa.schema([
+    ("campaign_id", pa.string()), ("campaign_type", pa.string()), ("user_id", pa.string()), ("variant", pa.string()),
+    ("template", pa.string()), ("locale", pa.string()), ("subject_template", pa.string()),
+    ("send_at", pa.timestamp("us", tz="UTC")), ("item_ids", pa.list_(pa.string())),
+    ("context", pa.map_(pa.string(), pa.string())), ("plan_run_id", pa.string()),
+    ("products", pa.list_(PRODUCT_STRUCT)), ("email", pa.string()), ("first_name", pa.string()),
+    ("timezone", pa.string()), ("email_consent", pa.bool_()), ("has_user", pa.bool_()),
+])
+
+
+def arrow_rows(*rows: dict) -> pa.RecordBatch:
+    full = [{**r, "plan_run_id": "run-1", "item_ids": [p["item_id"] for p in r["products"]]} for r in rows]
+    return pa.RecordBatch.from_pylist(full, schema=RECIPIENT_ARROW)
+
+
+def test_partition_function_on_arrow_batches_one_output_row_per_input_row():
+    good = recipient(user_id="u1")
+    broken = recipient(user_id="u2", subject_template="{{ context.nope }}")
+    nobody = recipient(user_id="u3", has_user=False, email=None, first_name=None, email_consent=None)
+    batches = [arrow_rows(good, broken), arrow_rows(), arrow_rows(nobody)]
+    out = list(render_batches(iter(batches), make_config()))
+    assert len(out) == 2  # the empty batch yields nothing
+    assert all(b.schema == RENDERED_ARROW_SCHEMA for b in out)
+    rows = pa.Table.from_batches(out).to_pylist()
+    assert [(r["user_id"], r["status"], r["reason"]) for r in rows] == [
+        ("u1", "rendered", None), ("u2", "error", "undefined_value"), ("u3", "error", "unknown_user")]
+    first = rows[0]
+    assert first["message_id"] == hand_message_id("c1", "u1")
+    assert first["send_at"] == SEND_AT and first["rendered_at"] == RENDERED_AT
+    assert first["from_email"] == "news@shop.example" and first["plan_run_id"] == "run-1"
+    assert dict(first["headers"])["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert rows[1]["html"] is None and rows[1]["template"] == "weekly_picks" and "nope" in rows[1]["error"]
+
+
+def test_eml_is_multipart_alternative_with_the_right_headers_and_parts():
+    out = render_row(recipient(first_name="李雷", locale="zh-CN",
+                               subject_template="{{ first_name or '您好' }}，本周为您精选"), make_config())
+    raw = eml_bytes({**out, "send_at": SEND_AT})
+    assert b"\r\n" in raw and b"\n" not in raw.replace(b"\r\n", b"")  # SMTP line ends only
+    assert max(len(line) for line in raw.split(b"\r\n")) <= 998
+    msg = parse_eml(raw)
+    assert msg.get_content_type() == "multipart/alternative"
+    assert msg["Subject"] == "李雷，本周为您精选"
+    assert msg["To"] == "ann@mail.example"
+    assert msg["From"] == "Example Shop <news@shop.example>"
+    assert msg["Date"] == "Sat, 21 Nov 2026 09:00:00 +0000"
+    assert msg["Message-ID"] == f"<{hand_message_id('c1', 'u1')}>"
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert msg["List-Unsubscribe"].startswith("<https://shop.example/unsubscribe?c=c1&u=u1&s=")
+    assert msg["MIME-Version"] == "1.0"
+    text_part, html_part = list(msg.iter_parts())
+    assert text_part.get_content_type() == "text/plain" and html_part.get_content_type() == "text/html"
+    assert text_part.get_content_charset() == "utf-8"
+    assert text_part.get_content().replace("\r\n", "\n") == out["text"]
+    assert html_part.get_content().replace("\r\n", "\n") == out["html"]
+
+
+# ---- through Spark -----------------------------------------------------------------------------------
+
+USERS_SCHEMA = StructType([
+    StructField("user_id", StringType()), StructField("email", StringType()), StructField("first_name", StringType()),
+    StructField("locale", StringType()), StructField("timezone", StringType()), StructField("country", StringType()),
+    StructField("birthday", DateType()), StructField("email_consent", BooleanType()),
+])
+PRODUCTS_SCHEMA = StructType([
+    StructField("item_id", StringType()), StructField("name", StringType()), StructField("description", StringType()),
+    StructField("category", StringType()), StructField("brand", StringType()),
+    StructField("price", DecimalType(12, 2)), StructField("currency", StringType()),
+    StructField("image_url", StringType()), StructField("url", StringType()), StructField("stock", IntegerType()),
+    StructField("in_stock", BooleanType()),
+])
+PLAN_SCHEMA = StructType([
+    StructField("campaign_id", StringType()), StructField("campaign_type", StringType()),
+    StructField("plan_date", DateType()), StructField("user_id", StringType()), StructField("variant", StringType()),
+    StructField("template", StringType()), StructField("locale", StringType()),
+    StructField("subject_template", StringType()), StructField("send_at", TimestampType()),
+    StructField("reason", StringType()), StructField("item_ids", ArrayType(StringType())),
+    StructField("item_sources", ArrayType(StringType())), StructField("context", MapType(StringType(), StringType())),
+    StructField("plan_run_id", StringType()), StructField("planned_at", TimestampType()),
+])
+SUBJECT = "{{ first_name or 'Hi there' }}, your picks for this week"
+
+
+def _catalogue(spark):
+    return spark.createDataFrame([
+        ("i1", "Desk Lamp", "A lamp", "Home", "Lumo", Decimal("1234.50"), "USD", "https://img.shop.example/i1.jpg",
+         "https://shop.example/p/i1", 5, True),
+        ("i2", "Tea Cup", None, "Kitchen", None, Decimal("8.00"), "USD", None, "https://shop.example/p/i2", 9, True),
+        ("i3", "Rug", None, "Home", "Weave", Decimal("99.99"), "USD", "https://img.shop.example/i3.jpg",
+         "https://shop.example/p/i3", 1, True),
+    ], PRODUCTS_SCHEMA)
+
+
+def _plan(spark, rows):
+    day = dt.date(2026, 11, 20)
+    send = dt.datetime(2026, 11, 21, 9, 0)
+    return spark.createDataFrame([
+        (c, "weekly_picks", day, u, v, "weekly_picks", loc, subject, send, "test", items, ["als"] * len(items),
+         {"segment_name": "browsers"}, "plan-1", dt.datetime(2026, 11, 20, 6, 0))
+        for c, u, v, loc, subject, items in rows
+    ], PLAN_SCHEMA)
+
+
+def test_render_stage_writes_outbox_and_errors_and_a_rerender_replaces(ctx, spark, tmp_path):
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    ctx.lake.append("users", spark.createDataFrame([
+        ("u1", "ann@mail.example", "Ann", "en", "Europe/London", "GB", None, True),
+        ("u2", "li@mail.example", "李雷", "zh-CN", "Asia/Shanghai", "CN", None, True),
+        ("u3", "bo@mail.example", None, "en", "America/New_York", "US", None, True),
+        ("u4", "hold@mail.example", "Hal", "en", "UTC", "GB", None, True),
+        ("u5", "off@mail.example", "Olga", "en", "UTC", "GB", None, False),
+        ("u7", "ed@@mail.example", "Ed", "en", "UTC", "GB", None, True),
+    ], USERS_SCHEMA))
+    ctx.lake.append("products", _catalogue(spark))
+    ctx.lake.append("campaign_plan", _plan(spark, [
+        ("c1", "u1", "A", "en", SUBJECT, ["i3", "i1", "i2"]),
+        ("c1", "u2", "B", "zh-CN", SUBJECT, ["i2", "i9"]),                      # i9 is not in the catalogue
+        ("c1", "u3", "A", "en", "{{ context.favourite_colour }} picks", ["i1"]),  # breaks its subject
+        ("c1", "u4", "holdout", "en", SUBJECT, ["i1"]),
+        ("c1", "u5", "A", "en", SUBJECT, ["i1"]),                                # consent withdrawn since planning
+        ("c1", "u6", "B", "en", SUBJECT, ["i1"]),                                # no longer in users
+        ("c1", "u7", "B", "en", SUBJECT, ["i1"]),                                # a malformed address
+        ("c2", "u1", "A", "en", SUBJECT, ["i1"]),                                # another campaign: not rendered
+    ]))
+
+    report = run_render(ctx, campaign_id="c1")
+
+    assert report.rendered == (("c1", "A", 1), ("c1", "B", 1))
+    assert report.holdout == (("c1", 1),)
+    assert report.errors == (("c1", "invalid_email", 1), ("c1", "no_consent", 1), ("c1", "undefined_value", 1),
+                             ("c1", "unknown_user", 1))
+    assert report.development_key is True  # env local, no INBOXLIFT_SIGNING_KEY passed
+    summary = report.summary()
+    assert "2 messages into outbox, 4 rows into render_errors, 1 holdout rows skipped" in summary
+    assert "undefined_value" in summary and "development key" in summary
+
+    outbox = ctx.lake.read("outbox")
+    expected = spark.createDataFrame([
+        (hand_message_id("c1", "u1"), "c1", "u1", "A", "ann@mail.example", "Ann, your picks for this week",
+         "rendered", "plan-1"),
+        (hand_message_id("c1", "u2"), "c1", "u2", "B", "li@mail.example", "李雷, your picks for this week",
+         "rendered", "plan-1"),
+    ], "message_id string, campaign_id string, user_id string, variant string, to_email string, subject string, "
+       "status string, plan_run_id string")
+    assert_df_equality(outbox.select(*expected.columns), expected, ignore_row_order=True, ignore_nullable=True)
+    ann = outbox.where("user_id = 'u1'").select(
+        "html", "text", "headers", "from_email", F.unix_micros("send_at").alias("send_us"),
+        F.unix_micros("rendered_at").alias("rendered_us")).collect()[0]
+    # Products in plan order (i3, i1, i2), the tea cup without an image but still a card.
+    assert ann["text"].index("- Rug (Weave): $99.99") < ann["text"].index("- Desk Lamp (Lumo): $1,234.50") \
+        < ann["text"].index("- Tea Cup: $8.00")
+    assert ann["html"].count("<img") == 3
+    assert ann["send_us"] == int(dt.datetime(2026, 11, 21, 9, 0, tzinfo=UTC).timestamp() * 1_000_000)
+    assert ann["rendered_us"] == int(ctx.clock.now().timestamp() * 1_000_000)
+    assert ann["headers"]["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    li_text = outbox.where("user_id = 'u2'").select("text").collect()[0]["text"]
+    assert "- Tea Cup: US$8.00" in li_text and "i9" not in li_text
+
+    errors = ctx.lake.read("render_errors")
+    expected_errors = spark.createDataFrame(
+        [("c1", "u3", "weekly_picks", "undefined_value"), ("c1", "u5", "weekly_picks", "no_consent"),
+         ("c1", "u6", "weekly_picks", "unknown_user"), ("c1", "u7", "weekly_picks", "invalid_email")],
+        "campaign_id string, user_id string, template string, reason string")
+    assert_df_equality(errors.select(*expected_errors.columns), expected_errors, ignore_row_order=True,
+                       ignore_nullable=True)
+    assert sorted(errors.columns) == sorted(["campaign_id", "user_id", "template", "reason", "error", "rendered_at"])
+
+    # Export and preview.
+    written = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
+    files = sorted((tmp_path / "eml").glob("*.eml"))
+    assert written == 2 and [f.name for f in files] == sorted(
+        f"{hand_message_id('c1', u).split('@')[0]}.eml" for u in ("u1", "u2"))
+    msg = parse_eml((tmp_path / "eml" / f"{hand_message_id('c1', 'u1').split('@')[0]}.eml").read_bytes())
+    assert msg.get_content_type() == "multipart/alternative"
+    assert msg["To"] == "ann@mail.example" and msg["Subject"] == "Ann, your picks for this week"
+    assert msg["Date"] == "Sat, 21 Nov 2026 09:00:00 +0000"
+    assert [p.get_content_type() for p in msg.iter_parts()] == ["text/plain", "text/html"]
+    page = preview(ctx, campaign_id="c1", user_id="u2", to_path=tmp_path / "preview" / "u2.html")
+    assert "李雷，您好！" in page.read_text(encoding="utf-8")
+    with pytest.raises(LookupError):
+        preview(ctx, campaign_id="c1", user_id="u3", to_path=tmp_path / "none.html")
+
+    # Two users change their data (a name, a fixed address); one message was sent meanwhile.
+    sent = ctx.lake.read("outbox").where("user_id = 'u2'").withColumn("status", F.lit("sent"))
+    ctx.lake.merge("outbox", sent, keys=["message_id"])
+    ctx.lake.overwrite("users", spark.createDataFrame([
+        ("u1", "ann@mail.example", "Annie", "en", "Europe/London", "GB", None, True),
+        ("u2", "li@mail.example", "小李", "zh-CN", "Asia/Shanghai", "CN", None, True),
+        ("u3", "bo@mail.example", None, "en", "America/New_York", "US", None, True),
+        ("u5", "off@mail.example", "Olga", "en", "UTC", "GB", None, False),
+        ("u7", "ed@mail.example", "Ed", "en", "UTC", "GB", None, True),
+    ], USERS_SCHEMA))
+    again = run_render(ctx, campaign_id="c1")
+    assert again.rendered == (("c1", "A", 1), ("c1", "B", 2))
+    assert again.errors == (("c1", "no_consent", 1), ("c1", "undefined_value", 1), ("c1", "unknown_user", 1))
+    rerendered = spark.createDataFrame([
+        (hand_message_id("c1", "u1"), "u1", "Annie, your picks for this week", "rendered"),
+        (hand_message_id("c1", "u2"), "u2", "李雷, your picks for this week", "sent"),  # sent: left alone
+        (hand_message_id("c1", "u7"), "u7", "Ed, your picks for this week", "rendered"),
+    ], "message_id string, user_id string, subject string, status string")
+    assert_df_equality(ctx.lake.read("outbox").select(*rerendered.columns), rerendered, ignore_row_order=True,
+                       ignore_nullable=True)
+    # Replaced, not appended: u7's fixed row is gone, the others are there once.
+    assert_df_equality(ctx.lake.read("render_errors").select("campaign_id", "user_id", "reason"),
+                       spark.createDataFrame([("c1", "u3", "undefined_value"), ("c1", "u5", "no_consent"),
+                                              ("c1", "u6", "unknown_user")],
+                                             "campaign_id string, user_id string, reason string"),
+                       ignore_row_order=True, ignore_nullable=True)
+
+
+def test_render_stage_on_an_empty_plan_writes_empty_tables(ctx, spark):
+    ctx.lake.append("users", spark.createDataFrame([], USERS_SCHEMA))
+    ctx.lake.append("products", _catalogue(spark))
+    ctx.lake.append("campaign_plan", _plan(spark, []))
+    report = run_render(ctx, campaign_id="c1", environ={"INBOXLIFT_SIGNING_KEY": "k" * 32})
+    assert (report.messages, report.failed, report.skipped_holdout, report.development_key) == (0, 0, 0, False)
+    assert ctx.lake.read("outbox").isEmpty() and ctx.lake.read("render_errors").isEmpty()
