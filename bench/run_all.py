@@ -26,7 +26,8 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "ingest": ("bench_ingest.py", ["--events", "1000000", "--users", "20000", "--items", "2000", "--files", "8"]),
     "features": ("bench_features.py", ["--events", "1000000", "--users", "50000", "--repeat", "1"]),
     "segments": ("bench_segments.py", ["--users", "100000"]),
-    "recommend": ("bench_recommend.py", ["--users", "20000", "--items", "2000"]),
+    "recommend": ("bench_recommend.py", ["--users", "20000", "--items", "2000", "--interactions", "300000"]),
+    "render": ("bench_render.py", ["--messages", "20000", "--repeat", "1"]),
 }
 
 

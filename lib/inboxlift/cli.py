@@ -74,6 +74,16 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
                          help="the export's shape; its columns are mapped in ingest.imports.<shape>")
     imports.add_argument("path", help="an export file, or a folder of them (files imported before are skipped)")
 
+    export = commands.add_parser("export", parents=[common],
+                                 help="write a campaign's rendered messages as .eml files (multipart/alternative)")
+    export.add_argument("--campaign", required=True, help="campaign id")
+    export.add_argument("--to", required=True, dest="to_dir", help="folder to write <message-id>.eml files into")
+    preview = commands.add_parser("preview", parents=[common], help="write one rendered message's HTML to a file")
+    preview.add_argument("--campaign", required=True, help="campaign id")
+    preview.add_argument("--user", required=True, dest="user_id", help="user id")
+    preview.add_argument("--out", default=None,
+                         help="file to write (default: paths.output_dir/previews/<campaign>-<user>.html)")
+
     commands.add_parser("settings", help="print the effective settings", parents=[common])
     return parser
 
@@ -174,8 +184,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from inboxlift.stages.plan import UnknownCampaignError
     from inboxlift.stages.segments import NoChampionError
 
-    return (ImportMappingError, NoChampionError, FileNotFoundError, MissingInputError, UnknownCampaignError,
-            SettingsError)
+    from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
+
+    return (ImportMappingError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
+            UnknownCampaignError, SettingsError, LookupError)
 
 
 def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:
@@ -207,6 +219,17 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         print_tables(ctx)
     elif args.command == "generate":
         _print_result(_generate(ctx, args))
+    elif args.command == "export":
+        from inboxlift.stages.render import export_eml
+
+        written = export_eml(ctx, campaign_id=args.campaign, to_dir=args.to_dir)
+        print(f"{written} messages of campaign {args.campaign} written to {Path(args.to_dir).absolute()}", flush=True)
+    elif args.command == "preview":
+        from inboxlift.stages.render import preview
+
+        out = args.out or str(Path(settings.paths.output_dir) / "previews" / f"{args.campaign}-{args.user_id}.html")
+        print(f"preview written to {preview(ctx, campaign_id=args.campaign, user_id=args.user_id, to_path=out)}",
+              flush=True)
     elif args.command == "import":
         from inboxlift.stages.ingest import run_import
 

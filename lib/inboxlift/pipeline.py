@@ -8,6 +8,7 @@ and the Databricks bundle all go through this table.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,55 @@ def _run_segment_train(ctx: RunContext, args: argparse.Namespace) -> Any:
     return run_segment_train(ctx)
 
 
+def _run_recommend_train(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.recommend import run_recommend_train
+
+    return run_recommend_train(ctx)
+
+
+def _run_recommend(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.recommend import run_recommend
+
+    return run_recommend(ctx)
+
+
+def _render_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--campaign", help="render this campaign's plan (default: every campaign in the plan)")
+    parser.add_argument("--export", action="store_true",
+                        help="also write every message as .eml under paths.output_dir/eml/<campaign>/ and one "
+                             "HTML preview per campaign under paths.output_dir/previews/")
+
+
+def _run_render(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.render import run_render
+
+    report = run_render(ctx, campaign_id=args.campaign, environ=os.environ)
+    if not (args.export or getattr(args, "command", None) == "run-all"):
+        return report
+    return [report.summary(), *export_outputs(ctx, campaign_id=args.campaign)]
+
+
+def export_outputs(ctx: RunContext, *, campaign_id: str | None = None) -> list[str]:
+    """Every outbox message as .eml, and one preview per campaign (its first user by id), under paths.output_dir."""
+    from pyspark.sql import functions as F
+
+    from inboxlift.stages.render import export_eml, preview
+
+    out = Path(ctx.settings.paths.output_dir)
+    outbox = ctx.lake.read("outbox")
+    if campaign_id is not None:
+        outbox = outbox.where(F.col("campaign_id") == campaign_id)
+    # One row per campaign.
+    firsts = outbox.groupBy("campaign_id").agg(F.min("user_id").alias("user_id")).orderBy("campaign_id").collect()
+    lines = []
+    for row in firsts:
+        written = export_eml(ctx, campaign_id=row.campaign_id, to_dir=out / "eml" / row.campaign_id)
+        page = preview(ctx, campaign_id=row.campaign_id, user_id=row.user_id,
+                       to_path=out / "previews" / f"{row.campaign_id}.html")
+        lines.append(f"{row.campaign_id}: {written} .eml files in {out / 'eml' / row.campaign_id}; preview {page}")
+    return lines
+
+
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--campaign", help="plan this campaign (an id of the campaigns file)")
@@ -71,7 +121,9 @@ def _plan_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_plan(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.plan import run_plan
 
-    return run_plan(ctx, campaign_id=args.campaign, all_campaigns=args.all_campaigns, plan_date=args.date)
+    # run-all plans every campaign, so the main command shows one email of each type.
+    every = args.all_campaigns or getattr(args, "command", None) == "run-all"
+    return run_plan(ctx, campaign_id=args.campaign, all_campaigns=every, plan_date=args.date)
 
 
 def _run_segment(ctx: RunContext, args: argparse.Namespace) -> Any:
@@ -106,14 +158,20 @@ STAGES: dict[str, Stage] = {
               _no_arguments, _run_segment_train),
         Stage("segment", "assign every user a segment with the champion model (user_segments)",
               _no_arguments, _run_segment),
+        Stage("recommend-train", "ALS on interactions: tune, evaluate against popularity baselines, register in MLflow",
+              _no_arguments, _run_recommend_train),
+        Stage("recommend", "top-N per user from the champion ALS with filters and fallbacks; similar items",
+              _no_arguments, _run_recommend),
         Stage("plan", "choose who gets which campaign, with which products, when (campaign_plan)",
               _plan_arguments, _run_plan),
+        Stage("render", "render one email per planned user with Jinja2 per partition (outbox, render_errors)",
+              _render_arguments, _run_render),
         Stage("maintain", "compact and vacuum every table", _maintain_arguments, _run_maintain),
     ]
 }
 
 # The stages run-all executes, in order (maintenance is scheduled on its own).
-RUN_ALL = ["ingest", "features", "segment-train", "segment"]
+RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render"]
 
 
 def landing_is_empty(landing_dir: str) -> bool:
