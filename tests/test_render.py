@@ -519,3 +519,23 @@ def test_render_stage_on_an_empty_plan_writes_empty_tables(ctx, spark):
     report = run_render(ctx, campaign_id="c1", environ={"INBOXLIFT_SIGNING_KEY": "k" * 32})
     assert (report.messages, report.failed, report.skipped_holdout, report.development_key) == (0, 0, 0, False)
     assert ctx.lake.read("outbox").isEmpty() and ctx.lake.read("render_errors").isEmpty()
+
+
+def test_render_takes_each_campaigns_latest_plan_day_only(ctx, spark):
+    ctx.lake.append("users", spark.createDataFrame([
+        ("u1", "ann@mail.example", "Ann", "en", "Europe/London", "GB", None, True),
+        ("u2", "li@mail.example", "Li", "en", "UTC", "GB", None, True),
+    ], USERS_SCHEMA))
+    ctx.lake.append("products", _catalogue(spark))
+    latest = _plan(spark, [("c1", "u1", "A", "en", "This week", ["i1"])])
+    # The same campaign planned a week earlier, for u1 and u2: kept as history, not rendered again.
+    earlier = _plan(spark, [("c1", "u1", "A", "en", "Last week", ["i2"]),
+                            ("c1", "u2", "A", "en", "Last week", ["i2"])]).withColumn(
+        "plan_date", F.lit(dt.date(2026, 11, 13)))
+    ctx.lake.append("campaign_plan", latest.unionByName(earlier))
+
+    report = run_render(ctx, campaign_id="c1")
+
+    assert report.rendered == (("c1", "A", 1),)
+    rows = ctx.lake.read("outbox").select("user_id", "subject").collect()
+    assert [(r.user_id, r.subject) for r in rows] == [("u1", "This week")]
