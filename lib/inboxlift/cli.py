@@ -177,6 +177,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return 0
 
 
+class CommandError(Exception):
+    """A command's input names something that does not exist (reported without a traceback)."""
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
     from inboxlift.campaigns.planning import MissingInputError
@@ -187,7 +191,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
 
     return (ImportMappingError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
-            UnknownCampaignError, SettingsError, LookupError)
+            UnknownCampaignError, SettingsError, CommandError)
 
 
 def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:
@@ -228,8 +232,11 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         from inboxlift.stages.render import preview
 
         out = args.out or str(Path(settings.paths.output_dir) / "previews" / f"{args.campaign}-{args.user_id}.html")
-        print(f"preview written to {preview(ctx, campaign_id=args.campaign, user_id=args.user_id, to_path=out)}",
-              flush=True)
+        try:
+            written = preview(ctx, campaign_id=args.campaign, user_id=args.user_id, to_path=out)
+        except LookupError as exc:  # no such message: the user's input, not a bug
+            raise CommandError(str(exc)) from exc
+        print(f"preview written to {written}", flush=True)
     elif args.command == "import":
         from inboxlift.stages.ingest import run_import
 

@@ -347,38 +347,35 @@ def _chosen_products(candidates: DataFrame, inputs: PlanInputs, campaign: Campai
                           F.col("_chosen.source").alias("item_sources"))
 
 
-def plan_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date, plan_run_id: str,
-                  planned_at: dt.datetime) -> tuple[DataFrame, DataFrame]:
-    """(plan rows, exclusion rows) of one campaign for one day; see the module docstring for the rules."""
+def decide_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date, plan_run_id: str,
+                    planned_at: dt.datetime) -> DataFrame:
+    """One row per audience user: the plan columns plus ``excluded`` (the exclusion reason, or null).
+
+    Plan rows and exclusion rows both come from this one frame (:func:`split_decisions`), so a
+    stage that persists it computes the audience, its joins and the product choice once.
+    """
     audience, candidates = AUDIENCES[campaign.type](inputs, campaign, plan_date)
     profile = inputs.users.select("user_id", "email_consent", "locale", "timezone")
     features = inputs.user_features.select("user_id", "is_unsubscribed", "is_bounced", "preferred_send_hour")
-    suppressed = (inputs.suppressions.select("user_id").distinct().withColumn("_suppressed", F.lit(True))
-                  if inputs.suppressions is not None else None)
     frame = (audience.dropDuplicates(["user_id"])
              .join(profile, "user_id", "left")
              .join(features, "user_id", "left")
              .join(_history_counts(inputs, campaign, plan_date), "user_id", "left"))
-    if suppressed is not None:
+    if inputs.suppressions is not None:
+        suppressed = inputs.suppressions.select("user_id").distinct().withColumn("_suppressed", F.lit(True))
         frame = frame.join(suppressed, "user_id", "left")
     else:
         frame = frame.withColumn("_suppressed", F.lit(False))
     frame = frame.fillna({"_suppressed": False, "_recent_emails": 0, "_same_campaign": 0})
     frame = frame.withColumn("_excluded", _exclusion(campaign))
-    eligible = frame.where(F.col("_excluded").isNull())
-    with_products = eligible.join(_chosen_products(candidates.join(eligible.select("user_id"), "user_id", "left_semi"),
-                                                   inputs, campaign), "user_id", "left")
-    with_products = with_products.withColumn(
-        "_excluded", F.when(F.coalesce(F.size("item_ids"), F.lit(0)) < campaign.min_products,
-                            F.lit("too_few_products")))
-    exclusions = (frame.where(F.col("_excluded").isNotNull()).select("user_id", "_excluded")
-                  .unionByName(with_products.where(F.col("_excluded").isNotNull()).select("user_id", "_excluded"))
-                  .select(F.lit(campaign.id).alias("campaign_id"), F.lit(plan_date).alias("plan_date"), "user_id",
-                          F.col("_excluded").alias("reason"), F.lit(plan_run_id).alias("plan_run_id")))
+    # Products only for the users no earlier rule excluded; too few of them is the last reason.
+    eligible = frame.where(F.col("_excluded").isNull()).select("user_id")
+    products = _chosen_products(candidates.join(eligible, "user_id", "left_semi"), inputs, campaign)
+    frame = frame.join(products, "user_id", "left").withColumn(
+        "_excluded", F.coalesce(F.col("_excluded"), F.when(
+            F.coalesce(F.size("item_ids"), F.lit(0)) < campaign.min_products, F.lit("too_few_products"))))
 
-    chosen = with_products.where(F.col("_excluded").isNull())
     locale = F.when(F.col("locale").isin(*campaign.locales), F.col("locale")).otherwise(F.lit(FALLBACK_LOCALE))
-    variant = assign_variant(campaign, F.col("user_id"))
     subjects = F.create_map(*[
         part for v, by_locale in campaign.subjects.items() for loc, text in by_locale.items()
         for part in (F.lit(f"{v}\u001f{loc}"), F.lit(text))])
@@ -387,8 +384,8 @@ def plan_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date,
     quiet = campaign.quiet_hours
     hour = send_hour(F.coalesce(F.col("preferred_send_hour"), F.lit(10)), quiet_start=quiet.start,
                      quiet_end=quiet.end)
-    plan = (chosen
-            .withColumn("variant", variant)
+    return (frame
+            .withColumn("variant", assign_variant(campaign, F.col("user_id")))
             .withColumn("locale", locale)
             .select(
                 F.lit(campaign.id).alias("campaign_id"), F.lit(campaign.type).alias("campaign_type"),
@@ -401,5 +398,20 @@ def plan_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date,
                 F.coalesce("item_sources", F.array().cast("array<string>")).alias("item_sources"),
                 F.col("context").cast("map<string,string>").alias("context"),
                 F.lit(plan_run_id).alias("plan_run_id"),
-                F.lit(planned_at).cast("timestamp").alias("planned_at")))
-    return plan.select(*PLAN_COLUMNS), exclusions.select(*EXCLUSION_COLUMNS)
+                F.lit(planned_at).cast("timestamp").alias("planned_at"),
+                F.col("_excluded").alias("excluded")))
+
+
+def split_decisions(decisions: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(plan rows, exclusion rows) of a :func:`decide_campaign` frame."""
+    plan = decisions.where(F.col("excluded").isNull()).select(*PLAN_COLUMNS)
+    exclusions = decisions.where(F.col("excluded").isNotNull()).select(
+        "campaign_id", "plan_date", "user_id", F.col("excluded").alias("reason"), "plan_run_id")
+    return plan, exclusions.select(*EXCLUSION_COLUMNS)
+
+
+def plan_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date, plan_run_id: str,
+                  planned_at: dt.datetime) -> tuple[DataFrame, DataFrame]:
+    """(plan rows, exclusion rows) of one campaign for one day; see the module docstring for the rules."""
+    return split_decisions(decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=plan_run_id,
+                                           planned_at=planned_at))

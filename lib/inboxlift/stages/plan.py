@@ -13,11 +13,12 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass, field
 
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_campaigns
-from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, plan_campaign
+from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, decide_campaign, split_decisions
 from inboxlift.context import RunContext
 
 PLAN_TABLE = "campaign_plan"
@@ -129,13 +130,19 @@ def run_plan(ctx: RunContext, *, campaign_id: str | None = None, all_campaigns: 
     counts = []
     for campaign in chosen:
         inputs = plan_inputs(ctx)  # re-read: the history includes the campaigns planned before this one
-        plan, exclusions = plan_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id, planned_at=now)
-        where = f"campaign_id = '{campaign.id}' AND plan_date = DATE'{plan_date.isoformat()}'"
-        for table, frame in ((PLAN_TABLE, plan), (EXCLUSIONS_TABLE, exclusions)):
-            if ctx.lake.exists(table):
-                ctx.lake.overwrite(table, frame, where=where)
-            else:
-                ctx.lake.append(table, frame)
+        # Computed once for both tables: audience, joins, product choice.
+        decisions = decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id,
+                                    planned_at=now).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            plan, exclusions = split_decisions(decisions)
+            where = f"campaign_id = '{campaign.id}' AND plan_date = DATE'{plan_date.isoformat()}'"
+            for table, frame in ((PLAN_TABLE, plan), (EXCLUSIONS_TABLE, exclusions)):
+                if ctx.lake.exists(table):
+                    ctx.lake.overwrite(table, frame, where=where)
+                else:
+                    ctx.lake.append(table, frame)
+        finally:
+            decisions.unpersist()
         counts.append(_counts(ctx, campaign, plan_date))
     return PlanReport(plan_date=plan_date, plan_run_id=run_id, campaigns=tuple(counts))
 
