@@ -3,10 +3,11 @@
 One plan (N recipients x P products each), a user table and a catalogue are generated once (fixed
 seed) and written as Parquet. Each peer then turns those files into rendered messages:
 
-- **Spark**: read the Parquet files -> ``inboxlift.render.frames.with_recipient_data`` (explode the
-  planned items with their position, join the catalogue, re-aggregate in order, join users) ->
-  ``render_recipients`` (``mapInArrow``, one sandboxed environment per Python worker) -> a count and
-  a checksum of every HTML body (so every message is really rendered and nothing is written out).
+- **Spark**: read the Parquet files -> ``inboxlift.render.frames.render_plan``, as the render stage
+  calls it (repartition by user, join users, join the planned products map-side or, with
+  ``--spark-join``, explode/join/re-aggregate them in Spark, then ``mapInArrow`` with one sandboxed
+  environment per Python worker) -> a count and a checksum of every HTML body (so every message is
+  really rendered and nothing is written out).
 - **plain**: read the same files with pyarrow, join users and products through Python dicts, and
   call the same row function (``inboxlift.render.message.render_row``: same templates, same Jinja2
   environment, same Babel formatting) for every recipient, summing the same checksum.
@@ -15,7 +16,8 @@ Both produce the same messages (the checksums must match). The rate per core is 
 by the cores doing the work: Spark's ``local[N]`` N, and 1 for the plain process.
 
     .venv/bin/python bench/bench_render.py [--messages 200000] [--products 10] [--catalogue 5000]
-        [--cores N] [--repeat 2] [--batch-rows 10000] [--breakdown] [--conf KEY=VALUE ...] [--keep]
+        [--cores N] [--repeat 2] [--batch-rows 10000] [--spark-join] [--breakdown] [--conf KEY=VALUE ...]
+        [--keep]
 
 Goal from issue 7: Spark's per-core rate >= 0.85 x the plain rate; the script exits 1 when missed.
 Data lives under ``.bench/render`` and is removed at the end.
@@ -137,10 +139,10 @@ def config():
     return RenderConfig.from_settings(RenderSettings(), signing_key=KEY, rendered_at=RENDERED_AT)
 
 
-def run_spark(spark, folder: Path) -> tuple[float, float | None, int, int]:
+def run_spark(spark, folder: Path, *, task_catalogue_max_items: int) -> tuple[float, float | None, int, int]:
     from pyspark.sql import functions as F
 
-    from inboxlift.render.frames import render_partitions, render_recipients, with_recipient_data
+    from inboxlift.render.frames import render_partitions, render_plan
 
     jvm = spark.sparkContext._gateway.proc.pid  # type: ignore[union-attr]
     cpu_before = tree_cpu_seconds(jvm)
@@ -148,8 +150,8 @@ def run_spark(spark, folder: Path) -> tuple[float, float | None, int, int]:
     plan = spark.read.parquet(str(folder / "plan"))
     users = spark.read.parquet(str(folder / "users"))
     products = spark.read.parquet(str(folder / "products.parquet"))
-    recipients = with_recipient_data(plan, users=users, products=products, partitions=render_partitions(spark))
-    rendered = render_recipients(recipients, config=config())
+    rendered = render_plan(plan, users=users, products=products, config=config(),
+                           partitions=render_partitions(spark), task_catalogue_max_items=task_catalogue_max_items)
     row = rendered.agg(F.count(F.col("message_id")).alias("n"),
                        F.sum(F.crc32(F.col("html"))).alias("checksum")).collect()[0]
     seconds = time.perf_counter() - started
@@ -165,17 +167,19 @@ def _no_render(batches):
         yield pa.RecordBatch.from_arrays([pa.array([batch.num_rows], pa.int64())], names=["rows"])
 
 
-def run_spark_pipeline_only(spark, folder: Path) -> float:
+def run_spark_pipeline_only(spark, folder: Path, *, task_catalogue_max_items: int) -> float:
     """The Spark peer without rendering (the same joins, a mapInArrow that only counts): its overhead."""
     from pyspark.sql import functions as F
 
-    from inboxlift.render.frames import render_partitions, with_recipient_data
+    from inboxlift.render.frames import render_partitions, task_catalogue, with_addresses, with_planned_products
 
     started = time.perf_counter()
-    recipients = with_recipient_data(spark.read.parquet(str(folder / "plan")),
-                                     users=spark.read.parquet(str(folder / "users")),
-                                     products=spark.read.parquet(str(folder / "products.parquet")),
-                                     partitions=render_partitions(spark))
+    plan = spark.read.parquet(str(folder / "plan"))
+    products = spark.read.parquet(str(folder / "products.parquet"))
+    recipients = with_addresses(plan, users=spark.read.parquet(str(folder / "users")),
+                                partitions=render_partitions(spark))
+    if task_catalogue(plan, products, max_items=task_catalogue_max_items) is None:
+        recipients = with_planned_products(recipients, products=products)
     recipients.mapInArrow(_no_render, "rows long").agg(F.sum("rows")).collect()
     return time.perf_counter() - started
 
@@ -216,6 +220,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="spark.sql.execution.arrow.maxRecordsPerBatch (default 10,000, Spark's default)")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Spark configuration (repeatable)")
+    parser.add_argument("--spark-join", action="store_true",
+                        help="join the products in Spark (explode, join, re-aggregate) instead of map-side, as "
+                             "render.task_catalogue_max_items = 0 does")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time the Spark peer without rendering (joins and Arrow transfer only)")
     parser.add_argument("--keep", action="store_true", help="keep .bench/render afterwards")
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     os.chdir(ROOT)
     from inboxlift.session import build_session
-    from inboxlift.settings import load_settings
+    from inboxlift.settings import RenderSettings, load_settings
 
     cores = args.cores or os.cpu_count() or 1
     extra_conf = {"spark.sql.execution.arrow.maxRecordsPerBatch": str(args.batch_rows),
@@ -254,10 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         warm = WORK_DIR / "warm"
         generate(warm, messages=max(200, min(args.messages // 10, 5000)), products=args.products,
                  catalogue=min(args.catalogue, 1000), files=cores)
-        run_spark(spark, warm)
+        max_items = 0 if args.spark_join else RenderSettings().task_catalogue_max_items
+        print(f"products joined {'in Spark' if args.spark_join else 'map-side'}", flush=True)
+        run_spark(spark, warm, task_catalogue_max_items=max_items)
         run_plain(warm)
         for attempt in range(args.repeat):
-            order = [("spark", lambda: run_spark(spark, data)), ("plain", lambda: run_plain(data))]
+            order = [("spark", lambda: run_spark(spark, data, task_catalogue_max_items=max_items)), ("plain", lambda: run_plain(data))]
             for name, run in (order if attempt % 2 == 0 else order[::-1]):
                 seconds, cpu, count, checksum = run()
                 cpu_text = f"{cpu:8.1f} s CPU" if cpu is not None else "CPU n/a"
@@ -266,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in best or seconds < best[name][0]:
                     best[name] = (seconds, cpu, count, checksum)
         if args.breakdown:
-            seconds = run_spark_pipeline_only(spark, data)
+            seconds = run_spark_pipeline_only(spark, data, task_catalogue_max_items=max_items)
             print(f"  spark without rendering (joins, Arrow transfer): {seconds:8.1f} s", flush=True)
     finally:
         spark.stop()

@@ -32,7 +32,8 @@ from pyspark.sql.types import (
 
 from inboxlift.render import RenderConfig, render_row, verify_click_url, verify_unsubscribe_url
 from inboxlift.render.eml import eml_bytes
-from inboxlift.render.partition import RENDERED_ARROW_SCHEMA, render_batches
+from inboxlift.render.frames import render_plan, task_catalogue
+from inboxlift.render.partition import RENDERED_ARROW_SCHEMA, TaskCatalogue, render_batches
 from inboxlift.settings import RenderSettings
 from inboxlift.stages.render import export_eml, preview, run_render
 
@@ -334,6 +335,87 @@ def test_partition_function_on_arrow_batches_one_output_row_per_input_row():
     assert first["from_email"] == "news@shop.example" and first["plan_run_id"] == "run-1"
     assert dict(first["headers"])["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
     assert rows[1]["html"] is None and rows[1]["template"] == "weekly_picks" and "nope" in rows[1]["error"]
+
+
+CATALOGUE_ARROW = pa.schema([
+    ("item_id", pa.string()), ("name", pa.string()), ("brand", pa.string()), ("price", pa.string()),
+    ("currency", pa.string()), ("image_url", pa.string()), ("url", pa.string()), ("in_stock", pa.bool_()),
+])
+PLANNED_ARROW = pa.schema([f for f in RECIPIENT_ARROW if f.name != "products"] + [("item_sources", pa.list_(pa.string()))])
+
+
+def test_partition_function_joins_the_planned_items_with_a_task_catalogue():
+    # The map-side join: rows carry item ids only; the catalogue travels with the function.
+    lamp = {"item_id": "i1", "name": "Lamp 1", "brand": "Lumo", "price": "1234.50", "currency": "USD",
+            "image_url": "https://img.shop.example/i1.jpg", "url": "https://shop.example/p/i1", "in_stock": True}
+    rug = {**lamp, "item_id": "i2", "name": "Rug", "brand": None, "price": "99.99", "url": "https://shop.example/p/i2"}
+    gone = {**lamp, "item_id": "i3", "name": "Old lamp", "in_stock": False}
+    catalogue = TaskCatalogue.from_arrow(pa.Table.from_pylist([lamp, rug, gone], schema=CATALOGUE_ARROW))
+    assert catalogue.items == 3
+    base = {k: v for k, v in recipient().items() if k != "products"}
+    rows = [
+        {**base, "user_id": "u1", "item_ids": ["i2", "i9", "i1"], "item_sources": ["als", "als", "content"]},
+        {**base, "user_id": "u2", "item_ids": ["i9", "i3"], "item_sources": ["als", "als"]},  # none usable
+        {**base, "user_id": "u3", "item_ids": None, "item_sources": None},                  # nothing planned
+    ]
+    batch = pa.RecordBatch.from_pylist([{**r, "plan_run_id": "run-1"} for r in rows], schema=PLANNED_ARROW)
+    out = pa.Table.from_batches(list(render_batches(iter([batch]), make_config(), catalogue=catalogue))).to_pylist()
+    assert [(r["user_id"], r["reason"]) for r in out] == [("u1", None), ("u2", "no_products"), ("u3", None)]
+    # The rug and the lamp in plan order; i9 (not in the catalogue) left out; the rug has no brand line.
+    text = out[0]["text"]
+    assert "- Rug: $99.99\n" in text and "- Lamp 1 (Lumo): $1,234.50\n" in text
+    assert text.index("- Rug") < text.index("- Lamp 1") and "Old lamp" not in out[1]["error"]
+    assert "/p/i9" not in out[0]["html"] and out[0]["html"].count('class="card-img"') == 2
+    assert 'class="card-img"' not in out[2]["html"]
+    # The same row with the products already joined (Spark's way) renders the same message.
+    joined = recipient(user_id="u1", products=[
+        product(0, item_id="i2", name="Rug", brand=None, price=Decimal("99.99"), url="https://shop.example/p/i2",
+                image_url="https://img.shop.example/i1.jpg"),
+        product(1, item_id="i9", is_found=None, name=None),
+        product(2, item_id="i1", name="Lamp 1", source="content", url="https://shop.example/p/i1",
+                image_url="https://img.shop.example/i1.jpg")])
+    assert render_row(joined, make_config())["html"] == out[0]["html"]
+
+
+def test_task_catalogue_ships_the_catalogue_or_the_planned_items_or_nothing(spark):
+    products = _catalogue(spark)   # i1, i2, i3
+    plan = spark.createDataFrame([(["i3", "i9"],), (["i3"],), (None,)], "item_ids array<string>")
+    whole = task_catalogue(plan, products, max_items=3)
+    planned = task_catalogue(plan, products, max_items=2)
+    assert whole.items == 3 and planned.items == 1           # only i3 is planned and in the catalogue
+    rows = pa.ipc.open_stream(planned.ipc).read_all().to_pylist()
+    assert rows == [{"item_id": "i3", "name": "Rug", "brand": "Weave", "price": "99.99", "currency": "USD",
+                     "image_url": "https://img.shop.example/i3.jpg", "url": "https://shop.example/p/i3",
+                     "in_stock": True}]
+    two_planned = spark.createDataFrame([(["i3", "i1"],)], "item_ids array<string>")
+    assert task_catalogue(two_planned, products, max_items=1) is None   # more planned items than allowed
+    assert task_catalogue(plan, products, max_items=0) is None
+
+
+def test_render_plan_gives_the_same_messages_with_either_product_join(spark):
+    users = spark.createDataFrame([
+        ("u1", "ann@mail.example", "Ann", "Europe/London", True),
+        ("u2", "li@mail.example", "李雷", "Asia/Shanghai", True),
+        ("u3", "bo@mail.example", None, "UTC", True),
+    ], "user_id string, email string, first_name string, timezone string, email_consent boolean")
+    plan = _plan(spark, [
+        ("c1", "u1", "A", "en", SUBJECT, ["i3", "i1", "i2"]),
+        ("c1", "u2", "B", "zh-CN", SUBJECT, ["i2", "i9"]),
+        ("c1", "u3", "A", "en", SUBJECT, ["i9"]),           # nothing usable: no_products either way
+        ("c1", "u4", "A", "en", SUBJECT, ["i1"]),           # not in users
+    ])
+    config = make_config()
+    map_side = render_plan(plan, users=users, products=_catalogue(spark), config=config, partitions=2,
+                           task_catalogue_max_items=100)
+    in_spark = render_plan(plan, users=users, products=_catalogue(spark), config=config, partitions=2,
+                           task_catalogue_max_items=0)
+    assert "MapInArrow" in map_side._jdf.queryExecution().executedPlan().toString()
+    assert "Generate" not in map_side._jdf.queryExecution().executedPlan().toString()
+    assert "Generate" in in_spark._jdf.queryExecution().executedPlan().toString()
+    assert sorted((r["user_id"], r["reason"]) for r in map_side.collect()) == [
+        ("u1", None), ("u2", None), ("u3", "no_products"), ("u4", "unknown_user")]
+    columns = ["message_id", "user_id", "subject", "html", "text", "reason"]
+    assert_df_equality(map_side.select(*columns), in_spark.select(*columns), ignore_row_order=True)
 
 
 def test_eml_is_multipart_alternative_with_the_right_headers_and_parts():

@@ -9,6 +9,10 @@ not converted to Python objects and back.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -43,6 +47,62 @@ RENDERED_SCHEMA = StructType([
 RENDERED_ARROW_SCHEMA = to_arrow_schema(RENDERED_SCHEMA, timezone="UTC")
 
 
+# The catalogue columns a product card reads; the price as decimal text (see frames.PRODUCT_COLUMNS).
+CATALOGUE_COLUMNS = ("item_id", "name", "brand", "price", "currency", "image_url", "url", "in_stock")
+
+
+@dataclass(frozen=True)
+class TaskCatalogue:
+    """Catalogue rows (``CATALOGUE_COLUMNS``) shipped with the render function to every task.
+
+    ``key`` names the content (a SHA-256 of the bytes), so a worker rebuilds its dictionary only when
+    the catalogue changes; ``ipc`` is an Arrow IPC stream, compact and fast to pickle.
+    """
+
+    key: str
+    ipc: bytes = field(repr=False)
+    items: int
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table) -> "TaskCatalogue":
+        missing = [c for c in CATALOGUE_COLUMNS if c not in table.schema.names]
+        if missing:
+            raise ValueError(f"TaskCatalogue: the catalogue lacks column(s) {', '.join(missing)}")
+        table = table.select(list(CATALOGUE_COLUMNS))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        ipc = sink.getvalue().to_pybytes()
+        return cls(key=hashlib.sha256(ipc).hexdigest(), ipc=ipc, items=table.num_rows)
+
+    def lookup(self) -> dict[str, dict[str, Any]]:
+        """item_id -> its card columns and ``is_found``; built once per worker for each catalogue."""
+        global _lookup
+        with _lookup_lock:
+            if _lookup is None or _lookup[0] != self.key:
+                table = pa.ipc.open_stream(self.ipc).read_all()
+                # Price as text whatever the sender's type: formatting is cached per price text.
+                if table.schema.field("price").type != pa.string():
+                    table = table.set_column(table.schema.get_field_index("price"), "price",
+                                             table.column("price").cast(pa.string()))
+                _lookup = (self.key, {row["item_id"]: {**row, "is_found": True} for row in table.to_pylist()})
+            return _lookup[1]
+
+
+_lookup_lock = threading.Lock()
+_lookup: tuple[str, dict[str, dict[str, Any]]] | None = None
+
+
+def planned_cards(item_ids: list[str] | None, sources: list[str] | None,
+                  catalogue: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The planned items in plan order with their catalogue columns, as Spark's join gives them: an
+    item missing from the catalogue keeps its id and source with ``is_found`` unset."""
+    return [
+        {"position": position, "item_id": item, "source": source, **catalogue.get(item, {})}
+        for position, (item, source) in enumerate(itertools.zip_longest(item_ids or (), sources or ()))
+    ]
+
+
 def _column(batch: pa.RecordBatch, name: str, target: pa.DataType) -> pa.Array:
     if name not in batch.schema.names:
         return pa.nulls(batch.num_rows, type=target)
@@ -50,10 +110,20 @@ def _column(batch: pa.RecordBatch, name: str, target: pa.DataType) -> pa.Array:
     return values if values.type == target else values.cast(target)
 
 
-def render_batch(batch: pa.RecordBatch, config: RenderConfig) -> pa.RecordBatch:
-    """One batch of recipients -> one batch of ``RENDERED_SCHEMA`` rows, row for row."""
-    present = [c for c in ROW_COLUMNS if c in batch.schema.names]
-    rows: list[dict[str, Any]] = batch.select(present).to_pylist()
+def render_batch(batch: pa.RecordBatch, config: RenderConfig,
+                 catalogue: dict[str, dict[str, Any]] | None = None) -> pa.RecordBatch:
+    """One batch of recipients -> one batch of ``RENDERED_SCHEMA`` rows, row for row.
+
+    With ``catalogue`` (item_id -> catalogue columns) the rows' ``item_ids`` and ``item_sources`` are
+    joined with it here; without it each row must carry its ``products``.
+    """
+    names = batch.schema.names
+    joined_here = catalogue is not None and "products" not in names
+    wanted = ROW_COLUMNS + (("item_ids", "item_sources") if joined_here else ())
+    rows: list[dict[str, Any]] = batch.select([c for c in wanted if c in names]).to_pylist()
+    if joined_here:
+        for row in rows:
+            row["products"] = planned_cards(row.pop("item_ids", None), row.pop("item_sources", None), catalogue)
     results = [render_row(row, config) for row in rows]
     n = batch.num_rows
     ok = [r["reason"] is None for r in results]
@@ -75,12 +145,15 @@ def render_batch(batch: pa.RecordBatch, config: RenderConfig) -> pa.RecordBatch:
 
 
 def render_batches(batches: Iterable[pa.RecordBatch], config: RenderConfig, *,
+                   catalogue: TaskCatalogue | None = None,
                    max_rows: int = OUTPUT_BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-    """The ``mapInArrow`` function (bind ``config`` with functools.partial).
+    """The ``mapInArrow`` function (bind ``config``, and ``catalogue`` for the map-side join, with
+    functools.partial).
 
-    Output batches hold at most ``max_rows`` messages: a message is some 10-20 kB of HTML and text,
-    so Spark's default input batch (10,000 rows) would come back as one batch of 100+ MB.
+    Output batches hold at most ``max_rows`` messages: a message is some 20-25 kB of HTML and text,
+    so Spark's default input batch (10,000 rows) would come back as one batch of 200+ MB.
     """
+    lookup = catalogue.lookup() if catalogue is not None else None
     for batch in batches:
         for start in range(0, batch.num_rows, max_rows):
-            yield render_batch(batch.slice(start, max_rows), config)
+            yield render_batch(batch.slice(start, max_rows), config, lookup)

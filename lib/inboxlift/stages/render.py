@@ -33,8 +33,7 @@ from inboxlift.render.frames import (
     filter_sendable,
     is_holdout,
     render_partitions,
-    render_recipients,
-    with_recipient_data,
+    render_plan,
 )
 from inboxlift.render.keys import signing_key
 from inboxlift.render.message import STATUS_RENDERED, RenderConfig
@@ -124,10 +123,12 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
         latest = plan.groupBy("campaign_id").agg(F.max("plan_date").alias("plan_date"))
         plan = plan.join(latest, ["campaign_id", "plan_date"], "left_semi")
     config = RenderConfig.from_settings(ctx.settings.render, signing_key=key, rendered_at=ctx.clock.now())
-    recipients = with_recipient_data(filter_sendable(plan), users=ctx.lake.read(USERS_TABLE),
-                                     products=ctx.lake.read(PRODUCTS_TABLE), partitions=render_partitions(ctx.spark))
     # Rendered once: the counts, the merge (which reads its source more than once) and the errors reuse it.
-    rendered = render_recipients(recipients, config=config).persist(StorageLevel.MEMORY_AND_DISK)
+    rendered = render_plan(
+        filter_sendable(plan), users=ctx.lake.read(USERS_TABLE), products=ctx.lake.read(PRODUCTS_TABLE),
+        config=config, partitions=render_partitions(ctx.spark),
+        task_catalogue_max_items=ctx.settings.render.task_catalogue_max_items,
+    ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         # Small: one row per campaign, variant and reason.
         counts = rendered.groupBy("campaign_id", "variant", "reason").count().collect()
