@@ -168,3 +168,26 @@ def test_content_vectors_weigh_each_part_by_its_cosine(spark):
     got = {(r["item_idx"], r["rank"]): r["similar_item_idx"] for r in rows}
     # Within "sports" only; d (books) has no other book, e shares nothing with anyone
     assert got == {(0, 1): 1, (0, 2): 2, (1, 1): 0, (1, 2): 2, (2, 1): 0, (2, 2): 1}
+
+
+def test_exclusions_as_pairs_reach_their_queries_block(spark):
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=(13, 4)).astype(np.float32)
+    c = rng.normal(size=(9, 4)).astype(np.float32)
+    q_ids, c_ids = list(range(100, 113)), list(range(9))
+    excluded = {100: {0, 1}, 105: {3}, 112: set(range(9))}
+    queries = spark.createDataFrame([(i, v.tolist()) for i, v in zip(q_ids, q)], "id int, features array<float>")
+    candidates = spark.createDataFrame([(i, v.tolist()) for i, v in zip(c_ids, c)], "id int, features array<float>")
+    # One row per pair, a pair repeated, and pairs of a query id that is not among the queries.
+    pairs = [(qi, ci) for qi, items in excluded.items() for ci in sorted(items)] + [(100, 0), (999, 2), (999, 4)]
+    exclusions = spark.createDataFrame(pairs, "id int, excluded_id int")
+    rows = top_k_blocked(queries, candidates, k=3, block_size=4, chunk_size=2, exclusions=exclusions).collect()
+    got: dict[int, list] = {}
+    for r in sorted(rows, key=lambda r: (r["query_id"], r["rank"])):
+        got.setdefault(r["query_id"], []).append(r["item_id"])
+    expected = brute_top_k(q, q_ids, c, c_ids, 3, excluded)
+    assert set(got) == set(q_ids) - {112}   # 112 excluded every candidate
+    assert got == {qi: [i for i, _ in expected[qi]] for qi in got}
+    assert not {0, 1} & set(got[100]) and 3 not in got[105]
+    with pytest.raises(ValueError, match="excluded_id"):
+        top_k_blocked(queries, candidates, k=3, block_size=4, chunk_size=2, exclusions=exclusions.select("id"))

@@ -293,17 +293,16 @@ def als_top_k(model: ALSModel, users: DataFrame, *, k: int, block_size: int, chu
         ``user_idx, rank, item_idx, score``; users unknown to the model get no rows.
     """
     queries = model.userFactors.join(users.select(F.col(USER_IDX).alias("id")).distinct(), on="id", how="inner")
-    exclude_col = None
+    pairs = None
     if exclusions is not None:
-        lists = exclusions.groupBy(F.col(USER_IDX).alias("id")).agg(F.collect_list(ITEM_IDX).alias("exclude"))
-        queries = queries.join(lists, on="id", how="left")
-        exclude_col = "exclude"
+        # As pairs, hashed to the users' blocks: no per-user list is built (see models.similar).
+        pairs = exclusions.select(F.col(USER_IDX).alias("id"), F.col(ITEM_IDX).alias("excluded_id"))
     candidates = model.itemFactors
     if candidate_items is not None:
         candidates = candidates.join(candidate_items.select(F.col(ITEM_IDX).alias("id")).distinct(), on="id",
                                      how="inner")
     return top_k_blocked(queries, candidates, k=k, block_size=block_size, chunk_size=chunk_size,
-                         exclude_col=exclude_col).select(
+                         exclusions=pairs).select(
         F.col("query_id").alias(USER_IDX), "rank", F.col("item_id").alias(ITEM_IDX),
         F.col("score").cast("double").alias("score"))
 

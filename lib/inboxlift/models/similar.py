@@ -16,7 +16,11 @@ total order — ties in score go to the smaller candidate id — and the same in
 the partitioning. Keys are built only for the few scores that can enter a row's top k: those at
 or above its k-th best, found by a float ``partition`` in the first chunk and by one comparison
 with the running k-th best in every later one. Excluded pairs (items a user bought, an item itself) score -inf
-and never appear in the output, so a query may get fewer than k rows.
+and never appear in the output, so a query may get fewer than k rows. Exclusions given as pairs
+(``exclusions``: one row per query and excluded candidate, millions of rows for "items already
+seen") are hashed to the same blocks as their queries, packed into one long per pair and gathered
+per block (a partial aggregation, so the shuffle moves a few packed lists, not millions of rows),
+then ride with the block's queries as a row of their own: no per-query grouping and no join.
 
 **Content similarity** (:func:`content_vectors`): each item is four unit vectors — the category
 path as its prefixes (``Sports``, ``Sports>Running``, ``Sports>Running>Shoes``), the brand, the
@@ -52,6 +56,10 @@ CONTENT_PARTS = ("category", "brand", "price_band", "text")
 # for ranking within a category). Price bands are few and known, so they are one-hot, exact.
 CATEGORY_FEATURES, BRAND_FEATURES = 512, 512
 _BLOCK, _GROUP_KEY = "_block", "_group"
+# The query side of a block mixes two kinds of rows: queries, and lists of (query, excluded
+# candidate) pairs packed as query_id << 32 | candidate_id (low 32 bits).
+_KIND, _PAIRS = "_kind", "_pairs"
+_QUERY_ROW, _PAIR_ROW = 0, 1
 _LOW_MASK = np.int64(0xFFFFFFFF)
 
 
@@ -139,13 +147,22 @@ def _positions(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndar
     return found, at
 
 
+def _pair_rows(q_ids: np.ndarray, pair_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For pairs naming queries by id: whether each names a query of the block, and its row."""
+    order = np.argsort(q_ids, kind="stable")
+    found, at = _positions(q_ids[order], pair_ids)
+    return found, order[np.minimum(at, order.size - 1)]
+
+
 def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude: bool,
                 exclude_self: bool) -> pa.Table:
     """The top k candidates of every query of one block (the per-block step of :func:`top_k_blocked`).
 
     Args:
         queries: one row per query: ``id`` (int), ``features`` (list<float>) and, with
-            ``has_exclude``, ``exclude`` (list<int> of candidate ids never to return for it).
+            ``has_exclude``, ``exclude`` (list<int> of candidate ids never to return for it). With a
+            ``_kind`` column, the rows of kind 1 carry ``_pairs`` instead: (query id, excluded
+            candidate id) pairs packed as ``query << 32 | candidate``; only rows of kind 0 are queries.
         candidates: one row per chunk of candidates: ``ids`` (list<int>) and ``features`` (their
             vectors concatenated, list<float>); each chunk is multiplied at once.
         exclude_self: a query never gets the candidate with its own id (item-item similarity).
@@ -155,6 +172,11 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
     """
     empty = pa.table({"query_id": pa.array([], pa.int32()), "rank": pa.array([], pa.int32()),
                       "item_id": pa.array([], pa.int32()), "score": pa.array([], pa.float32())})
+    pairs = None
+    if _KIND in queries.column_names:
+        kind = queries.column(_KIND)
+        pairs = queries.filter(pc.equal(kind, _PAIR_ROW))
+        queries = queries.filter(pc.equal(kind, _QUERY_ROW))
     n_q = queries.num_rows
     if n_q == 0 or candidates.num_rows == 0:
         return empty
@@ -165,6 +187,13 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
         excluded_rows, excluded = _excluded_pairs(queries.column(EXCLUDE))
     else:
         excluded_rows, excluded = np.empty(0, np.int64), np.empty(0, np.int64)
+    if pairs is not None and pairs.num_rows:
+        packed = pc.list_flatten(pairs.column(_PAIRS)).to_numpy(zero_copy_only=False).astype(np.int64)
+        pair_queries = packed >> 32
+        pair_items = (packed & _LOW_MASK).astype(np.uint32).view(np.int32).astype(np.int64)
+        known, rows = _pair_rows(q_ids, pair_queries)
+        excluded_rows = np.concatenate([excluded_rows, rows[known]])
+        excluded = np.concatenate([excluded, pair_items[known]])
     if exclude_self:
         excluded_rows = np.concatenate([excluded_rows, np.arange(n_q)])
         excluded = np.concatenate([excluded, q_ids])
@@ -203,8 +232,8 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
 
 
 def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_size: int, chunk_size: int,
-                  exclude_col: str | None = None, group_col: str | None = None,
-                  exclude_self: bool = False) -> DataFrame:
+                  exclude_col: str | None = None, exclusions: DataFrame | None = None,
+                  group_col: str | None = None, exclude_self: bool = False) -> DataFrame:
     """Each query's ``k`` candidates with the highest dot product, computed block by block.
 
     Args:
@@ -214,6 +243,9 @@ def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_si
         k: rows per query at most (fewer when fewer candidates are left).
         block_size: queries per block; a block's scores take ``block_size x chunk_size`` floats.
         chunk_size: candidates per chunk, multiplied at once inside a block.
+        exclusions: ``id`` (a query id) and ``excluded_id`` (a candidate id): pairs never to return,
+            as many rows as there are; pairs of ids not among the queries are ignored. Not with
+            ``group_col``.
         group_col: when given, a query is only compared with candidates of its own group.
         exclude_self: never pair a query with the candidate of the same id.
 
@@ -225,6 +257,12 @@ def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_si
         missing = [c for c in needed if c not in frame.columns]
         if missing:
             raise ValueError(f"top_k_blocked: {name} lack columns {missing}; they have {sorted(frame.columns)}")
+    if exclusions is not None:
+        missing = [c for c in (ID, "excluded_id") if c not in exclusions.columns]
+        if missing:
+            raise ValueError(f"top_k_blocked: exclusions lack columns {missing}; they have {sorted(exclusions.columns)}")
+        if group_col:
+            raise ValueError("top_k_blocked: exclusions as pairs cannot be combined with group_col")
     if k <= 0 or block_size <= 0 or chunk_size <= 0:
         raise ValueError(f"top_k_blocked: k, block_size and chunk_size must be positive, got {k}, {block_size}, "
                          f"{chunk_size}")
@@ -237,7 +275,25 @@ def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_si
     if exclude_col:
         query_cols.append(F.col(exclude_col).cast("array<int>").alias(EXCLUDE))
     query_blocks = queries.select(group.alias(_GROUP_KEY),
-                                  F.pmod(F.xxhash64(F.col(ID)), F.lit(blocks)).cast("int").alias(_BLOCK), *query_cols)
+                                  F.pmod(F.xxhash64(F.col(ID).cast("int")), F.lit(blocks)).cast("int").alias(_BLOCK),
+                                  *query_cols)
+    if exclusions is not None:
+        # Each pair goes to its query's block (the same hash of the same int id), packed in one long;
+        # the lists are gathered per block map-side first, so few rows are shuffled.
+        query_id = F.col(ID).cast("int")
+        packed_pair = F.shiftleft(query_id.cast("long"), 32).bitwiseOR(
+            F.col("excluded_id").cast("int").cast("long").bitwiseAND(F.lit(0xFFFFFFFF)))
+        pair_rows = (
+            exclusions.where(F.col(ID).isNotNull() & F.col("excluded_id").isNotNull())
+            .select(F.pmod(F.xxhash64(query_id), F.lit(blocks)).cast("int").alias(_BLOCK), packed_pair.alias("_p"))
+            .groupBy(_BLOCK).agg(F.collect_list("_p").alias(_PAIRS))
+            .select(F.lit("").alias(_GROUP_KEY), _BLOCK, F.lit(None).cast("int").alias(ID),
+                    F.lit(None).cast("array<float>").alias(FEATURES),
+                    *([F.lit(None).cast("array<int>").alias(EXCLUDE)] if exclude_col else []),
+                    F.lit(_PAIR_ROW).alias(_KIND), _PAIRS)
+        )
+        query_blocks = query_blocks.select("*", F.lit(_QUERY_ROW).alias(_KIND),
+                                           F.lit(None).cast("array<bigint>").alias(_PAIRS)).unionByName(pair_rows)
     # Candidates travel packed, one row per chunk (ids and concatenated vectors): each chunk is copied
     # once to every block of its group, so a shuffle moves blocks x chunks rows, not blocks x items.
     packed = (candidates.select(group.alias(_GROUP_KEY), F.pmod(F.xxhash64(F.col(ID)), F.lit(chunks)).alias("_chunk"),
