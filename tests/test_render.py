@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import base64
 import hashlib
+import hmac
 import json
 from decimal import Decimal
 from email import policy
@@ -115,6 +117,9 @@ def test_signed_unsubscribe_link_verifies_and_altered_ones_do_not():
     link = out["headers"]["List-Unsubscribe"].split(", ")[0][1:-1]
     assert verify_unsubscribe_url(link, key=KEY) == ("c1", "u1")
     params = dict(parse_qsl(urlsplit(link).query))
+    # The documented scheme: HMAC-SHA256 over each value prefixed by its length, base64url unpadded.
+    by_hand = base64.urlsafe_b64encode(hmac.new(KEY, b"11:unsubscribe2:c12:u1", "sha256").digest())
+    assert params["s"] == by_hand.rstrip(b"=").decode()
     other_user = link.replace("u=u1", "u=u2")
     flipped = params["s"][:-1] + ("A" if params["s"][-1] != "A" else "B")
     assert verify_unsubscribe_url(other_user, key=KEY) is None

@@ -21,21 +21,16 @@ UNSUBSCRIBE_PURPOSE = "unsubscribe"
 CLICK_PURPOSE = "click"
 _WEB_URL = re.compile(r"https?://[^/?#\s\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*", re.IGNORECASE)
 _PLAIN = re.compile(r"[A-Za-z0-9_.~-]*")
-_macs: dict[bytes, "hmac.HMAC"] = {}
 
 
 def _sign(key: bytes, *values: str) -> str:
-    mac = _macs.get(key)
-    if mac is None:
-        if len(_macs) > 8:
-            _macs.clear()
-        mac = _macs[key] = hmac.new(key, digestmod=hashlib.sha256)
-    mac = mac.copy()
+    parts = []
     for value in values:
         data = value.encode("utf-8")
-        mac.update(b"%d:" % len(data))
-        mac.update(data)
-    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode("ascii")
+        parts.append(b"%d:" % len(data))
+        parts.append(data)
+    # hmac.digest is the one-shot (OpenSSL) path: ~3x faster than an HMAC object, same bytes.
+    return base64.urlsafe_b64encode(hmac.digest(key, b"".join(parts), "sha256")).rstrip(b"=").decode("ascii")
 
 
 @functools.lru_cache(maxsize=32768)
