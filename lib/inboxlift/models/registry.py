@@ -154,3 +154,18 @@ def promote(client: MlflowClient, name: str, version: str, *, score: float, metr
     return Promotion(name=name, version=str(version), alias=alias, metric=metric, score=float(score),
                      previous_champion=str(previous) if previous is not None else None,
                      champion_score=champion_score, reason=reason)
+
+
+def log_promotion(promotion: Promotion, *, champion_metric: str) -> None:
+    """Write a promotion decision to the active MLflow run: the new version's score under the
+    promotion's metric and, when there was a champion to compare with, the champion's score under
+    ``champion_metric``; tags ``registered_model``, ``registered_version``, ``promotion`` and
+    ``promotion_reason``. A NaN score (nothing to evaluate) is not logged as a metric."""
+    import mlflow
+
+    metrics = {promotion.metric: promotion.score}
+    if promotion.champion_score is not None and promotion.previous_champion is not None:
+        metrics[champion_metric] = promotion.champion_score
+    mlflow.log_metrics({k: v for k, v in metrics.items() if not math.isnan(v)})
+    mlflow.set_tags({"registered_model": promotion.name, "registered_version": promotion.version,
+                     "promotion": promotion.alias, "promotion_reason": promotion.reason})

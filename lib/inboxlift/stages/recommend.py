@@ -266,12 +266,8 @@ def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
                                          metric=metric, higher_is_better=True, champion_score_fn=champion_score)
         finally:
             test.release()
-        metrics = {metric: promotion.score}
-        if promotion.champion_score is not None and promotion.previous_champion is not None:
-            metrics[f"promotion/champion_test_als_{metric_name('ndcg', s.k)}_same_split"] = promotion.champion_score
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-        mlflow.set_tags({"registered_model": s.registered_model, "registered_version": str(version.version),
-                         "promotion": promotion.alias, "promotion_reason": promotion.reason})
+        registry.log_promotion(
+            promotion, champion_metric=f"promotion/champion_test_als_{metric_name('ndcg', s.k)}_same_split")
     return RecommendTrainReport(run_id=run.info.run_id, model_name=s.registered_model, version=str(version.version),
                                 promotion=promotion, trained=trained, id_maps=id_maps)
 

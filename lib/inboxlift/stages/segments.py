@@ -140,12 +140,7 @@ def run_segment_train(ctx: RunContext) -> SegmentTrainReport:
                                          higher_is_better=True, champion_score_fn=champion_score)
         finally:
             sample.unpersist()
-        metrics = {PROMOTION_METRIC: promotion.score}
-        if promotion.champion_score is not None and promotion.previous_champion is not None:
-            metrics[f"promotion/champion_{SILHOUETTE}_same_data"] = promotion.champion_score
-        mlflow.log_metrics({k: v for k, v in metrics.items() if v == v})
-        mlflow.set_tags({"registered_model": params.registered_model, "registered_version": str(version.version),
-                         "promotion": promotion.alias, "promotion_reason": promotion.reason})
+        registry.log_promotion(promotion, champion_metric=f"promotion/champion_{SILHOUETTE}_same_data")
     return SegmentTrainReport(run_id=run.info.run_id, model_name=params.registered_model, version=str(version.version),
                               promotion=promotion, model=model)
 
