@@ -15,7 +15,7 @@ same numpy code on the same matrix from each peer's final centres, so the compar
 depend on how either library reports its cost.
 
     .venv/bin/python bench/bench_segments.py [--users N] [--features N] [--k N] [--iterations N]
-        [--solver auto|row|block] [--repeat N]
+        [--solver row|block|auto] [--repeat N]
 
 Goal from the issue: Spark's time <= 3x scikit-learn's fit, with an equal or lower sum of squares
 (equal within 1e-6 relative); the script exits 1 when either is missed. Data lives under
@@ -95,10 +95,8 @@ def run_spark(spark, folder: Path, *, k: int, iterations: int, seed: int, solver
     from inboxlift.models.segments import FEATURES_COL, clusterer
     from inboxlift.settings import SegmentSettings
 
-    params = SegmentSettings(max_iter=iterations, tol=0.0, seed=seed)
+    params = SegmentSettings(max_iter=iterations, tol=0.0, seed=seed, kmeans_solver=solver)
     estimator = clusterer(params, algorithm="kmeans", k=k, seed=seed)
-    if solver != "auto":
-        estimator.setSolver(solver)
     columns = [f"f{j:02d}" for j in range(features)]
     started = time.perf_counter()
     points = VectorAssembler(inputCols=columns, outputCol=FEATURES_COL).transform(
@@ -116,11 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--solver", choices=["auto", "row", "block"], default="auto")
+    parser.add_argument("--solver", choices=["row", "block", "auto"], default=None,
+                        help="Spark KMeans' solver (default: segments.kmeans_solver's default)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each peer, alternating; the best time counts")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--driver-memory", default="4g")
     args = parser.parse_args(argv)
+    if args.solver is None:
+        from inboxlift.settings import SegmentSettings
+
+        args.solver = SegmentSettings().kmeans_solver
 
     from pyspark.sql import SparkSession
 

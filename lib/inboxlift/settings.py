@@ -310,6 +310,9 @@ class SegmentSettings:
     tol: float = 1e-4
     # Rounds of the k-means|| initialisation.
     init_steps: int = 2
+    # Spark KMeans' solver. "auto" first makes a whole pass over the data to measure its sparsity
+    # (3.5 s of 12 s on 1M users x 20 features); user profiles are dense, so "row" by default.
+    kmeans_solver: Literal["row", "block", "auto"] = "row"
     seed: int = 42
     # The chosen (algorithm, k) is refitted with these seeds too; their agreement (adjusted Rand index) is reported.
     stability_seeds: list[int] = field(default_factory=lambda: [7, 11])

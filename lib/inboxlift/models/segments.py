@@ -265,7 +265,8 @@ def clusterer(params: SegmentSettings, *, algorithm: str, k: int, seed: int) -> 
     """An unfitted K-means (k-means|| initialisation) or bisecting K-means writing ``_seg_cluster``."""
     if algorithm == "kmeans":
         return KMeans(k=k, seed=seed, maxIter=params.max_iter, tol=params.tol, initMode="k-means||",
-                      initSteps=params.init_steps, featuresCol=FEATURES_COL, predictionCol=CLUSTER_COL)
+                      initSteps=params.init_steps, solver=params.kmeans_solver, featuresCol=FEATURES_COL,
+                      predictionCol=CLUSTER_COL)
     if algorithm == "bisecting_kmeans":
         return BisectingKMeans(k=k, seed=seed, maxIter=params.max_iter, featuresCol=_ANCHORED_COL,
                                predictionCol=CLUSTER_COL)
