@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     report = run_ingest(ctx)
     ingest_s = time.perf_counter() - started
     events_read = report.counts("events").read
+    events_info = lake.info("events")
 
     shutil.rmtree(peer_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.users:,} users, {args.items:,} products")
     print(f"ingest:    {ingest_s:8.1f}s  {ingest_rate:12,.0f} events/s  (run_ingest: validate, dedupe, "
           f"quarantine, Delta writes of users, products, events)")
+    print(f"events:    {events_info.rows:,} rows in {events_info.files:,} files "
+          f"({len(set(events_info.partition_by))} partition column: {', '.join(events_info.partition_by)})")
     print(f"peer:      {peer_s:8.1f}s  {peer_rate:12,.0f} events/s  (spark.read.json -> write.parquet)")
     print(f"ratio:     ingest takes {ingest_s / peer_s:.2f}x the peer's time")
     spark.stop()

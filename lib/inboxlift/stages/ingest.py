@@ -532,6 +532,10 @@ def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, en
     failure.reached("events_quarantine")
     if counts.accepted:
         rows = classified.where(F.col("outcome") == ACCEPTED).transform(to_events_table, ingested_at=plan.planned_at)
+        # Every task would otherwise write one small file per date it holds (tasks x dates files).
+        # REBALANCE by date gathers each date's rows (adaptive execution still splits a skewed day
+        # and coalesces small ones), so a batch writes about one file per date.
+        rows = rows.hint("rebalance", "event_date")
         ctx.lake.append("events", rows, partition_by=["event_date"], write_id=WriteId("ingest:events", plan.batch))
     failure.reached("events")
     return counts
