@@ -13,6 +13,7 @@ from inboxlift.models.similar import (
     content_vectors,
     decode_keys,
     order_keys,
+    _at_least,
     score_block,
     similar_items,
     top_k_blocked,
@@ -191,3 +192,45 @@ def test_exclusions_as_pairs_reach_their_queries_block(spark):
     assert not {0, 1} & set(got[100]) and 3 not in got[105]
     with pytest.raises(ValueError, match="excluded_id"):
         top_k_blocked(queries, candidates, k=3, block_size=4, chunk_size=2, exclusions=exclusions.select("id"))
+
+
+def test_at_least_finds_the_same_entries_as_nonzero():
+    rng = np.random.default_rng(3)
+    for shape in [(7, 13), (64, 512), (5, 1), (3, 8)]:
+        scores = rng.normal(size=shape).astype(np.float32)
+        floor = np.quantile(scores, 0.9, axis=1).astype(np.float32)
+        rows, cols = _at_least(scores, floor)
+        want_rows, want_cols = np.nonzero(scores >= floor[:, None])
+        assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()
+
+
+def _exact_top(scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[int]]:
+    """Each row's k best ids by score desc, then id asc, by Python's sort."""
+    return [[int(i) for _, i in sorted(zip(-row.astype(np.float64), ids))[:k]] for row in scores]
+
+
+def test_wide_chunks_seed_then_slice_and_merge_exactly():
+    # 2,500 candidates in one chunk: 512 columns seed the top 10, then slices of 2,048 and 0..
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(40, 6)).astype(np.float32)
+    c = rng.normal(size=(2500, 6)).astype(np.float32)
+    ids = np.arange(1000, 3500)
+    out = score_block(_table(list(range(40)), q), _chunks(ids.tolist(), c, 2500), k=10, has_exclude=False,
+                      exclude_self=False).to_pylist()
+    got = [[r["item_id"] for r in out if r["query_id"] == qi] for qi in range(40)]
+    assert got == _exact_top(q @ c.T, ids, 10)
+
+
+def test_one_row_with_many_entrants_takes_the_sort_fallback():
+    # Query 0's scores rise with the column: every later column beats its running 10th best, so its
+    # entrants dwarf the others' and the merge sorts all keys at once instead of padding rows.
+    columns = 3000
+    rng = np.random.default_rng(8)
+    c = np.stack([np.arange(columns) / columns, rng.normal(size=columns)], axis=1).astype(np.float32)
+    q = np.vstack([[1.0, 0.0], np.stack([np.zeros(30), rng.uniform(0.5, 2.0, size=30)], axis=1)]).astype(np.float32)
+    ids = np.arange(columns)
+    out = score_block(_table(list(range(31)), q), _chunks(ids.tolist(), c, columns), k=10, has_exclude=False,
+                      exclude_self=False).to_pylist()
+    got = [[r["item_id"] for r in out if r["query_id"] == qi] for qi in range(31)]
+    assert got[0] == list(range(columns - 1, columns - 11, -1))
+    assert got == _exact_top(q @ c.T, ids, 10)

@@ -104,15 +104,85 @@ def _chunk_top_keys(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
 
 
 def _merge_top(best: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k largest of its ``best`` keys (n x k) and the extra ``(rows, keys)``, largest first."""
-    n, width = best.shape
-    all_rows = np.concatenate([np.repeat(np.arange(n), width), rows])
-    all_keys = np.concatenate([best.ravel(), keys])
+    """Each row's k largest of its ``best`` keys (n x k, largest first) and the extra ``(rows,
+    keys)`` (``rows`` ascending), largest first.
+
+    Only the rows with extra keys are re-sorted. Their keys are laid out in a padded matrix (k + the
+    most extra keys any row has) and partitioned row-wise; when one row has far more extra keys
+    than the others, so the padding would dwarf the data, one lexsort of all keys is used instead.
+    """
+    if rows.size == 0:
+        return best
+    n_rows = best.shape[0]
+    counts = np.bincount(rows, minlength=n_rows)
+    touched = np.flatnonzero(counts)
+    local_counts = counts[touched]
+    width = k + int(local_counts.max())
+    starts = np.cumsum(local_counts) - local_counts
+    local = np.repeat(np.arange(touched.size), local_counts)
+    merged = best.copy()
+    if touched.size * width <= 4 * (touched.size * k + rows.size):
+        padded = np.full((touched.size, width), np.iinfo(np.int64).min, dtype=np.int64)
+        padded[:, :k] = best[touched]
+        padded[local, k + np.arange(rows.size) - starts[local]] = keys
+        top = np.partition(padded, width - k, axis=1)[:, width - k:]
+        merged[touched] = np.sort(top, axis=1)[:, ::-1]
+        return merged
+    all_rows = np.concatenate([np.repeat(np.arange(touched.size), k), local])
+    all_keys = np.concatenate([best[touched].ravel(), keys])
     order = np.lexsort((~all_keys, all_rows))
     all_rows, all_keys = all_rows[order], all_keys[order]
-    counts = np.bincount(all_rows, minlength=n)
-    starts = np.cumsum(counts) - counts
-    return all_keys[(np.arange(all_rows.size) - starts[all_rows]) < k].reshape(n, k)
+    row_counts = np.bincount(all_rows, minlength=touched.size)
+    row_starts = np.cumsum(row_counts) - row_counts
+    merged[touched] = all_keys[(np.arange(all_rows.size) - row_starts[all_rows]) < k].reshape(touched.size, k)
+    return merged
+
+
+_SEED_COLUMNS = 512
+_SLICE_COLUMNS = 2048
+
+
+def _running_top(best: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """``best`` (each row's top keys so far, largest first) updated with one chunk's ``scores``.
+
+    Until every row holds k keys, a float partition over the first few columns seeds them. Then
+    columns are taken a slice at a time: only scores reaching a row's current k-th best can enter,
+    one comparison finds them, keys are built for those few alone, and the k-th best rises after
+    every slice, so later slices let fewer through.
+    """
+    start = 0
+    if best.shape[1] < k:
+        start = min(ids.size, max(_SEED_COLUMNS, k))
+        seeded = np.concatenate([best, _chunk_top_keys(scores[:, :start], ids[:start], k)], axis=1)
+        best = np.sort(_keep_top(seeded, k), axis=1)[:, ::-1]
+    while start < ids.size:
+        stop = min(ids.size, start + _SLICE_COLUMNS)
+        part, part_ids = scores[:, start:stop], ids[start:stop]
+        if best.shape[1] < k:  # fewer than k candidates in all so far: keep everything
+            best = np.sort(_keep_top(np.concatenate([best, order_keys(part, part_ids)], axis=1), k),
+                           axis=1)[:, ::-1]
+        else:
+            _, floor = decode_keys(best[:, -1])
+            rows, cols = _at_least(part, floor)
+            best = _merge_top(best, rows, order_keys(part[rows, cols], part_ids[cols]), k)
+        start = stop
+    return best
+
+
+def _at_least(scores: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) where ``scores[row, col] >= floor[row]``, in row-major order.
+
+    The same as ``np.nonzero(scores >= floor[:, None])``, several times faster when few pass: the
+    boolean mask is scanned eight entries at a time (as 64-bit words) and only words holding a
+    passing entry are looked at one by one.
+    """
+    n, m = scores.shape
+    flat = (scores >= floor[:, None]).reshape(-1)
+    whole = flat.size - flat.size % 8
+    words = np.flatnonzero(flat[:whole].view(np.uint64))
+    hits = (words[:, None] * 8 + np.arange(8)).ravel()
+    hits = np.concatenate([hits[flat[hits]], whole + np.flatnonzero(flat[whole:])])
+    return hits // m, hits % m
 
 
 def _keep_top(keys: np.ndarray, k: int) -> np.ndarray:
@@ -212,15 +282,7 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
         found, at = _positions(c_ids, excluded)
         # An excluded pair scores -inf: last in every order, and dropped from the output below.
         scores[excluded_rows[found], at[found]] = -np.inf
-        if best.shape[1] < k:
-            best = np.sort(_keep_top(np.concatenate([best, _chunk_top_keys(scores, c_ids, k)], axis=1), k),
-                           axis=1)[:, ::-1]
-        else:
-            # Once every row holds k, only scores reaching its current k-th best can enter: one
-            # comparison pass finds them, and keys are built for those few alone.
-            _, floor = decode_keys(best[:, -1])
-            rows, cols = np.nonzero(scores >= floor[:, None])
-            best = _merge_top(best, rows, order_keys(scores[rows, cols], c_ids[cols]), k)
+        best = _running_top(best, scores, c_ids, k)
 
     best = np.sort(best, axis=1)[:, ::-1]
     item_ids, scores = decode_keys(best)
