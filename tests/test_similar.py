@@ -98,12 +98,17 @@ def test_score_block_empty_sides():
                        exclude_self=False).num_rows == 0
 
 
-def test_top_k_blocked_on_spark_equals_brute_force(spark):
-    rng = np.random.default_rng(7)
+def _small_factors(seed: int):
+    """13 query and 9 candidate vectors of rank 4, and the exclusions both Spark tests use
+    (112 excludes every candidate)."""
+    rng = np.random.default_rng(seed)
     q = rng.normal(size=(13, 4)).astype(np.float32)
     c = rng.normal(size=(9, 4)).astype(np.float32)
-    q_ids, c_ids = list(range(100, 113)), list(range(9))
-    excluded = {100: {0, 1}, 105: {3}, 112: set(range(9))}
+    return q, c, list(range(100, 113)), list(range(9)), {100: {0, 1}, 105: {3}, 112: set(range(9))}
+
+
+def test_top_k_blocked_on_spark_equals_brute_force(spark):
+    q, c, q_ids, c_ids, excluded = _small_factors(7)
     queries = spark.createDataFrame(
         [(i, v.tolist(), sorted(excluded[i]) if i in excluded else None) for i, v in zip(q_ids, q)],
         "id int, features array<float>, seen array<int>")
@@ -172,11 +177,7 @@ def test_content_vectors_weigh_each_part_by_its_cosine(spark):
 
 
 def test_exclusions_as_pairs_reach_their_queries_block(spark):
-    rng = np.random.default_rng(11)
-    q = rng.normal(size=(13, 4)).astype(np.float32)
-    c = rng.normal(size=(9, 4)).astype(np.float32)
-    q_ids, c_ids = list(range(100, 113)), list(range(9))
-    excluded = {100: {0, 1}, 105: {3}, 112: set(range(9))}
+    q, c, q_ids, c_ids, excluded = _small_factors(11)
     queries = spark.createDataFrame([(i, v.tolist()) for i, v in zip(q_ids, q)], "id int, features array<float>")
     candidates = spark.createDataFrame([(i, v.tolist()) for i, v in zip(c_ids, c)], "id int, features array<float>")
     # One row per pair, a pair repeated, and pairs of a query id that is not among the queries.
