@@ -153,7 +153,8 @@ def task_catalogue(plan: DataFrame, products: DataFrame, *, max_items: int) -> T
 def render_plan(plan: DataFrame, *, users: DataFrame, products: DataFrame, config: RenderConfig,
                 partitions: int | None = None, task_catalogue_max_items: int = 0) -> DataFrame:
     """One ``RENDERED_SCHEMA`` row per plan row: the users joined, the products joined map-side when
-    the plan names at most ``task_catalogue_max_items`` items (see the module docstring), else in Spark."""
+    the catalogue, or else the set of planned items, has at most ``task_catalogue_max_items``
+    products (see :func:`task_catalogue` and the module docstring), else in Spark."""
     addressed = with_addresses(plan, users=users, partitions=partitions)
     catalogue = task_catalogue(plan, products, max_items=task_catalogue_max_items)
     if catalogue is None:
