@@ -219,6 +219,26 @@ def _positions(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndar
     return found, at
 
 
+def _excluded_cells(ids_per_chunk: list[np.ndarray], rows: np.ndarray,
+                    excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where each (query row, excluded id) pair falls among the candidates: its row, its column in
+    its chunk (chunks' ids sorted) and, per chunk, where its pairs start (``starts[i]:starts[i+1]``).
+    Ids that are no candidate are dropped."""
+    sizes = np.array([ids.size for ids in ids_per_chunk], dtype=np.int64)
+    if not sizes.sum() or not excluded.size:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(sizes.size + 1, np.int64)
+    all_ids = np.concatenate(ids_per_chunk)
+    chunk_of = np.repeat(np.arange(sizes.size), sizes)
+    column_of = np.arange(all_ids.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    order = np.argsort(all_ids, kind="stable")
+    found, at = _positions(all_ids[order], excluded)
+    where = order[at[found]]
+    chunks, columns, hit_rows = chunk_of[where], column_of[where], rows[found]
+    by_chunk = np.argsort(chunks, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(chunks, minlength=sizes.size))])
+    return hit_rows[by_chunk], columns[by_chunk], starts
+
+
 def _pair_rows(q_ids: np.ndarray, pair_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For pairs naming queries by id: whether each names a query of the block, and its row."""
     order = np.argsort(q_ids, kind="stable")
@@ -273,6 +293,11 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
     best = np.empty((n_q, 0), dtype=np.int64)
     chunk_ids = candidates.column(IDS).combine_chunks()
     chunk_vecs = candidates.column(FEATURES).combine_chunks()
+    ids_per_chunk = [np.sort(chunk_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64))
+                     for i in range(candidates.num_rows)]
+    # Every excluded pair placed once: (chunk, column in the chunk's id order, query row), grouped by
+    # chunk, instead of searching all of the block's exclusions in every chunk.
+    hit_rows, hit_cols, hit_starts = _excluded_cells(ids_per_chunk, excluded_rows, excluded)
     for i in range(candidates.num_rows):
         c_ids = chunk_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
         if c_ids.size == 0:
@@ -281,9 +306,9 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
         order = np.argsort(c_ids, kind="stable")
         c_ids, c_vecs = c_ids[order], c_vecs.reshape(c_ids.size, width)[order]
         scores = q_vecs @ c_vecs.T
-        found, at = _positions(c_ids, excluded)
         # An excluded pair scores -inf: last in every order, and dropped from the output below.
-        scores[excluded_rows[found], at[found]] = -np.inf
+        lo, hi = hit_starts[i], hit_starts[i + 1]
+        scores[hit_rows[lo:hi], hit_cols[lo:hi]] = -np.inf
         best = _running_top(best, scores, c_ids, k)
 
     best = np.sort(best, axis=1)[:, ::-1]
