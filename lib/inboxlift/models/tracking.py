@@ -91,3 +91,9 @@ def tracked_run(settings: MlflowSettings, *, run_name: str, tags: Mapping[str, s
         if params:
             mlflow.log_params({k: str(v) for k, v in params.items()})
         yield run
+
+
+def tracking_client(settings: MlflowSettings) -> mlflow.MlflowClient:
+    """An ``MlflowClient`` on the store and registry of ``settings`` (configured first)."""
+    configure_mlflow(settings)
+    return mlflow.MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())

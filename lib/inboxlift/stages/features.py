@@ -60,9 +60,7 @@ class FeaturesReport:
 
 
 def _read(ctx: RunContext, name: str) -> DataFrame:
-    if not ctx.lake.exists(name):
-        raise FileNotFoundError(f"the features stage needs table {name!r}, which does not exist yet: run ingest first")
-    return ctx.lake.read(name)
+    return ctx.lake.read_required(name, needed_by="the features stage", hint="run ingest first")
 
 
 def run_features(ctx: RunContext, *, as_of: dt.date | None = None) -> FeaturesReport:

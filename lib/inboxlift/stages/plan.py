@@ -69,10 +69,7 @@ def _optional(ctx: RunContext, name: str) -> DataFrame | None:
 
 
 def _required(ctx: RunContext, name: str) -> DataFrame:
-    if not ctx.lake.exists(name):
-        raise FileNotFoundError(f"planning needs table {name!r}, which does not exist yet: run the stage that "
-                                f"writes it first")
-    return ctx.lake.read(name)
+    return ctx.lake.read_required(name, needed_by="planning", hint="run the stage that writes it first")
 
 
 def plan_inputs(ctx: RunContext) -> PlanInputs:

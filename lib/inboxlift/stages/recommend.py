@@ -70,7 +70,7 @@ from inboxlift.models.similar import (
     similar_items,
     top_k_blocked,
 )
-from inboxlift.models.tracking import configure_mlflow, tracked_run
+from inboxlift.models.tracking import tracked_run, tracking_client
 from inboxlift.transforms.features_common import cutoff_of, latest_row_per_key
 
 EVENTS, PRODUCTS = "events", "products"
@@ -170,15 +170,11 @@ class RecommendReport:
 
 
 def _read(ctx: RunContext, name: str) -> DataFrame:
-    if not ctx.lake.exists(name):
-        raise FileNotFoundError(f"the recommend stages need table {name!r}, which does not exist yet: "
-                                f"run ingest and features first")
-    return ctx.lake.read(name)
+    return ctx.lake.read_required(name, needed_by="the recommend stages", hint="run ingest and features first")
 
 
 def _client(ctx: RunContext) -> MlflowClient:
-    configure_mlflow(ctx.settings.mlflow)
-    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+    return tracking_client(ctx.settings.mlflow)
 
 
 # ---- id maps -----------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from inboxlift.models.segments import (
     plot_profiles,
     silhouette_sample,
 )
-from inboxlift.models.tracking import configure_mlflow, tracked_run
+from inboxlift.models.tracking import tracked_run, tracking_client
 
 FEATURES_TABLE = "user_features"
 SEGMENTS_TABLE = "user_segments"
@@ -105,8 +105,7 @@ class SegmentScoreReport:
 
 
 def _client(ctx: RunContext) -> MlflowClient:
-    configure_mlflow(ctx.settings.mlflow)
-    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
+    return tracking_client(ctx.settings.mlflow)
 
 
 def run_segment_train(ctx: RunContext) -> SegmentTrainReport:

@@ -60,6 +60,13 @@ class Lake:
             raise ValueError("read() takes a version or a timestamp, not both")
         return self.backend.read(self.ref(name), version=version, timestamp=timestamp)
 
+    def read_required(self, name: str, *, needed_by: str, hint: str) -> DataFrame:
+        """:meth:`read`, or a ``FileNotFoundError`` that says which step needs the table and what
+        writes it (``hint``), when the table does not exist yet."""
+        if not self.exists(name):
+            raise FileNotFoundError(f"{needed_by} needs table {name!r}, which does not exist yet: {hint}")
+        return self.read(name)
+
     def append(self, name: str, df: DataFrame, *, partition_by: list[str] | None = None,
                write_id: WriteId | None = None, merge_schema: bool = False) -> WriteResult:
         """Add rows; creates the table (partitioned by ``partition_by``) when it does not exist."""
