@@ -75,15 +75,19 @@ def _genuine(signature: str | None, expected: str) -> bool:
     return bool(signature) and hmac.compare_digest(expected.encode("ascii"), signature.encode("utf-8"))
 
 
+def _verified(url: str, *, key: bytes, purpose: str, names: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The values of the query parameters ``names`` when ``s`` is their genuine signature, else None."""
+    params = _query(url)
+    values = tuple(params.get(name) for name in names)
+    if any(v is None for v in values) or not _genuine(params.get("s"), _sign(key, purpose, *values)):
+        return None
+    return values
+
+
 def verify_unsubscribe_url(url: str, *, key: bytes) -> tuple[str, str] | None:
     """``(campaign_id, user_id)`` of a genuine unsubscribe link; ``None`` for a forged or altered one."""
-    params = _query(url)
-    campaign_id, user_id = params.get("c"), params.get("u")
-    if campaign_id is None or user_id is None:
-        return None
-    if not _genuine(params.get("s"), _sign(key, UNSUBSCRIBE_PURPOSE, campaign_id, user_id)):
-        return None
-    return campaign_id, user_id
+    values = _verified(url, key=key, purpose=UNSUBSCRIBE_PURPOSE, names=("c", "u"))
+    return (values[0], values[1]) if values else None
 
 
 def utm_query(*, source: str, medium: str, campaign: str, content: str) -> str:
@@ -111,13 +115,8 @@ def click_url(tracking_base_url: str, *, target: str, message_id: str, key: byte
 
 def verify_click_url(url: str, *, key: bytes) -> str | None:
     """The target of a genuine click link; ``None`` for a forged or altered one."""
-    params = _query(url)
-    msg, target = params.get("m"), params.get("t")
-    if msg is None or target is None:
-        return None
-    if not _genuine(params.get("s"), _sign(key, CLICK_PURPOSE, msg, target)):
-        return None
-    return target
+    values = _verified(url, key=key, purpose=CLICK_PURPOSE, names=("m", "t"))
+    return values[1] if values else None
 
 
 def pixel_url(base_url: str, *, message_id: str) -> str:
