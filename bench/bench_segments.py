@@ -89,8 +89,10 @@ def run_sklearn(paths: list[str], *, k: int, iterations: int, seed: int) -> dict
             "own_cost": float(model.inertia_), "matrix": matrix}
 
 
-def run_spark(spark, folder: Path, *, k: int, iterations: int, seed: int, solver: str, features: int) -> dict:
+def run_spark(spark, folder: Path, *, k: int, iterations: int, seed: int, solver: str, features: int,
+              vectors: bool) -> dict:
     from pyspark.ml.feature import VectorAssembler
+    from pyspark.sql import functions as F
 
     from inboxlift.models.segments import FEATURES_COL, clusterer
     from inboxlift.settings import SegmentSettings
@@ -99,8 +101,11 @@ def run_spark(spark, folder: Path, *, k: int, iterations: int, seed: int, solver
     estimator = clusterer(params, algorithm="kmeans", k=k, seed=seed)
     columns = [f"f{j:02d}" for j in range(features)]
     started = time.perf_counter()
-    points = VectorAssembler(inputCols=columns, outputCol=FEATURES_COL).transform(
-        spark.read.parquet(str(folder)).select(*columns))
+    matrix = spark.read.parquet(str(folder)).select(*columns)
+    if vectors:
+        points = VectorAssembler(inputCols=columns, outputCol=FEATURES_COL).transform(matrix)
+    else:
+        points = matrix.select(F.array(*columns).alias(FEATURES_COL))
     model = estimator.fit(points)
     fit = time.perf_counter() - started
     return {"fit": fit, "centres": np.array(model.clusterCenters()), "iterations": int(model.summary.numIter),
@@ -114,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--solver", choices=["row", "block", "auto"], default=None,
-                        help="Spark KMeans' solver (default: segments.kmeans_solver's default)")
+    parser.add_argument("--solver", choices=["collective", "row", "block", "auto"], default=None,
+                        help="segments.kmeans_solver (default: its default): collective is inboxlift's "
+                             "K-means, the others Spark ML's KMeans with that solver")
+    parser.add_argument("--input", choices=["array", "vector"], default="array",
+                        help="the features as an array<double> column of the Parquet columns (default) or "
+                             "as a VectorAssembler vector; both are inputs Spark ML's K-means takes")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each peer, alternating; the best time counts")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--driver-memory", default="4g")
@@ -133,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_parquet(matrix, folder, files=args.cores)
     size = sum(os.path.getsize(p) for p in paths)
     del matrix
+    # Python workers (the collective solver's tasks) must run this interpreter, as in every local session.
+    os.environ["PYSPARK_PYTHON"] = sys.executable
     spark = (SparkSession.builder.master(f"local[{args.cores}]").appName("bench-segments")
              .config("spark.driver.memory", args.driver_memory)
+             .config("spark.sql.codegen.hugeMethodLimit", "8000")   # as inboxlift.session sets it
              .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
              .config("spark.sql.shuffle.partitions", str(args.cores))
              .config("spark.default.parallelism", str(args.cores))
@@ -147,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         sk_runs, spark_runs = [], []
         for _ in range(args.repeat):
             spark_runs.append(run_spark(spark, folder, k=args.k, iterations=args.iterations, seed=args.seed,
-                                        solver=args.solver, features=args.features))
+                                        solver=args.solver, features=args.features,
+                                        vectors=args.input == "vector"))
             sk_runs.append(run_sklearn(paths, k=args.k, iterations=args.iterations, seed=args.seed))
         best_spark = min(spark_runs, key=lambda r: r["fit"])
         best_sk = min(sk_runs, key=lambda r: r["fit"])
@@ -161,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     sk_total = best_sk["read"] + best_sk["fit"]
     print(f"K-means: {args.users:,} users x {args.features} features, k={args.k}, at most {args.iterations} "
           f"iterations, tol=0, one initialisation; {args.cores} cores (local[{args.cores}]), Parquet "
-          f"{size / 1e6:.0f} MB in {len(paths)} files, Spark solver={args.solver}, best of {args.repeat}")
-    print(f"{'peer':<40}{'seconds':>9}{'iterations':>12}{'sum of squares':>18}{'(own report)':>18}")
-    print(f"{'Spark KMeans k-means|| (Parquet->fit)':<40}{best_spark['fit']:>9.1f}{best_spark['iterations']:>12}"
+          f"{size / 1e6:.0f} MB in {len(paths)} files, Spark solver={args.solver}, input {args.input}, best of {args.repeat}")
+    print(f"{'peer':<44}{'seconds':>9}{'iterations':>12}{'sum of squares':>18}{'(own report)':>18}")
+    spark_name = "inboxlift collective" if args.solver == "collective" else "Spark ML KMeans"
+    print(f"{spark_name + ' k-means|| (Parquet->fit)':<44}{best_spark['fit']:>9.1f}{best_spark['iterations']:>12}"
           f"{spark_cost:>18,.0f}{best_spark['own_cost']:>18,.0f}")
-    print(f"{'scikit-learn KMeans k-means++ (fit)':<40}{best_sk['fit']:>9.1f}{best_sk['iterations']:>12}"
+    print(f"{'scikit-learn KMeans k-means++ (fit)':<44}{best_sk['fit']:>9.1f}{best_sk['iterations']:>12}"
           f"{sk_cost:>18,.0f}{best_sk['own_cost']:>18,.0f}")
-    print(f"{'scikit-learn (Parquet read + fit)':<40}{sk_total:>9.1f}")
+    print(f"{'scikit-learn (Parquet read + fit)':<44}{sk_total:>9.1f}")
     ratio_fit = best_spark["fit"] / best_sk["fit"]
     ratio_total = best_spark["fit"] / sk_total
     cost_ratio = spark_cost / sk_cost

@@ -87,6 +87,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from inboxlift.metrics_cluster import pairwise_adjusted_rand_index
+from inboxlift.models.kmeans import CollectiveKMeans, CollectiveKMeansModel
 from inboxlift.settings import SegmentNaming, SegmentSettings
 
 USER_ID = "user_id"
@@ -112,6 +113,7 @@ POPULATION_ARTIFACT = "segments/population.json"
 K_SEARCH_ARTIFACT = "segments/k_search.csv"
 
 FEATURES_COL = "_seg_features"
+POINTS_COL = "_seg_points"
 _SCALED_COL = "_seg_scaled"
 _RAW_VECTOR_COL = "_seg_raw"
 _ANCHOR_COL = "_seg_anchor"
@@ -261,8 +263,12 @@ def anchor_stages() -> list[Transformer]:
             VectorAssembler(inputCols=[FEATURES_COL, _ANCHOR_COL], outputCol=_ANCHORED_COL)]
 
 
-def clusterer(params: SegmentSettings, *, algorithm: str, k: int, seed: int) -> KMeans | BisectingKMeans:
+def clusterer(params: SegmentSettings, *, algorithm: str, k: int,
+              seed: int) -> CollectiveKMeans | KMeans | BisectingKMeans:
     """An unfitted K-means (k-means|| initialisation) or bisecting K-means writing ``_seg_cluster``."""
+    if algorithm == "kmeans" and params.kmeans_solver == "collective":
+        return CollectiveKMeans(k=k, seed=seed, maxIter=params.max_iter, tol=params.tol, initSteps=params.init_steps,
+                                featuresCol=FEATURES_COL, predictionCol=CLUSTER_COL)
     if algorithm == "kmeans":
         return KMeans(k=k, seed=seed, maxIter=params.max_iter, tol=params.tol, initMode="k-means||",
                       initSteps=params.init_steps, solver=params.kmeans_solver, featuresCol=FEATURES_COL,
@@ -271,6 +277,19 @@ def clusterer(params: SegmentSettings, *, algorithm: str, k: int, seed: int) -> 
         return BisectingKMeans(k=k, seed=seed, maxIter=params.max_iter, featuresCol=_ANCHORED_COL,
                                predictionCol=CLUSTER_COL)
     raise ValueError(f"unknown algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
+
+
+def fit_clusterer(params: SegmentSettings, train: DataFrame, *, algorithm: str, k: int, seed: int):
+    """``clusterer(...)`` fitted on ``train``; the fitted model reads ``_seg_features`` (a vector).
+
+    When ``train`` also holds ``_seg_points`` (the same scaled features as an array, converted once
+    when ``train`` was cached), the collective K-means fits on that: a vector-to-array conversion
+    costs about as much as the whole fit on 1M users, and the search fits many times.
+    """
+    estimator = clusterer(params, algorithm=algorithm, k=k, seed=seed)
+    if isinstance(estimator, CollectiveKMeans) and POINTS_COL in train.columns:
+        return estimator.setFeaturesCol(POINTS_COL).fit(train).setFeaturesCol(FEATURES_COL)
+    return estimator.fit(train)
 
 
 def _for_algorithm(frame: DataFrame, algorithm: str) -> DataFrame:
@@ -545,10 +564,10 @@ def relabel_stage(named: Sequence[NamedSegment]) -> SQLTransformer:
 
 # ---- assignment ----------------------------------------------------------------------------------
 
-def clusterer_stage(pipeline: PipelineModel) -> KMeansModel | BisectingKMeansModel:
+def clusterer_stage(pipeline: PipelineModel) -> CollectiveKMeansModel | KMeansModel | BisectingKMeansModel:
     """The fitted clusterer inside a segment pipeline."""
     for stage in pipeline.stages:
-        if isinstance(stage, (KMeansModel, BisectingKMeansModel)):
+        if isinstance(stage, (CollectiveKMeansModel, KMeansModel, BisectingKMeansModel)):
             return stage
     raise ValueError(f"not a segment pipeline: no K-means stage among {[type(s).__name__ for s in pipeline.stages]}")
 
@@ -557,13 +576,15 @@ def with_distance_to_centroid(assigned: DataFrame, *, features_col: str, cluster
                               centers: Sequence[Sequence[float]]) -> DataFrame:
     """Add ``distance``: the Euclidean distance from each row's vector to its cluster's centre.
 
-    The centres (k x d numbers) travel as a literal; the arithmetic is Spark's own higher-order
-    functions, so no Python runs per row.
+    The centres (k x d numbers) travel as a literal; the arithmetic is plain element-wise Spark
+    expressions (code-generated, no higher-order function and no Python per row).
     """
     center_table = F.array(*[F.array(*[F.lit(float(x)) for x in center]) for center in centers])
     center = F.element_at(center_table, F.col(cluster_col).cast("int") + 1)
-    squares = F.zip_with(vector_to_array(F.col(features_col)), center, lambda x, c: (x - c) * (x - c))
-    return assigned.withColumn(DISTANCE, F.sqrt(F.aggregate(squares, F.lit(0.0), lambda acc, v: acc + v)))
+    values = vector_to_array(F.col(features_col))
+    width = len(centers[0]) if centers else 0
+    squares = [(values.getItem(j) - center.getItem(j)) * (values.getItem(j) - center.getItem(j)) for j in range(width)]
+    return assigned.withColumn(DISTANCE, F.sqrt(sum(squares, F.lit(0.0))))
 
 
 def assign_segments(features: DataFrame, *, pipeline: PipelineModel) -> DataFrame:
@@ -625,7 +646,10 @@ class SegmentSearch:
         preprocessing = Pipeline(stages=preprocessing_stages(params)).fit(features)
         # Every candidate is fitted on the same scaled vectors, so they are computed once and kept;
         # with its input cached, KMeans does not cache a copy of its own.
-        train = preprocessing.transform(features).select(USER_ID, FEATURES_COL).persist()
+        train = preprocessing.transform(features).select(USER_ID, FEATURES_COL)
+        if params.kmeans_solver == "collective" and "kmeans" in params.algorithms:
+            train = train.withColumn(POINTS_COL, vector_to_array(F.col(FEATURES_COL)))
+        train = train.persist()
         sample = silhouette_sample(features, rows=params.silhouette_sample_rows, seed=params.seed).persist()
         sample_points = preprocessing.transform(sample).select(USER_ID, FEATURES_COL).persist()
         try:
@@ -667,7 +691,7 @@ class SegmentSearch:
             sample_input = _for_algorithm(sample_points, algorithm)
             for k in range(params.k_min, params.k_max + 1):
                 started = time.perf_counter()
-                model = clusterer(params, algorithm=algorithm, k=k, seed=params.seed).fit(train_input)
+                model = fit_clusterer(params, train_input, algorithm=algorithm, k=k, seed=params.seed)
                 seconds = time.perf_counter() - started
                 clusters = len(model.clusterCenters())
                 silhouette = (_silhouette(model.transform(sample_input), features_col=FEATURES_COL,
@@ -683,8 +707,8 @@ class SegmentSearch:
         train_input = _for_algorithm(train, choice.algorithm)
         assigned = train_input
         for seed in seeds:
-            model = chosen if seed == params.seed else clusterer(
-                params, algorithm=choice.algorithm, k=choice.k, seed=seed).fit(train_input)
+            model = chosen if seed == params.seed else fit_clusterer(
+                params, train_input, algorithm=choice.algorithm, k=choice.k, seed=seed)
             # Each seed's labels go in their own column, so one pass assigns all of them.
             assigned = model.copy({model.predictionCol: f"_seg_seed_{seed}"}).transform(assigned)
         columns = [f"_seg_seed_{seed}" for seed in seeds]
