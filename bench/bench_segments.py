@@ -3,9 +3,11 @@
 One users x features matrix (planted clusters plus noise, fixed seed) is written once as Parquet,
 one file per core. In the same run, each peer then clusters that matrix:
 
-- **Spark**: read the Parquet files -> ``VectorAssembler`` -> ``inboxlift.models.segments.clusterer``
-  (K-means, k-means|| initialisation), timed from the read to the fitted model. The assembled frame
-  is not cached: KMeans caches its own input, so caching it first only adds a pass.
+- **Spark**: read the Parquet files -> the features as one column -> ``inboxlift.models.segments.clusterer``
+  (K-means, k-means|| initialisation), timed from the read to the fitted model. With the default
+  ``collective`` solver the column is ``array(f00, ..., f19)``, as the segment search fits on an
+  array column; ``--input vector`` assembles a Spark ML vector instead (Spark ML's ``KMeans``
+  needs one). Nothing is cached first: each K-means holds or caches its own input.
 - **scikit-learn**: ``KMeans(init="k-means++", n_init=1, algorithm="lloyd")`` on the same matrix,
   timed for the fit alone and for Parquet read + fit.
 
@@ -15,7 +17,7 @@ same numpy code on the same matrix from each peer's final centres, so the compar
 depend on how either library reports its cost.
 
     .venv/bin/python bench/bench_segments.py [--users N] [--features N] [--k N] [--iterations N]
-        [--solver row|block|auto] [--repeat N]
+        [--solver collective|row|block|auto] [--input array|vector] [--repeat N]
 
 Goal from the issue: Spark's time <= 3x scikit-learn's fit, with an equal or lower sum of squares
 (equal within 1e-6 relative); the script exits 1 when either is missed. Data lives under
@@ -122,9 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver", choices=["collective", "row", "block", "auto"], default=None,
                         help="segments.kmeans_solver (default: its default): collective is inboxlift's "
                              "K-means, the others Spark ML's KMeans with that solver")
-    parser.add_argument("--input", choices=["array", "vector"], default="array",
-                        help="the features as an array<double> column of the Parquet columns (default) or "
-                             "as a VectorAssembler vector; both are inputs Spark ML's K-means takes")
+    parser.add_argument("--input", choices=["array", "vector"], default=None,
+                        help="the features as an array<double> column of the Parquet columns (default for "
+                             "the collective solver, which the segment search fits on a cached array column) "
+                             "or as a VectorAssembler vector (default for Spark ML's KMeans)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each peer, alternating; the best time counts")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--driver-memory", default="4g")
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         from inboxlift.settings import SegmentSettings
 
         args.solver = SegmentSettings().kmeans_solver
+    if args.input is None:
+        args.input = "array" if args.solver == "collective" else "vector"
 
     from pyspark.sql import SparkSession
 
