@@ -48,7 +48,6 @@ import secrets
 import selectors
 import socket
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -56,7 +55,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-from pyspark import keyword_only
+from pyspark import InheritableThread, keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
@@ -401,7 +400,9 @@ class _Job:
 
     def __init__(self, run: Callable[[], object]) -> None:
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(run,), name="collective-kmeans-job", daemon=True)
+        # InheritableThread: the job keeps the caller's local properties (scheduler pool, job
+        # description) when PySpark pins Python threads to JVM threads.
+        self.thread = InheritableThread(target=self._run, args=(run,), name="collective-kmeans-job", daemon=True)
         self.thread.start()
 
     def _run(self, run) -> None:
@@ -457,14 +458,18 @@ def fit_on_spark(points: DataFrame, *, k: int, max_iter: int, tol: float, init_s
                  timeout: float = DEFAULT_TIMEOUT_S) -> Fitted:
     """Run :func:`fit_centres` over ``points`` (one array<double> column) in one barrier job."""
     spark = points.sparkSession
-    slots = spark.sparkContext.defaultParallelism
+    try:
+        context = spark.sparkContext
+    except Exception as error:  # noqa: BLE001 - Spark Connect has no SparkContext
+        raise RuntimeError("the collective K-means needs classic Spark (the driver starts a barrier job and "
+                           "serves its tasks); on Spark Connect set segments.kmeans_solver: row") from error
+    slots = context.defaultParallelism
     if points.rdd.getNumPartitions() > slots:
         # Barrier tasks all run at once, so there can be no more of them than slots.
         points = points.repartition(slots)
     host = spark.conf.get("spark.driver.host")
     token = secrets.token_bytes(32)
     group = f"inboxlift-kmeans-{secrets.token_hex(8)}"
-    context = spark.sparkContext
     server = socket.create_server((host, 0))
     connections: dict[int, socket.socket] = {}
 
