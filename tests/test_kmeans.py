@@ -169,12 +169,15 @@ def test_the_same_groups_as_spark_mls_kmeans(spark):
     assert ours.summary.trainingCost == pytest.approx(spark_ml.summary.trainingCost)
 
 
-def test_a_failing_input_fails_the_fit_instead_of_hanging(spark):
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_a_failing_input_fails_the_fit_instead_of_hanging(spark, shuffled):
     from pyspark.errors import PySparkException
     from py4j.protocol import Py4JJavaError
 
     broken = spark.range(10).select(
         F.when(F.col("id") == 3, F.raise_error(F.lit("broken row 3")))
         .otherwise(F.array(F.col("id").cast("double"))).alias("points"))
+    # Unshuffled, the row fails inside the barrier stage itself; shuffled, in the stage before it.
+    broken = broken.repartition(2) if shuffled else broken
     with pytest.raises((PySparkException, Py4JJavaError, ConnectionError), match="broken row 3"):
         CollectiveKMeans(k=2, featuresCol="points", timeout=60).fit(broken)

@@ -329,23 +329,27 @@ def _as_bytes_array(text: str) -> np.ndarray:
 
 # ---- the task's side -------------------------------------------------------------------------------
 
+class UnusablePoints(ValueError):
+    """A partition's feature vectors cannot be clustered (nulls, NaN, different lengths)."""
+
+
 def partition_matrix(batches: Iterable[pa.RecordBatch]) -> np.ndarray:
-    """The single list column of ``batches`` as one ``rows x d`` matrix; ValueError says what is wrong."""
+    """The single list column of ``batches`` as one ``rows x d`` matrix; UnusablePoints says what is wrong."""
     blocks, width = [], None
     for batch in batches:
         if batch.num_rows == 0:
             continue
         column = batch.column(0)
         if column.null_count:
-            raise ValueError(f"{column.null_count} rows have no feature vector (null)")
+            raise UnusablePoints(f"{column.null_count} rows have no feature vector (null)")
         lengths = np.diff(column.offsets.to_numpy())
         if width is None:
             width = int(lengths[0])
         if np.any(lengths != width):
-            raise ValueError(f"feature vectors differ in length ({sorted(set(lengths.tolist()))[:5]})")
+            raise UnusablePoints(f"feature vectors differ in length ({sorted(set(lengths.tolist()))[:5]})")
         values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
         if not np.isfinite(values).all():
-            raise ValueError("feature vectors hold NaN or infinite values")
+            raise UnusablePoints("feature vectors hold NaN or infinite values")
         blocks.append(values.reshape(-1, width))
     if not blocks:
         return np.empty((0, 0))
@@ -363,7 +367,9 @@ def serve_partition(batches: Iterator[pa.RecordBatch], *, address: tuple[str, in
         sock.sendall(token)
         try:
             points = PartitionPoints(partition_matrix(batches), partition=partition)
-        except ValueError as error:
+        except UnusablePoints as error:
+            # Only the data's own faults are reported as such; any other failure (e.g. Spark failing
+            # to compute the input) fails the task, and the driver raises Spark's error.
             send_message(sock, OP_ERROR, [np.array([partition, tasks]), _as_bytes_array(str(error))])
             raise
         send_message(sock, OP_HELLO, [np.array([partition, tasks, len(points.points), points.points.shape[1]])])
