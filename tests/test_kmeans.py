@@ -181,3 +181,21 @@ def test_a_failing_input_fails_the_fit_instead_of_hanging(spark, shuffled):
     broken = broken.repartition(2) if shuffled else broken
     with pytest.raises((PySparkException, Py4JJavaError, ConnectionError), match="broken row 3"):
         CollectiveKMeans(k=2, featuresCol="points", timeout=60).fit(broken)
+
+
+def test_task_slots_are_the_clusters_not_the_default_parallelism(spark):
+    from inboxlift.models.kmeans import task_slots
+
+    # The test session is local[2] with spark.default.parallelism 1: two tasks can run at once.
+    assert spark.sparkContext.master == "local[2]"
+    assert task_slots(spark.sparkContext) == 2
+
+    class Local:
+        _jsc = None
+        defaultParallelism = 8
+
+        def __init__(self, master):
+            self.master = master
+
+    assert [task_slots(Local(m)) for m in ("local", "local[3]", "local[4,2]")] == [1, 3, 4]
+    assert task_slots(Local("spark://host:7077")) == 8

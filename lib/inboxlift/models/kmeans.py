@@ -44,6 +44,8 @@ The driver-side algorithm and the task-side steps are plain numpy (:func:`fit_ce
 from __future__ import annotations
 
 import hmac
+import os
+import re
 import secrets
 import selectors
 import socket
@@ -460,6 +462,27 @@ def _accept_all(server: socket.socket, token: bytes, job: _Job, timeout: float) 
     return ordered, [counts[p] for p in ordered], width or 0
 
 
+def task_slots(context) -> int:
+    """How many tasks the cluster runs at once: the number Spark checks a barrier stage against.
+
+    ``defaultParallelism`` is not it (local sessions set it to twice the cores). Spark's own count
+    (``SparkContext.maxNumConcurrentTasks``) is asked through the JVM; when that fails or is 0 (no
+    executor registered yet), a local master's thread count, else ``defaultParallelism``.
+    """
+    try:
+        jvm_context = context._jsc.sc()  # noqa: SLF001 - Spark has no Python API for the slot count
+        slots = int(jvm_context.maxNumConcurrentTasks(jvm_context.resourceProfileManager().defaultResourceProfile()))
+        if slots > 0:
+            return slots
+    except Exception:  # noqa: BLE001 - fall back to what the master says
+        pass
+    local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", context.master or "")
+    if local:
+        threads = local.group(1)
+        return 1 if threads is None else (os.cpu_count() or 1) if threads == "*" else int(threads)
+    return context.defaultParallelism
+
+
 def fit_on_spark(points: DataFrame, *, k: int, max_iter: int, tol: float, init_steps: int, seed: int,
                  timeout: float = DEFAULT_TIMEOUT_S) -> Fitted:
     """Run :func:`fit_centres` over ``points`` (one array<double> column) in one barrier job."""
@@ -469,7 +492,7 @@ def fit_on_spark(points: DataFrame, *, k: int, max_iter: int, tol: float, init_s
     except Exception as error:  # noqa: BLE001 - Spark Connect has no SparkContext
         raise RuntimeError("the collective K-means needs classic Spark (the driver starts a barrier job and "
                            "serves its tasks); on Spark Connect set segments.kmeans_solver: row") from error
-    slots = context.defaultParallelism
+    slots = task_slots(context)
     if points.rdd.getNumPartitions() > slots:
         # Barrier tasks all run at once, so there can be no more of them than slots.
         points = points.repartition(slots)

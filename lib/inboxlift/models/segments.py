@@ -87,7 +87,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from inboxlift.metrics_cluster import pairwise_adjusted_rand_index
-from inboxlift.models.kmeans import CollectiveKMeans, CollectiveKMeansModel
+from inboxlift.models.kmeans import CollectiveKMeans, CollectiveKMeansModel, task_slots
 from inboxlift.settings import SegmentNaming, SegmentSettings
 
 USER_ID = "user_id"
@@ -648,7 +648,9 @@ class SegmentSearch:
         # with its input cached, KMeans does not cache a copy of its own.
         train = preprocessing.transform(features).select(USER_ID, FEATURES_COL)
         if params.kmeans_solver == "collective" and "kmeans" in params.algorithms:
-            train = train.withColumn(POINTS_COL, vector_to_array(F.col(FEATURES_COL)))
+            # As many partitions as task slots, once: each barrier fit then reads the cache as it is.
+            train = (train.withColumn(POINTS_COL, vector_to_array(F.col(FEATURES_COL)))
+                     .repartition(task_slots(features.sparkSession.sparkContext)))
         train = train.persist()
         sample = silhouette_sample(features, rows=params.silhouette_sample_rows, seed=params.seed).persist()
         sample_points = preprocessing.transform(sample).select(USER_ID, FEATURES_COL).persist()
