@@ -153,7 +153,8 @@ class PartitionPoints:
 # ---- the driver's side: the algorithm over any set of partitions ---------------------------------
 
 class Partitions:
-    """What the algorithm needs from the partitions: their sizes, and a step answered by some or all."""
+    """What the algorithm needs from the partitions: their sizes, and a step answered by all of them
+    or by one (``only``: its position in ``counts``)."""
 
     counts: list[int]
 
@@ -388,10 +389,11 @@ class SocketPartitions(Partitions):
 
     def __init__(self, connections: dict[int, socket.socket], counts: list[int]) -> None:
         self.connections = connections
+        self.partitions = list(connections)   # position in ``counts`` -> partition id
         self.counts = counts
 
     def ask(self, op, arrays, *, only=None):
-        targets = list(self.connections) if only is None else [only]
+        targets = self.partitions if only is None else [self.partitions[only]]
         for partition in targets:
             send_message(self.connections[partition], op, arrays)
         answers = []
