@@ -32,8 +32,8 @@ def test_a_lloyd_step_sums_counts_and_costs_each_partition_by_hand():
 
 def test_a_point_halfway_goes_to_the_lower_index():
     points = PartitionPoints(np.array([[5.0]]), partition=0)
-    labels, costs = points.nearest(np.array([[10.0], [0.0]]))
-    assert labels.tolist() == [0] and costs.tolist() == [25.0]
+    centres = np.array([[10.0], [0.0]])
+    assert points.labels(centres).tolist() == [0] and points.distances(centres).tolist() == [25.0]
     weights = points.answer(OP_WEIGHTS, [np.array([[0.0], [10.0], [7.0]])])[0]
     assert weights.tolist() == [0.0, 0.0, 1.0]
 
@@ -54,6 +54,15 @@ def test_the_fit_finds_the_two_groups_however_the_rows_are_partitioned(parts):
     assert sorted(fitted.centres[:, 0].tolist()) == [1.0, 10.5]
     assert fitted.cost == pytest.approx(2.5)
     assert 1 <= fitted.iterations < 20   # converged: nothing moved in the last iteration
+
+
+def test_the_cost_is_measured_against_the_final_centres_when_a_tolerance_stops_the_fit():
+    # No k-means|| round: the one centre is a row of LINE; the first step moves it to the mean, 4.8,
+    # and a tolerance of 100 stops there. The cost must be the mean's, not the starting row's:
+    # 4.8^2 + 3.8^2 + 2.8^2 + 5.2^2 + 6.2^2 = 110.8.
+    fitted = fit_centres(LocalPartitions([LINE]), k=2, max_iter=20, tol=100.0, init_steps=0, seed=3)
+    assert fitted.iterations == 1 and fitted.centres[:, 0].tolist() == [pytest.approx(4.8)]
+    assert fitted.cost == pytest.approx(110.8)
 
 
 def test_fewer_distinct_points_than_k_give_fewer_centres():

@@ -110,14 +110,6 @@ class PartitionPoints:
         best = np.take_along_axis(scores, labels[:, None], axis=1)[:, 0]
         return labels, np.maximum(self.norms[rows] - 2.0 * best, 0.0)
 
-    def nearest(self, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's nearest centre (lowest index on a tie) and the squared distance to it."""
-        labels = np.empty(len(self.points), dtype=np.int64)
-        costs = np.empty(len(self.points))
-        for rows in self._chunks():
-            labels[rows], costs[rows] = self._closest(rows, centres)
-        return labels, costs
-
     def distances(self, centres: np.ndarray) -> np.ndarray:
         """Each row's squared distance to its nearest centre (no label: a max, not an argmax)."""
         costs = np.empty(len(self.points))
@@ -289,14 +281,16 @@ def fit_centres(parts: Partitions, *, k: int, max_iter: int, tol: float, init_st
     while iterations < max_iter and not converged:
         answers = parts.ask(OP_LLOYD, [centres])
         sums, counts = _total(answers, 0), _total(answers, 1)
-        cost = float(_total(answers, 2)[0])
         moved = counts > 0
         updated = centres.copy()
         updated[moved] = sums[moved] / counts[moved, None]
         converged = bool(np.all(((updated - centres) ** 2).sum(axis=1) <= tol * tol))
+        # A step's cost is measured against the centres it started from: it is the final cost
+        # only when no centre moved at all.
+        cost = float(_total(answers, 2)[0]) if np.array_equal(updated, centres) else None
         centres = updated
         iterations += 1
-    if not converged or cost is None:
+    if cost is None:
         cost = float(_total(parts.ask(OP_COST, [centres]), 0)[0])
     return Fitted(centres=centres, cost=cost, iterations=iterations)
 
@@ -307,7 +301,7 @@ _HEAD = struct.Struct("!BI")     # op, number of arrays
 _ARRAY = struct.Struct("!BQQ")   # dimensions (1 or 2), rows, columns
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     view, got = memoryview(buffer), 0
     while got < size:
@@ -315,7 +309,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
         if n == 0:
             raise ConnectionError("K-means: the other side closed the connection")
         got += n
-    return bytes(buffer)
+    return buffer
 
 
 def send_message(sock: socket.socket, op: int, arrays: Sequence[np.ndarray]) -> None:
@@ -333,7 +327,7 @@ def recv_message(sock: socket.socket) -> tuple[int, list[np.ndarray]]:
     for _ in range(count):
         ndim, rows, columns = _ARRAY.unpack(_recv_exact(sock, _ARRAY.size))
         values = rows * (columns if ndim == 2 else 1)
-        array = np.frombuffer(_recv_exact(sock, 8 * values), dtype="<f8").astype(np.float64)
+        array = np.frombuffer(_recv_exact(sock, 8 * values), dtype="<f8").astype(np.float64, copy=False)
         arrays.append(array.reshape(rows, columns) if ndim == 2 else array)
     return op, arrays
 
@@ -438,8 +432,10 @@ class _Job:
             self.error = error
 
 
-def _accept_all(server: socket.socket, token: bytes, job: _Job, timeout: float) -> tuple[dict, list[int], int]:
-    """Connections from every task of the job, each proved by the token; partition -> socket."""
+def _accept_all(server: socket.socket, token: bytes, job: _Job,
+                timeout: float) -> tuple[dict[int, socket.socket], list[int]]:
+    """Connections from every task of the job, each proved by the token (partition -> socket, in
+    partition order), and each partition's row count; all rows must have the same width."""
     connections: dict[int, socket.socket] = {}
     counts: dict[int, int] = {}
     expected, width = None, None
@@ -477,7 +473,7 @@ def _accept_all(server: socket.socket, token: bytes, job: _Job, timeout: float) 
                     raise ValueError(f"K-means input: feature vectors of {width} and {columns} values")
                 width = columns
     ordered = dict(sorted(connections.items()))
-    return ordered, [counts[p] for p in ordered], width or 0
+    return ordered, [counts[p] for p in ordered]
 
 
 def task_slots(context) -> int:
@@ -527,7 +523,7 @@ def fit_on_spark(points: DataFrame, *, k: int, max_iter: int, tol: float, init_s
 
     job = _Job(run_job)
     try:
-        connections, counts, _ = _accept_all(server, token, job, timeout)
+        connections, counts = _accept_all(server, token, job, timeout)
         fitted = fit_centres(SocketPartitions(connections, counts), k=k, max_iter=max_iter, tol=tol,
                              init_steps=init_steps, seed=seed)
         for sock in connections.values():

@@ -711,8 +711,12 @@ class SegmentSearch:
         for seed in seeds:
             model = chosen if seed == params.seed else fit_clusterer(
                 params, train_input, algorithm=choice.algorithm, k=choice.k, seed=seed)
-            # Each seed's labels go in their own column, so one pass assigns all of them.
-            assigned = model.copy({model.predictionCol: f"_seg_seed_{seed}"}).transform(assigned)
+            # Each seed's labels go in their own column, so one pass assigns all of them; the
+            # collective K-means reads the cached array copy instead of converting the vector again.
+            overrides = {model.predictionCol: f"_seg_seed_{seed}"}
+            if isinstance(model, CollectiveKMeansModel) and POINTS_COL in train_input.columns:
+                overrides[model.featuresCol] = POINTS_COL
+            assigned = model.copy(overrides).transform(assigned)
         columns = [f"_seg_seed_{seed}" for seed in seeds]
         pairwise = pairwise_adjusted_rand_index(assigned, columns=columns)
         return Stability(seeds=tuple(seeds),
