@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from inboxlift.models import similar
 from inboxlift.models.similar import (
     content_similar,
     content_vectors,
@@ -210,28 +211,58 @@ def _exact_top(scores: np.ndarray, ids: np.ndarray, k: int) -> list[list[int]]:
     return [[int(i) for _, i in sorted(zip(-row.astype(np.float64), ids))[:k]] for row in scores]
 
 
-def test_wide_chunks_seed_then_slice_and_merge_exactly():
-    # 2,500 candidates in one chunk: 512 columns seed the top 10, then slices of 2,048 and 0..
+def test_passes_of_few_rows_with_a_ragged_tail_of_columns_are_exact(monkeypatch):
+    # 2,500 candidates, 7 rows per pass; 512 bound groups cover 2,048 columns and the last 452 are
+    # outside every group: they can still enter a row's top 10.
+    monkeypatch.setattr(similar, "_PASS_SCORES", 7 * 2500)
     rng = np.random.default_rng(5)
     q = rng.normal(size=(40, 6)).astype(np.float32)
     c = rng.normal(size=(2500, 6)).astype(np.float32)
+    c[2200:] *= 3.0  # the tail holds most of every row's best
     ids = np.arange(1000, 3500)
-    out = score_block(_table(list(range(40)), q), _chunks(ids.tolist(), c, 2500), k=10, has_exclude=False,
+    out = score_block(_table(list(range(40)), q), _chunks(ids.tolist(), c, 700), k=10, has_exclude=False,
                       exclude_self=False).to_pylist()
     got = [[r["item_id"] for r in out if r["query_id"] == qi] for qi in range(40)]
     assert got == _exact_top(q @ c.T, ids, 10)
+    assert sum(i >= 3200 for row in got for i in row) > 200  # the tail did win
 
 
-def test_one_row_with_many_entrants_takes_the_sort_fallback():
-    # Query 0's scores rise with the column: every later column beats its running 10th best, so its
-    # entrants dwarf the others' and the merge sorts all keys at once instead of padding rows.
+def test_best_candidates_crowded_into_one_group_of_ids_are_exact():
+    # Query 0's scores rise with the id, so its 10 best are the 10 highest ids; with ids spread
+    # over the groups by id mod 512 the bound stays exact however the best cluster.
     columns = 3000
     rng = np.random.default_rng(8)
     c = np.stack([np.arange(columns) / columns, rng.normal(size=columns)], axis=1).astype(np.float32)
     q = np.vstack([[1.0, 0.0], np.stack([np.zeros(30), rng.uniform(0.5, 2.0, size=30)], axis=1)]).astype(np.float32)
     ids = np.arange(columns)
-    out = score_block(_table(list(range(31)), q), _chunks(ids.tolist(), c, columns), k=10, has_exclude=False,
+    out = score_block(_table(list(range(31)), q), _chunks(ids.tolist(), c, 1000), k=10, has_exclude=False,
                       exclude_self=False).to_pylist()
     got = [[r["item_id"] for r in out if r["query_id"] == qi] for qi in range(31)]
     assert got[0] == list(range(columns - 1, columns - 11, -1))
     assert got == _exact_top(q @ c.T, ids, 10)
+
+
+def test_rows_left_with_fewer_than_k_candidates_get_only_those():
+    # 600 candidates, query 1 may only get ids 5 and 9, query 2 none: no padding reaches the output.
+    rng = np.random.default_rng(2)
+    c = rng.normal(size=(600, 3)).astype(np.float32)
+    q = rng.normal(size=(3, 3)).astype(np.float32)
+    everything = list(range(600))
+    exclude = [[], [i for i in everything if i not in (5, 9)], everything]
+    out = score_block(_table([0, 1, 2], q, exclude), _chunks(everything, c, 250), k=4, has_exclude=True,
+                      exclude_self=False).to_pylist()
+    got = {qi: [(r["rank"], r["item_id"]) for r in out if r["query_id"] == qi] for qi in range(3)}
+    assert [i for _, i in got[0]] == _exact_top(q[:1] @ c.T, np.arange(600), 4)[0]
+    s5, s9 = float(q[1] @ c[5]), float(q[1] @ c[9])
+    assert got[1] == ([(1, 5), (2, 9)] if s5 >= s9 else [(1, 9), (2, 5)])
+    assert got[2] == []
+
+
+def test_equal_scores_across_many_groups_go_to_the_smallest_ids():
+    # 1,200 candidates all scoring 1.0 for the query: its top 5 are ids 0..4, whichever groups hold them.
+    c = np.ones((1200, 2), dtype=np.float32)
+    ids = np.arange(1200)[::-1].copy()  # given in reverse order
+    out = score_block(_table([7], [[0.5, 0.5]]), _chunks(ids.tolist(), c, 500), k=5, has_exclude=False,
+                      exclude_self=False).to_pylist()
+    assert [(r["rank"], r["item_id"], r["score"]) for r in out] == [(1, 0, 1.0), (2, 1, 1.0), (3, 2, 1.0),
+                                                                    (4, 3, 1.0), (5, 4, 1.0)]

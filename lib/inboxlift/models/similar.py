@@ -6,19 +6,20 @@ ALS recommendations for all users, ``similar_items`` (cosine of ALS item factors
 ``block_size``; the candidates are packed into chunks of about ``chunk_size`` (one row holding
 their ids and concatenated vectors), each chunk is copied to every block (a shuffle of ``blocks x
 chunks`` rows) and each block meets its chunks in one ``cogroup(...).applyInArrow`` call. There
-numpy multiplies the block's matrix by one chunk at a time and keeps a running top k per query with
-``argpartition``: no all-pairs table is ever materialised, nothing is collected to the driver, and
-memory per task is ``block_size x chunk_size`` scores.
+numpy takes the block's queries a few rows at a time against all of its candidates (about 1 MiB of
+scores per pass, so they stay in cache) and keeps each row's top k: no all-pairs table is ever
+materialised, nothing is collected to the driver, and memory per task is the block and its
+candidates' vectors.
 
 Scores are ordered by one int64 key per (query, candidate): the float's bits, made order-preserving,
 in the high half and ``2**32 - 1 - candidate_id`` in the low half. Keys are unique, so the top k is a
 total order — ties in score go to the smaller candidate id — and the same in every run whatever
-the partitioning. Keys are built only for the few scores that can enter a row's top k: a float
-``partition`` over the first 512 candidates seeds each row's k best, then the candidates go by
-slices of 2,048 through one comparison with each row's running k-th best (the passing entries found
-eight at a time, as 64-bit words of the boolean mask), and only the rows with entrants are merged.
-On 2,048 users x 20,000 items of rank 10 that is ~0.09 s of one core per block. Excluded pairs (items a user bought, an item itself) score -inf
-and never appear in the output, so a query may get fewer than k rows. Exclusions given as pairs
+the partitioning. Keys are built only for the few scores that can enter a row's top k: in each pass
+the maxima of 512 disjoint groups of candidates give a lower bound on every row's k-th best score
+(the k-th largest maximum), one comparison with it finds about k entries per row (eight at a time,
+as 64-bit words of the boolean mask), and only those are keyed and sorted. On 2,048 users x 20,000
+items of rank 10 that is ~0.05 s of one core per block. Excluded pairs (items a user bought, an
+item itself) score -inf and never appear in the output, so a query may get fewer than k rows. Exclusions given as pairs
 (``exclusions``: one row per query and excluded candidate, millions of rows for "items already
 seen") are hashed to the same blocks as their queries, packed into one long per pair and gathered
 per block (a partial aggregation, so the shuffle moves a few packed lists, not millions of rows),
@@ -86,89 +87,55 @@ def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, bits.view(np.float32)
 
 
-def _chunk_top_keys(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """The keys of each row's k best (score, id), as an (n, min(k, m)) array in no particular order.
+# Scores computed per pass: 2**18 float32 (1 MiB) stay in a core's L2 cache through the passes over
+# them. Rows of a pass: 2**18 // candidates (13 rows of 20,000 items; one row from 262,144 items).
+_PASS_SCORES = 1 << 18
+# Strided groups whose maxima bound each row's k-th best score from below (see _top_keys_by_rows).
+_BOUND_GROUPS = 512
 
-    A float partition finds each row's k-th score first; keys are built only for the entries at or
-    above it (k per row, more only on ties), which spares building an int64 key per score.
+
+def _top_keys_by_rows(queries: np.ndarray, candidates: np.ndarray, ids: np.ndarray, excluded_rows: np.ndarray,
+                      excluded_cols: np.ndarray, k: int) -> np.ndarray:
+    """Each query's keys (:func:`order_keys`) of its ``min(k, candidates)`` best candidates, best first.
+
+    Args:
+        queries: (n, d) float32. candidates: (m, d) float32, rows in ascending ``ids`` order.
+        excluded_rows, excluded_cols: (query row, candidate row) pairs scoring -inf, ordered by row.
+
+    Rows are taken a few at a time, ``_PASS_SCORES`` scores per pass, all candidates at once. In a
+    pass, a lower bound on each row's k-th best score comes from ``_BOUND_GROUPS`` disjoint groups
+    of candidates (column ``j`` in group ``j % groups``, so popular low ids spread over all of them):
+    the k-th largest of the group maxima is reached by k distinct candidates, so it cannot exceed
+    the k-th best. One comparison with that bound finds the few entries that can be in the top k
+    (about k per row); keys are built for those alone and sorted. A row left with fewer than k
+    entries (all else excluded) is padded with the smallest key, which decodes to a NaN score.
     """
-    n, m = scores.shape
-    if m <= k:
-        return order_keys(scores, ids)
-    threshold = np.partition(scores, m - k, axis=1)[:, m - k]
-    rows, cols = np.nonzero(scores >= threshold[:, None])
-    keys = order_keys(scores[rows, cols], ids[cols])
-    order = np.lexsort((~keys, rows))  # by row, then key descending (~key reverses int64 order)
-    rows, keys = rows[order], keys[order]
-    counts = np.bincount(rows, minlength=n)
-    starts = np.cumsum(counts) - counts
-    return keys[(np.arange(rows.size) - starts[rows]) < k].reshape(n, k)
-
-
-def _merge_top(best: np.ndarray, rows: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
-    """Each row's k largest of its ``best`` keys (n x k, largest first) and the extra ``(rows,
-    keys)`` (``rows`` ascending), largest first.
-
-    Only the rows with extra keys are re-sorted. Their keys are laid out in a padded matrix (k + the
-    most extra keys any row has) and partitioned row-wise; when one row has far more extra keys
-    than the others, so the padding would dwarf the data, one lexsort of all keys is used instead.
-    """
-    if rows.size == 0:
-        return best
-    n_rows = best.shape[0]
-    counts = np.bincount(rows, minlength=n_rows)
-    touched = np.flatnonzero(counts)
-    local_counts = counts[touched]
-    width = k + int(local_counts.max())
-    starts = np.cumsum(local_counts) - local_counts
-    local = np.repeat(np.arange(touched.size), local_counts)
-    merged = best.copy()
-    if touched.size * width <= 4 * (touched.size * k + rows.size):
-        padded = np.full((touched.size, width), np.iinfo(np.int64).min, dtype=np.int64)
-        padded[:, :k] = best[touched]
-        padded[local, k + np.arange(rows.size) - starts[local]] = keys
-        top = np.partition(padded, width - k, axis=1)[:, width - k:]
-        merged[touched] = np.sort(top, axis=1)[:, ::-1]
-        return merged
-    all_rows = np.concatenate([np.repeat(np.arange(touched.size), k), local])
-    all_keys = np.concatenate([best[touched].ravel(), keys])
-    order = np.lexsort((~all_keys, all_rows))
-    all_rows, all_keys = all_rows[order], all_keys[order]
-    row_counts = np.bincount(all_rows, minlength=touched.size)
-    row_starts = np.cumsum(row_counts) - row_counts
-    merged[touched] = all_keys[(np.arange(all_rows.size) - row_starts[all_rows]) < k].reshape(touched.size, k)
-    return merged
-
-
-_SEED_COLUMNS = 512
-_SLICE_COLUMNS = 2048
-
-
-def _running_top(best: np.ndarray, scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """``best`` (each row's top keys so far, largest first) updated with one chunk's ``scores``.
-
-    Until every row holds k keys, a float partition over the first few columns seeds them. Then
-    columns are taken a slice at a time: only scores reaching a row's current k-th best can enter,
-    one comparison finds them, keys are built for those few alone, and the k-th best rises after
-    every slice, so later slices let fewer through.
-    """
-    start = 0
-    if best.shape[1] < k:
-        start = min(ids.size, max(_SEED_COLUMNS, k))
-        seeded = np.concatenate([best, _chunk_top_keys(scores[:, :start], ids[:start], k)], axis=1)
-        best = np.sort(_keep_top(seeded, k), axis=1)[:, ::-1]
-    while start < ids.size:
-        stop = min(ids.size, start + _SLICE_COLUMNS)
-        part, part_ids = scores[:, start:stop], ids[start:stop]
-        if best.shape[1] < k:  # fewer than k candidates in all so far: keep everything
-            best = np.sort(_keep_top(np.concatenate([best, order_keys(part, part_ids)], axis=1), k),
-                           axis=1)[:, ::-1]
-        else:
-            _, floor = decode_keys(best[:, -1])
-            rows, cols = _at_least(part, floor)
-            best = _merge_top(best, rows, order_keys(part[rows, cols], part_ids[cols]), k)
-        start = stop
-    return best
+    n, m = queries.shape[0], candidates.shape[0]
+    width = min(k, m)
+    out = np.full((n, width), np.iinfo(np.int64).min, dtype=np.int64)
+    if n == 0 or width == 0:
+        return out
+    per_pass = max(1, min(n, _PASS_SCORES // m))
+    groups = min(m, max(_BOUND_GROUPS, width))
+    grouped = m - m % groups
+    by_column = np.ascontiguousarray(candidates.T)
+    bounds = np.searchsorted(excluded_rows, np.arange(0, n + per_pass, per_pass))
+    for i, first in enumerate(range(0, n, per_pass)):
+        last = min(n, first + per_pass)
+        scores = queries[first:last] @ by_column
+        lo, hi = bounds[i], bounds[i + 1]
+        scores[excluded_rows[lo:hi] - first, excluded_cols[lo:hi]] = -np.inf
+        maxima = scores[:, :grouped].reshape(last - first, grouped // groups, groups).max(axis=1)
+        floor = np.partition(maxima, groups - width, axis=1)[:, groups - width]
+        rows, cols = _at_least(scores, floor)
+        keys = order_keys(scores[rows, cols], ids[cols])
+        order = np.lexsort((~keys, rows))  # by row, then key descending (~key reverses int64 order)
+        rows, keys = rows[order], keys[order]
+        counts = np.bincount(rows, minlength=last - first)
+        rank = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+        kept = rank < width
+        out[first + rows[kept], rank[kept]] = keys[kept]
+    return out
 
 
 def _at_least(scores: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,15 +152,6 @@ def _at_least(scores: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, np.nda
     hits = (words[:, None] * 8 + np.arange(8)).ravel()
     hits = np.concatenate([hits[flat[hits]], whole + np.flatnonzero(flat[whole:])])
     return hits // m, hits % m
-
-
-def _keep_top(keys: np.ndarray, k: int) -> np.ndarray:
-    """The k largest keys of each row (unordered), or all of them when a row has at most k."""
-    width = keys.shape[1]
-    if width <= k:
-        return keys
-    cut = np.argpartition(keys, width - k, axis=1)[:, width - k:]
-    return np.take_along_axis(keys, cut, axis=1)
 
 
 def _matrix(column: pa.ChunkedArray | pa.Array, rows: int) -> np.ndarray:
@@ -219,26 +177,6 @@ def _positions(ids: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndar
     return found, at
 
 
-def _excluded_cells(ids_per_chunk: list[np.ndarray], rows: np.ndarray,
-                    excluded: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where each (query row, excluded id) pair falls among the candidates: its row, its column in
-    its chunk (chunks' ids sorted) and, per chunk, where its pairs start (``starts[i]:starts[i+1]``).
-    Ids that are no candidate are dropped."""
-    sizes = np.array([ids.size for ids in ids_per_chunk], dtype=np.int64)
-    if not sizes.sum() or not excluded.size:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(sizes.size + 1, np.int64)
-    all_ids = np.concatenate(ids_per_chunk)
-    chunk_of = np.repeat(np.arange(sizes.size), sizes)
-    column_of = np.arange(all_ids.size) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    order = np.argsort(all_ids, kind="stable")
-    found, at = _positions(all_ids[order], excluded)
-    where = order[at[found]]
-    chunks, columns, hit_rows = chunk_of[where], column_of[where], rows[found]
-    by_chunk = np.argsort(chunks, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(chunks, minlength=sizes.size))])
-    return hit_rows[by_chunk], columns[by_chunk], starts
-
-
 def _pair_rows(q_ids: np.ndarray, pair_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For pairs naming queries by id: whether each names a query of the block, and its row."""
     order = np.argsort(q_ids, kind="stable")
@@ -256,7 +194,7 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
             ``_kind`` column, the rows of kind 1 carry ``_pairs`` instead: (query id, excluded
             candidate id) pairs packed as ``query << 32 | candidate``; only rows of kind 0 are queries.
         candidates: one row per chunk of candidates: ``ids`` (list<int>) and ``features`` (their
-            vectors concatenated, list<float>); each chunk is multiplied at once.
+            vectors concatenated, list<float>); the chunks are joined into one matrix.
         exclude_self: a query never gets the candidate with its own id (item-item similarity).
 
     Returns:
@@ -290,28 +228,20 @@ def score_block(queries: pa.Table, candidates: pa.Table, *, k: int, has_exclude:
         excluded_rows = np.concatenate([excluded_rows, np.arange(n_q)])
         excluded = np.concatenate([excluded, q_ids])
 
-    best = np.empty((n_q, 0), dtype=np.int64)
-    chunk_ids = candidates.column(IDS).combine_chunks()
-    chunk_vecs = candidates.column(FEATURES).combine_chunks()
-    ids_per_chunk = [np.sort(chunk_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64))
-                     for i in range(candidates.num_rows)]
-    # Every excluded pair placed once: (chunk, column in the chunk's id order, query row), grouped by
-    # chunk, instead of searching all of the block's exclusions in every chunk.
-    hit_rows, hit_cols, hit_starts = _excluded_cells(ids_per_chunk, excluded_rows, excluded)
-    for i in range(candidates.num_rows):
-        c_ids = chunk_ids[i].values.to_numpy(zero_copy_only=False).astype(np.int64)
-        if c_ids.size == 0:
-            continue
-        c_vecs = chunk_vecs[i].values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        order = np.argsort(c_ids, kind="stable")
-        c_ids, c_vecs = c_ids[order], c_vecs.reshape(c_ids.size, width)[order]
-        scores = q_vecs @ c_vecs.T
-        # An excluded pair scores -inf: last in every order, and dropped from the output below.
-        lo, hi = hit_starts[i], hit_starts[i + 1]
-        scores[hit_rows[lo:hi], hit_cols[lo:hi]] = -np.inf
-        best = _running_top(best, scores, c_ids, k)
+    # The block's candidates as one matrix in id order (ties go to the smaller id by key anyway).
+    c_ids = pc.list_flatten(candidates.column(IDS)).to_numpy(zero_copy_only=False).astype(np.int64)
+    c_vecs = pc.list_flatten(candidates.column(FEATURES)).to_numpy(zero_copy_only=False)
+    if c_vecs.size != c_ids.size * width:
+        raise ValueError(f"score_block: candidate vectors hold {c_vecs.size} values for {c_ids.size} ids; "
+                         f"the queries' vectors have length {width}")
+    order = np.argsort(c_ids, kind="stable")
+    c_ids = c_ids[order]
+    c_vecs = c_vecs.astype(np.float32, copy=False).reshape(c_ids.size, width)[order]
+    # Every excluded pair as a (query row, candidate column) cell, ordered by row; unknown ids dropped.
+    found, at = _positions(c_ids, excluded)
+    by_row = np.argsort(excluded_rows[found], kind="stable")
+    best = _top_keys_by_rows(q_vecs, c_vecs, c_ids, excluded_rows[found][by_row], at[found][by_row], k)
 
-    best = np.sort(best, axis=1)[:, ::-1]
     item_ids, scores = decode_keys(best)
     valid = np.isfinite(scores)
     ranks = np.broadcast_to(np.arange(1, best.shape[1] + 1, dtype=np.int32), best.shape)
@@ -330,8 +260,9 @@ def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_si
             (array<int>, candidate ids not to return) and ``group_col``.
         candidates: ``id``, ``features`` (same length) and ``group_col`` when given.
         k: rows per query at most (fewer when fewer candidates are left).
-        block_size: queries per block; a block's scores take ``block_size x chunk_size`` floats.
-        chunk_size: candidates per chunk, multiplied at once inside a block.
+        block_size: queries per block (one Python call each; its vectors, and all candidates'
+            vectors of its group, are in memory at once).
+        chunk_size: candidates per packed row of the shuffle (each row is copied to every block).
         exclusions: ``id`` (a query id) and ``excluded_id`` (a candidate id): pairs never to return,
             as many rows as there are; pairs of ids not among the queries are ignored. Not with
             ``group_col``.
