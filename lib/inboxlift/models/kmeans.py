@@ -43,21 +43,12 @@ The driver-side algorithm and the task-side steps are plain numpy (:func:`fit_ce
 
 from __future__ import annotations
 
-import hmac
-import os
-import re
-import secrets
-import selectors
-import socket
-import struct
-import time
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-from pyspark import InheritableThread, keyword_only
+from pyspark import keyword_only
 from pyspark.ml import Estimator, Model
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
@@ -68,14 +59,18 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from inboxlift.models.collective import (
+    DEFAULT_TIMEOUT_S, OP_HELLO, Tasks, UnusableInput, recv_message, report_unusable, run_collective,
+    send_message, spark_context, task_connection, task_slots,
+)
+
 LOCAL_ITERATIONS = 30       # weighted Lloyd iterations reducing the k-means|| candidates (Spark's figure)
 LOCAL_RESTARTS = 10         # seedings of that reduction; the best is kept
 CHUNK_ROWS = 8_192          # rows per distance block in a task: 8,192 x k scores stay in cache (k=80: 82 ms per 500k rows, 165 ms at 65,536)
-DEFAULT_TIMEOUT_S = 600.0   # the longest wait for a connection or an answer before the fit fails
 
 # ---- the steps a task answers --------------------------------------------------------------------
 
-OP_HELLO, OP_ERROR, OP_ROW, OP_SEED, OP_SAMPLE, OP_WEIGHTS, OP_LLOYD, OP_COST, OP_STOP = range(9)
+OP_ROW, OP_SEED, OP_SAMPLE, OP_WEIGHTS, OP_LLOYD, OP_COST, OP_STOP = range(2, 9)
 
 
 class PartitionPoints:
@@ -295,54 +290,9 @@ def fit_centres(parts: Partitions, *, k: int, max_iter: int, tol: float, init_st
     return Fitted(centres=centres, cost=cost, iterations=iterations)
 
 
-# ---- the wire: length-prefixed float64 arrays ----------------------------------------------------
-
-_HEAD = struct.Struct("!BI")     # op, number of arrays
-_ARRAY = struct.Struct("!BQQ")   # dimensions (1 or 2), rows, columns
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            raise ConnectionError("K-means: the other side closed the connection")
-        got += n
-    return buffer
-
-
-def send_message(sock: socket.socket, op: int, arrays: Sequence[np.ndarray]) -> None:
-    pieces = [_HEAD.pack(op, len(arrays))]
-    for array in arrays:
-        array = np.ascontiguousarray(array, dtype="<f8")
-        rows, columns = (array.shape[0], array.shape[1]) if array.ndim == 2 else (array.size, 0)
-        pieces += [_ARRAY.pack(array.ndim if array.ndim == 2 else 1, rows, columns), array.tobytes()]
-    sock.sendall(b"".join(pieces))
-
-
-def recv_message(sock: socket.socket) -> tuple[int, list[np.ndarray]]:
-    op, count = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
-    arrays = []
-    for _ in range(count):
-        ndim, rows, columns = _ARRAY.unpack(_recv_exact(sock, _ARRAY.size))
-        values = rows * (columns if ndim == 2 else 1)
-        array = np.frombuffer(_recv_exact(sock, 8 * values), dtype="<f8").astype(np.float64, copy=False)
-        arrays.append(array.reshape(rows, columns) if ndim == 2 else array)
-    return op, arrays
-
-
-def _text(array: np.ndarray) -> str:
-    return bytes(array.astype(np.uint8)).decode("utf-8", "replace")
-
-
-def _as_bytes_array(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.float64)
-
-
 # ---- the task's side -------------------------------------------------------------------------------
 
-class UnusablePoints(ValueError):
+class UnusablePoints(UnusableInput):
     """A partition's feature vectors cannot be clustered (nulls, NaN, different lengths)."""
 
 
@@ -372,18 +322,14 @@ def partition_matrix(batches: Iterable[pa.RecordBatch]) -> np.ndarray:
 def serve_partition(batches: Iterator[pa.RecordBatch], *, address: tuple[str, int], token: bytes,
                     timeout: float) -> Iterator[pa.RecordBatch]:
     """The barrier task: load the partition, then answer the driver's steps until it says stop."""
-    from pyspark import BarrierTaskContext
-
-    context = BarrierTaskContext.get()
-    partition, tasks = context.partitionId(), len(context.getTaskInfos())
-    with socket.create_connection(address, timeout=timeout) as sock:
-        sock.sendall(token)
+    sock, partition, tasks = task_connection(address=address, token=token, timeout=timeout)
+    with sock:
         try:
             points = PartitionPoints(partition_matrix(batches), partition=partition)
         except UnusablePoints as error:
             # Only the data's own faults are reported as such; any other failure (e.g. Spark failing
             # to compute the input) fails the task, and the driver raises Spark's error.
-            send_message(sock, OP_ERROR, [np.array([partition, tasks]), _as_bytes_array(str(error))])
+            report_unusable(sock, partition, tasks, error)
             raise
         send_message(sock, OP_HELLO, [np.array([partition, tasks, len(points.points), points.points.shape[1]])])
         while True:
@@ -395,152 +341,35 @@ def serve_partition(batches: Iterator[pa.RecordBatch], *, address: tuple[str, in
 
 
 class SocketPartitions(Partitions):
-    """The barrier job's tasks, connected to the driver: each step goes out to all, answers come back."""
+    """The barrier job's tasks (:class:`~inboxlift.models.collective.Tasks`) with each one's row count;
+    every partition with rows must have the same width."""
 
-    def __init__(self, connections: dict[int, socket.socket], counts: list[int]) -> None:
-        self.connections = connections
-        self.partitions = list(connections)   # position in ``counts`` -> partition id
-        self.counts = counts
+    def __init__(self, tasks: Tasks) -> None:
+        self.tasks = tasks
+        self.counts = [int(hello[0][2]) for hello in tasks.hellos]
+        widths = {int(hello[0][3]) for hello in tasks.hellos if int(hello[0][2])}
+        if len(widths) > 1:
+            raise ValueError(f"K-means input: feature vectors of {' and '.join(map(str, sorted(widths)))} values")
 
     def ask(self, op, arrays, *, only=None):
-        targets = self.partitions if only is None else [self.partitions[only]]
-        for partition in targets:
-            send_message(self.connections[partition], op, arrays)
-        answers = []
-        for partition in targets:
-            got, payload = recv_message(self.connections[partition])
-            if got != op:
-                raise RuntimeError(f"K-means: partition {partition} answered step {got} to step {op}")
-            answers.append(payload)
-        return answers
-
-
-class _Job:
-    """The barrier job on its own thread, so the driver can serve its tasks meanwhile."""
-
-    def __init__(self, run: Callable[[], object]) -> None:
-        self.error: BaseException | None = None
-        # InheritableThread: the job keeps the caller's local properties (scheduler pool, job
-        # description) when PySpark pins Python threads to JVM threads.
-        self.thread = InheritableThread(target=self._run, args=(run,), name="collective-kmeans-job", daemon=True)
-        self.thread.start()
-
-    def _run(self, run) -> None:
-        try:
-            run()
-        except BaseException as error:  # reported by the driver thread
-            self.error = error
-
-
-def _accept_all(server: socket.socket, token: bytes, job: _Job,
-                timeout: float) -> tuple[dict[int, socket.socket], list[int]]:
-    """Connections from every task of the job, each proved by the token (partition -> socket, in
-    partition order), and each partition's row count; all rows must have the same width."""
-    connections: dict[int, socket.socket] = {}
-    counts: dict[int, int] = {}
-    expected, width = None, None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(server, selectors.EVENT_READ)
-        while expected is None or len(connections) < expected:
-            if job.error is not None:
-                raise job.error
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"K-means: {len(connections)} of {expected or '?'} tasks connected "
-                                   f"within {timeout:.0f} s")
-            if not selector.select(timeout=0.2):
-                continue
-            sock, _ = server.accept()
-            sock.settimeout(timeout)
-            try:
-                if not hmac.compare_digest(_recv_exact(sock, len(token)), token):
-                    sock.close()
-                    continue
-                op, arrays = recv_message(sock)
-            except (OSError, ConnectionError):
-                sock.close()
-                continue
-            partition, tasks = int(arrays[0][0]), int(arrays[0][1])
-            if op == OP_ERROR:
-                sock.close()
-                raise ValueError(f"K-means input, partition {partition}: {_text(arrays[1])}")
-            rows, columns = int(arrays[0][2]), int(arrays[0][3])
-            expected = tasks
-            connections[partition] = sock
-            counts[partition] = rows
-            if rows:
-                if width is not None and columns != width:
-                    raise ValueError(f"K-means input: feature vectors of {width} and {columns} values")
-                width = columns
-    ordered = dict(sorted(connections.items()))
-    return ordered, [counts[p] for p in ordered]
-
-
-def task_slots(context) -> int:
-    """How many tasks the cluster runs at once: the number Spark checks a barrier stage against.
-
-    ``defaultParallelism`` is not it (local sessions set it to twice the cores). Spark's own count
-    (``SparkContext.maxNumConcurrentTasks``) is asked through the JVM; when that fails or is 0 (no
-    executor registered yet), a local master's thread count, else ``defaultParallelism``.
-    """
-    try:
-        jvm_context = context._jsc.sc()  # noqa: SLF001 - Spark has no Python API for the slot count
-        slots = int(jvm_context.maxNumConcurrentTasks(jvm_context.resourceProfileManager().defaultResourceProfile()))
-        if slots > 0:
-            return slots
-    except Exception:  # noqa: BLE001 - fall back to what the master says
-        pass
-    local = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", context.master or "")
-    if local:
-        threads = local.group(1)
-        return 1 if threads is None else (os.cpu_count() or 1) if threads == "*" else int(threads)
-    return context.defaultParallelism
+        return self.tasks.ask(op, arrays, only=only)
 
 
 def fit_on_spark(points: DataFrame, *, k: int, max_iter: int, tol: float, init_steps: int, seed: int,
                  timeout: float = DEFAULT_TIMEOUT_S) -> Fitted:
     """Run :func:`fit_centres` over ``points`` (one array<double> column) in one barrier job."""
-    spark = points.sparkSession
-    try:
-        context = spark.sparkContext
-    except Exception as error:  # noqa: BLE001 - Spark Connect has no SparkContext
-        raise RuntimeError("the collective K-means needs classic Spark (the driver starts a barrier job and "
-                           "serves its tasks); on Spark Connect set segments.kmeans_solver: row") from error
+    context = spark_context(points, name="K-means", instead="set segments.kmeans_solver: row")
     slots = task_slots(context)
     if points.rdd.getNumPartitions() > slots:
         # Barrier tasks all run at once, so there can be no more of them than slots.
         points = points.repartition(slots)
-    host = spark.conf.get("spark.driver.host")
-    token = secrets.token_bytes(32)
-    group = f"inboxlift-kmeans-{secrets.token_hex(8)}"
-    server = socket.create_server((host, 0))
-    connections: dict[int, socket.socket] = {}
 
-    def run_job() -> None:
-        context.setJobGroup(group, "inboxlift K-means (barrier)", interruptOnCancel=True)
-        run = partial(serve_partition, address=(host, server.getsockname()[1]), token=token, timeout=timeout)
-        points.mapInArrow(run, "partition int", barrier=True).collect()
+    def driver(tasks: Tasks) -> Fitted:
+        return fit_centres(SocketPartitions(tasks), k=k, max_iter=max_iter, tol=tol, init_steps=init_steps,
+                           seed=seed)
 
-    job = _Job(run_job)
-    try:
-        connections, counts = _accept_all(server, token, job, timeout)
-        fitted = fit_centres(SocketPartitions(connections, counts), k=k, max_iter=max_iter, tol=tol,
-                             init_steps=init_steps, seed=seed)
-        for sock in connections.values():
-            send_message(sock, OP_STOP, [])
-    except BaseException as error:
-        context.cancelJobGroup(group)
-        job.thread.join(timeout)
-        if isinstance(error, (ConnectionError, OSError)) and job.error is not None:
-            raise job.error from error   # a task failed: Spark's error says why
-        raise
-    finally:
-        for sock in connections.values():
-            sock.close()
-        server.close()
-    job.thread.join()
-    if job.error is not None:
-        raise job.error
+    fitted, _ = run_collective(points, serve_partition, "partition int", driver, stop_op=OP_STOP, name="K-means",
+                               finish=lambda frame: frame.collect(), timeout=timeout)
     return fitted
 
 
