@@ -355,6 +355,9 @@ class RecommendSettings:
     # ALS blocks (partitions of users and items while fitting); 0 means spark.sql.shuffle.partitions.
     num_user_blocks: int = 0
     num_item_blocks: int = 0
+    # "collective": inboxlift's one-job ALS (models/als.py: the same equations, users kept in their task);
+    # "spark": Spark ML's ALS (needed on Spark Connect; used anyway for catalogues too large to sum per task).
+    als_solver: Literal["collective", "spark"] = "collective"
     # Popular = most distinct users interacting in the last `popularity_days` before the cut-off.
     popularity_days: int = 30
     # popular_in_category uses the user's this many top categories (by summed interaction confidence).

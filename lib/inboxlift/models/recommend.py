@@ -61,6 +61,7 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from inboxlift.models.als import MAX_ITEM_SUMS_BYTES, fit_collective_als, item_sums_bytes
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 
@@ -212,6 +213,7 @@ class AlsParams:
     checkpoint_interval: int = 5
     num_user_blocks: int = 0
     num_item_blocks: int = 0
+    solver: str = "collective"
 
     @property
     def label(self) -> str:
@@ -231,6 +233,7 @@ class AlsParams:
                        weights=tuple(float(x) for x in json.loads(params[f"{prefix}.weights"])),
                        max_iter=int(params[f"{prefix}.max_iter"]), seed=int(params[f"{prefix}.seed"]),
                        checkpoint_interval=int(params.get(f"{prefix}.checkpoint_interval", 5)),
+                       solver=params.get(f"{prefix}.solver", "spark"),
                        num_user_blocks=int(params.get(f"{prefix}.num_user_blocks", 0)),
                        num_item_blocks=int(params.get(f"{prefix}.num_item_blocks", 0)))
         except (KeyError, ValueError, TypeError):
@@ -243,7 +246,8 @@ def param_grid(settings: RecommendSettings, *, default_weights: Sequence[float])
         tuple(float(x) for x in default_weights)]
     return [AlsParams(rank=r, reg_param=float(reg), alpha=float(a), weights=w, max_iter=settings.max_iter,
                       seed=settings.seed, checkpoint_interval=settings.checkpoint_interval,
-                      num_user_blocks=settings.num_user_blocks, num_item_blocks=settings.num_item_blocks)
+                      num_user_blocks=settings.num_user_blocks, num_item_blocks=settings.num_item_blocks,
+                      solver=settings.als_solver)
             for w, r, reg, a in itertools.product(weight_sets, settings.ranks, settings.reg_params, settings.alphas)]
 
 
@@ -266,10 +270,26 @@ def default_blocks(spark) -> int:
 
 
 def fit_als(ratings: DataFrame, params: AlsParams) -> ALSModel:
-    """Fit ALS on ``user_idx, item_idx, confidence``."""
+    """Fit implicit ALS on ``user_idx, item_idx, confidence`` with ``params.solver``: inboxlift's
+    collective ALS (:mod:`inboxlift.models.als`) or Spark ML's ``ALS``. Both give an ``ALSModel``.
+
+    The collective fit needs every task's item sums in memory: a catalogue for which they would pass
+    ``MAX_ITEM_SUMS_BYTES`` is fitted by Spark's ALS instead, and the fallback is printed.
+    """
     _require(ratings, [USER_IDX, ITEM_IDX, CONFIDENCE], step="fit_als")
+    pairs = ratings.select(USER_IDX, ITEM_IDX, CONFIDENCE)
+    if params.solver == "collective":
+        items = (pairs.agg(F.max(ITEM_IDX)).first()[0] or 0) + 1
+        if item_sums_bytes(items, params.rank) <= MAX_ITEM_SUMS_BYTES:
+            return fit_collective_als(pairs, user_col=USER_IDX, item_col=ITEM_IDX, rating_col=CONFIDENCE,
+                                      rank=params.rank, max_iter=params.max_iter, reg_param=params.reg_param,
+                                      alpha=params.alpha, seed=params.seed)
+        print(f"ALS: {items:,d} items of rank {params.rank} would need {item_sums_bytes(items, params.rank) / 2**20:,.0f} "
+              f"MiB of sums per task (limit {MAX_ITEM_SUMS_BYTES / 2**20:,.0f}); fitting with Spark's ALS instead")
+    elif params.solver != "spark":
+        raise ValueError(f"fit_als: solver must be 'collective' or 'spark', got {params.solver!r}")
     estimator = als_estimator(params, default_blocks=default_blocks(ratings.sparkSession))
-    return estimator.fit(ratings.select(USER_IDX, ITEM_IDX, CONFIDENCE))
+    return estimator.fit(pairs)
 
 
 def blas_implementation(spark) -> str:
