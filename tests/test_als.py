@@ -171,3 +171,13 @@ def test_catalogues_too_large_to_sum_go_to_spark_als(spark, monkeypatch, capsys)
     assert "fitting with Spark's ALS instead" in capsys.readouterr().out
     assert not model.uid.startswith("ALSModel_collective_")
     assert model.userFactors.count() == 6
+
+
+def test_fewer_users_than_the_rank_still_solve():
+    # Two users, rank 3: XᵀX is singular, and item 1 has only a negative rating (nothing regularises it).
+    part = PartitionRatings(np.array([0, 0, 1]), np.array([0, 1, 2]), np.array([1.0, -1.0, 2.0]), n_items=4,
+                            rank=3, alpha=1.0, seed=2)
+    solution = fit_items(LocalTasks([part]), n_items=4, rank=3, reg=0.1, max_iter=3)
+    assert np.isfinite(solution.factors).all() and np.isfinite(part.factors).all()
+    assert solution.seen.tolist() == [True, True, True, False]
+    assert solution.factors[3].tolist() == [0.0, 0.0, 0.0]

@@ -86,7 +86,12 @@ def solve_normal(packed: np.ndarray, gram: np.ndarray, reg: np.ndarray, rhs: np.
     systems[:, upper[1], upper[0]] = packed
     systems += gram
     systems[:, np.arange(rank), np.arange(rank)] += reg[:, None]
-    return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+    try:
+        return np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+    except np.linalg.LinAlgError:
+        # A singular system (fewer users than the rank, and no positive rating to regularise it):
+        # the least-squares solution of smallest norm, for the whole batch.
+        return (np.linalg.pinv(systems, hermitian=True) @ rhs[:, :, None])[:, :, 0]
 
 
 def initial_factors(ids: np.ndarray, rank: int, seed: int) -> np.ndarray:
@@ -172,7 +177,8 @@ def fit_items(tasks, *, n_items: int, rank: int, reg: float, max_iter: int) -> I
         packed = np.sum([a[0] for a in answers], axis=0)
         rhs = np.sum([a[1] for a in answers], axis=0)
         gram = np.sum([a[2] for a in answers], axis=0)
-        items = solve_normal(packed, gram, reg * positives, rhs)
+        # Only items with pairs are solved (and kept); an index without pairs stays 0.
+        items[seen] = solve_normal(packed[seen], gram, reg * positives[seen], rhs[seen])
         tasks.ask(OP_USERS, [items, np.array([reg])])
     return ItemSolution(factors=items, seen=seen)
 
