@@ -3,11 +3,13 @@ and the fit through Spark (planted tastes, the same factors as the in-process lo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pyspark.ml.recommendation import ALSModel
 
-from inboxlift.models import recommend
+from inboxlift.models import als, recommend
 from inboxlift.models.als import (
     PartitionRatings,
     fit_collective_als,
@@ -135,6 +137,12 @@ def test_fit_on_spark_recovers_planted_tastes_and_is_an_als_model(spark, tmp_pat
     model.write().save(str(tmp_path / "als"))
     loaded = ALSModel.load(str(tmp_path / "als"))
     assert sorted(loaded.userFactors.collect()) == sorted(model.userFactors.collect())
+    # The user factors live in a folder of their own under the checkpoint directory until released.
+    folder = Path(als._FOLDERS[model.uid].removeprefix("file:"))
+    assert folder.is_dir() and folder.parent == Path(spark.sparkContext.getCheckpointDir().removeprefix("file:"))
+    als.release_factors(model)
+    assert not folder.exists() and model.uid not in als._FOLDERS
+    assert ALSModel.load(str(tmp_path / "als")).userFactors.count() == 12   # the saved copy is its own
 
 
 def test_fit_on_spark_gives_the_in_process_factors(spark):
@@ -170,6 +178,8 @@ def test_catalogues_too_large_to_sum_go_to_spark_als(spark, monkeypatch, capsys)
     model = recommend.fit_als(ratings, params)
     assert "fitting with Spark's ALS instead" in capsys.readouterr().out
     assert not model.uid.startswith("ALSModel_collective_")
+    assert model.userFactors.count() == 6
+    recommend.release_factors(model)   # nothing to release for Spark's ALS
     assert model.userFactors.count() == 6
 
 

@@ -244,6 +244,20 @@ def serve_ratings(batches: Iterator[pa.RecordBatch], *, address: tuple[str, int]
 
 # ---- the driver ------------------------------------------------------------------------------------
 
+_FOLDERS: dict[str, str] = {}   # model uid -> its user-factor folder, for this process's collective fits
+
+
+def release_factors(model: ALSModel) -> None:
+    """Delete the user-factor folder of a collective fit that is done with (a tuning candidate, once
+    scored); the model cannot be used afterwards. Models of Spark's ALS: nothing to do."""
+    folder = _FOLDERS.pop(model.uid, None)
+    if folder is None:
+        return
+    spark = model.userFactors.sparkSession
+    path = spark._jvm.org.apache.hadoop.fs.Path(folder)  # noqa: SLF001 - Hadoop's FileSystem: any store
+    path.getFileSystem(spark._jsc.hadoopConfiguration()).delete(path, True)  # noqa: SLF001
+
+
 def _factors_folder(spark) -> str:
     """A new folder for one fit's user factors, under the checkpoint directory (else the warehouse)."""
     base = spark.sparkContext.getCheckpointDir() or spark.conf.get("spark.sql.warehouse.dir")
@@ -294,8 +308,10 @@ def fit_collective_als(ratings: DataFrame, *, user_col: str, item_col: str, rati
     item_table = pa.Table.from_batches(list(_factor_batches(ids, items.factors[ids])),
                                        schema=pa.schema([("id", pa.int32()), ("features", pa.list_(pa.float32()))]))
     item_factors = spark.createDataFrame(item_table)
+    uid = f"ALSModel_collective_{secrets.token_hex(6)}"
     java_model = spark._jvm.org.apache.spark.ml.recommendation.ALSModel(  # noqa: SLF001 - no Python constructor
-        f"ALSModel_collective_{secrets.token_hex(6)}", rank, user_factors._jdf, item_factors._jdf)
+        uid, rank, user_factors._jdf, item_factors._jdf)
+    _FOLDERS[uid] = folder
     model = ALSModel(java_model)
     model._set(userCol=user_col, itemCol=item_col, coldStartStrategy="drop")  # noqa: SLF001
     model._transfer_params_to_java()  # noqa: SLF001

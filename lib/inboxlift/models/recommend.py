@@ -61,7 +61,7 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from inboxlift.models.als import MAX_ITEM_SUMS_BYTES, fit_collective_als, item_sums_bytes
+from inboxlift.models.als import MAX_ITEM_SUMS_BYTES, fit_collective_als, item_sums_bytes, release_factors
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 
@@ -677,6 +677,7 @@ class RecommenderTraining:
                 started = time.perf_counter()
                 model = self.fit(data.pairs, params)
                 ndcg = self.evaluate(model, data, params, baselines=False).metrics["als"].ndcg
+                release_factors(model)
                 points.append(TuningPoint(params=params, ndcg=ndcg, seconds=time.perf_counter() - started))
         finally:
             data.release()
@@ -695,7 +696,9 @@ class RecommenderTraining:
         chosen = max(tuning, key=lambda p: (-math.inf if math.isnan(p.ndcg) else p.ndcg,
                                             -tuning.index(p))).params
         test = self.test_split()
-        evaluation = self.evaluate(self.fit(test.pairs, chosen), test, chosen)
+        test_model = self.fit(test.pairs, chosen)
+        evaluation = self.evaluate(test_model, test, chosen)
+        release_factors(test_model)
         full = self.pairs_before(self.cutoff).persist()
         try:
             started = time.perf_counter()
