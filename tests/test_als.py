@@ -172,7 +172,7 @@ def test_bad_ratings_fail_the_fit_with_the_reason(spark):
 
 
 def test_catalogues_too_large_to_sum_go_to_spark_als(spark, monkeypatch, capsys):
-    monkeypatch.setattr(recommend, "MAX_ITEM_SUMS_BYTES", 100)
+    monkeypatch.setattr(als, "MAX_ITEM_SUMS_BYTES", 100)
     ratings = spark.createDataFrame([(u, u % 3, 1.0) for u in range(6)], "user_idx int, item_idx int, confidence double")
     params = recommend.AlsParams(rank=2, reg_param=0.1, alpha=1.0, weights=(1.0, 1.0, 1.0), max_iter=2)
     model = recommend.fit_als(ratings, params)

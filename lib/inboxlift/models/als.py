@@ -6,14 +6,14 @@ half of its fit is block building. :func:`fit_collective_als` solves **the same 
 barrier job (the plumbing of :mod:`inboxlift.models.collective`):
 
 - The pairs are hash-partitioned by user, once, into as many partitions as the cluster has task
-  slots. Each task keeps its users' pairs as two sparse matrices (users x items, and its transpose)
-  and its users' factors; **user factors never leave their task** until the fit ends.
+  slots. Each task keeps its users' pairs as one sparse matrix (users x items) and its users'
+  factors; **user factors never leave their task** until the fit ends.
 - Item step (driver): each task sends, for every item, the sums over its own users that item's
   normal equations need (``sum (c-1) x xᵀ`` packed as the upper triangle, ``sum c x``) and its
   users' Gram matrix ``XᵀX``; the driver adds them up and solves every item's system.
 - User step (tasks): the driver sends the item factors; each task solves its users' systems.
-- At the end each task yields its users' factors (the job's output, checkpointed locally) and the
-  driver makes the item factors a DataFrame; both become a Spark ML ``ALSModel``, so scoring,
+- At the end each task yields its users' factors (the job's output, written as Parquet under the
+  checkpoint directory) and the driver makes the item factors a DataFrame; both become a Spark ML ``ALSModel``, so scoring,
   saving, MLflow and the blocked top-k work as with Spark's own fit.
 
 The equations are Spark's implicit ALS (Hu, Koren and Volinsky, with Spark's extension to
@@ -32,8 +32,9 @@ of the same distribution).
 
 What travels per iteration: ``tasks x items x (rank (rank + 3) / 2 + ...)`` float64 towards the
 driver and ``items x rank`` back to each task, independent of the number of users: 20,000 items of
-rank 10 are 10 MB per task. Catalogues whose sums would pass ``MAX_ITEM_SUMS_BYTES`` per task are
-left to Spark's ALS (``fit_als`` falls back and says so).
+rank 10 are 10 MB per task. When the tasks report a catalogue whose sums would pass
+``MAX_ITEM_SUMS_BYTES`` per task, the fit stops with :class:`CatalogueTooLarge` before any step
+(``fit_als`` then fits with Spark's ALS and says so).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import scipy.sparse as sp
 from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
 
 from inboxlift.models.collective import (
     DEFAULT_TIMEOUT_S, OP_HELLO, Tasks, UnusableInput, recv_message, report_unusable, run_collective,
@@ -57,6 +59,11 @@ from inboxlift.models.collective import (
 OP_SETUP, OP_ITEM_SUMS, OP_USERS, OP_STOP = range(2, 6)
 MAX_ITEM_SUMS_BYTES = 512 * 1024 ** 2   # one task's item sums per iteration, above which Spark's ALS is used
 FACTOR_BATCH_ROWS = 65_536              # user factors per output batch
+FACTOR_SCHEMA = pa.schema([("id", pa.int32()), ("features", pa.list_(pa.float32()))])   # ALSModel's factors
+
+
+class CatalogueTooLarge(ValueError):
+    """The item sums a task would send per iteration pass ``MAX_ITEM_SUMS_BYTES``."""
 
 
 def item_sums_bytes(items: int, rank: int) -> int:
@@ -166,9 +173,11 @@ class ItemSolution:
     seen: np.ndarray         # (n_items,) bool: the item has pairs (it gets a row in itemFactors)
 
 
-def fit_items(tasks, *, n_items: int, rank: int, reg: float, max_iter: int) -> ItemSolution:
-    """The driver's loop over connected tasks (anything with ``ask(op, arrays)``, see :class:`Tasks`)."""
-    setup = tasks.ask(OP_SETUP, [])
+def fit_items(tasks, *, n_items: int, rank: int, reg: float, max_iter: int,
+              setup: Sequence[np.ndarray] = ()) -> ItemSolution:
+    """The driver's loop over connected tasks (anything with ``ask(op, arrays)``, see :class:`Tasks`);
+    ``setup`` goes with the first step (over sockets: the fit's settings, see :func:`serve_ratings`)."""
+    setup = tasks.ask(OP_SETUP, list(setup))
     positives = np.sum([a[0] for a in setup], axis=0)
     seen = np.sum([a[1] for a in setup], axis=0) > 0
     items = np.zeros((n_items, rank))
@@ -208,14 +217,13 @@ def partition_pairs(batches: Iterable[pa.RecordBatch]) -> tuple[np.ndarray, np.n
 
 
 def _factor_batches(ids: np.ndarray, factors: np.ndarray) -> Iterator[pa.RecordBatch]:
-    rank = factors.shape[1] if factors.ndim == 2 else 0
-    schema = pa.schema([("id", pa.int32()), ("features", pa.list_(pa.float32()))])
+    rank = factors.shape[1]
     for start in range(0, ids.size, FACTOR_BATCH_ROWS):
         part = slice(start, start + FACTOR_BATCH_ROWS)
         values = pa.array(factors[part].astype(np.float32).ravel())
-        offsets = pa.array(np.arange(0, values.__len__() + 1, rank, dtype=np.int32)) if rank else None
+        offsets = pa.array(np.arange(0, len(values) + 1, rank, dtype=np.int32))
         features = pa.ListArray.from_arrays(offsets, values)
-        yield pa.RecordBatch.from_arrays([pa.array(ids[part].astype(np.int32)), features], schema=schema)
+        yield pa.RecordBatch.from_arrays([pa.array(ids[part].astype(np.int32)), features], schema=FACTOR_SCHEMA)
 
 
 def serve_ratings(batches: Iterator[pa.RecordBatch], *, address: tuple[str, int], token: bytes,
@@ -264,16 +272,6 @@ def _factors_folder(spark) -> str:
     return f"{base.rstrip('/')}/als-user-factors-{secrets.token_hex(8)}"
 
 
-class _SetupFirst:
-    """Tasks whose first step carries the fit's settings (n_items, rank, alpha, seed)."""
-
-    def __init__(self, tasks: Tasks, settings: np.ndarray) -> None:
-        self.tasks, self.settings = tasks, settings
-
-    def ask(self, op, arrays, *, only=None):
-        return self.tasks.ask(op, [self.settings] if op == OP_SETUP else arrays, only=only)
-
-
 def fit_collective_als(ratings: DataFrame, *, user_col: str, item_col: str, rating_col: str, rank: int,
                        max_iter: int, reg_param: float, alpha: float, seed: int,
                        timeout: float = DEFAULT_TIMEOUT_S) -> ALSModel:
@@ -291,22 +289,24 @@ def fit_collective_als(ratings: DataFrame, *, user_col: str, item_col: str, rati
         n_items = max(int(hello[0][3]) for hello in tasks.hellos)
         if n_items == 0:
             raise ValueError("ALS: no ratings to fit")
-        settings = np.array([n_items, rank, alpha, seed])
-        solution["items"] = fit_items(_SetupFirst(tasks, settings), n_items=n_items, rank=rank, reg=reg_param,
-                                      max_iter=max_iter)
+        if item_sums_bytes(n_items, rank) > MAX_ITEM_SUMS_BYTES:
+            raise CatalogueTooLarge(f"ALS: {n_items:,d} items of rank {rank} would need "
+                                    f"{item_sums_bytes(n_items, rank) / 2**20:,.0f} MiB of sums per task (limit "
+                                    f"{MAX_ITEM_SUMS_BYTES / 2**20:,.0f})")
+        solution["items"] = fit_items(tasks, n_items=n_items, rank=rank, reg=reg_param, max_iter=max_iter,
+                                      setup=[np.array([n_items, rank, alpha, seed])])
 
     # The job's output (each task's user factors) is written where Spark keeps checkpoints: a
     # DataFrame that still depended on the barrier job could not be read in part (limit) and would
     # re-run the job, with no driver to answer, if a block were lost.
     spark = ratings.sparkSession
     folder = _factors_folder(spark)
-    run_collective(pairs, serve_ratings, "id int, features array<float>", driver, stop_op=OP_STOP, name="ALS",
+    run_collective(pairs, serve_ratings, from_arrow_schema(FACTOR_SCHEMA), driver, stop_op=OP_STOP, name="ALS",
                    timeout=timeout, finish=lambda frame: frame.write.mode("error").parquet(folder))
     user_factors = spark.read.parquet(folder)
     items = solution["items"]
     ids = np.flatnonzero(items.seen)
-    item_table = pa.Table.from_batches(list(_factor_batches(ids, items.factors[ids])),
-                                       schema=pa.schema([("id", pa.int32()), ("features", pa.list_(pa.float32()))]))
+    item_table = pa.Table.from_batches(list(_factor_batches(ids, items.factors[ids])), schema=FACTOR_SCHEMA)
     item_factors = spark.createDataFrame(item_table)
     uid = f"ALSModel_collective_{secrets.token_hex(6)}"
     java_model = spark._jvm.org.apache.spark.ml.recommendation.ALSModel(  # noqa: SLF001 - no Python constructor

@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 from pyspark import InheritableThread
 from pyspark.sql import DataFrame
+from pyspark.sql.types import StructType
 
 OP_HELLO, OP_ERROR = 0, 1   # every algorithm's own steps are numbered from 2
 DEFAULT_TIMEOUT_S = 600.0   # the longest wait for a connection or an answer before the fit fails
@@ -218,7 +219,7 @@ def spark_context(frame: DataFrame, *, name: str, instead: str):
                            f"serves its tasks); on Spark Connect {instead}") from error
 
 
-def run_collective(frame: DataFrame, task: Callable[..., Iterator[pa.RecordBatch]], schema: str,
+def run_collective(frame: DataFrame, task: Callable[..., Iterator[pa.RecordBatch]], schema: str | StructType,
                    driver: Callable[[Tasks], object], *, stop_op: int, name: str,
                    finish: Callable[[DataFrame], object], timeout: float = DEFAULT_TIMEOUT_S) -> tuple[object, object]:
     """Run ``task`` (bound to the driver's address, token and timeout by keyword) on every

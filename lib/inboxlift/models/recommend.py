@@ -61,7 +61,7 @@ from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from inboxlift.models.als import MAX_ITEM_SUMS_BYTES, fit_collective_als, item_sums_bytes, release_factors
+from inboxlift.models.als import CatalogueTooLarge, fit_collective_als, release_factors
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 
@@ -273,19 +273,19 @@ def fit_als(ratings: DataFrame, params: AlsParams) -> ALSModel:
     """Fit implicit ALS on ``user_idx, item_idx, confidence`` with ``params.solver``: inboxlift's
     collective ALS (:mod:`inboxlift.models.als`) or Spark ML's ``ALS``. Both give an ``ALSModel``.
 
-    The collective fit needs every task's item sums in memory: a catalogue for which they would pass
-    ``MAX_ITEM_SUMS_BYTES`` is fitted by Spark's ALS instead, and the fallback is printed.
+    The collective fit needs every task's item sums in memory: when its tasks report a catalogue for
+    which they would pass ``models.als.MAX_ITEM_SUMS_BYTES``, it stops before any step and Spark's
+    ALS fits instead; the fallback is printed.
     """
     _require(ratings, [USER_IDX, ITEM_IDX, CONFIDENCE], step="fit_als")
     pairs = ratings.select(USER_IDX, ITEM_IDX, CONFIDENCE)
     if params.solver == "collective":
-        items = (pairs.agg(F.max(ITEM_IDX)).first()[0] or 0) + 1
-        if item_sums_bytes(items, params.rank) <= MAX_ITEM_SUMS_BYTES:
+        try:
             return fit_collective_als(pairs, user_col=USER_IDX, item_col=ITEM_IDX, rating_col=CONFIDENCE,
                                       rank=params.rank, max_iter=params.max_iter, reg_param=params.reg_param,
                                       alpha=params.alpha, seed=params.seed)
-        print(f"ALS: {items:,d} items of rank {params.rank} would need {item_sums_bytes(items, params.rank) / 2**20:,.0f} "
-              f"MiB of sums per task (limit {MAX_ITEM_SUMS_BYTES / 2**20:,.0f}); fitting with Spark's ALS instead")
+        except CatalogueTooLarge as error:
+            print(f"{error}; fitting with Spark's ALS instead")
     elif params.solver != "spark":
         raise ValueError(f"fit_als: solver must be 'collective' or 'spark', got {params.solver!r}")
     estimator = als_estimator(params, default_blocks=default_blocks(ratings.sparkSession))
