@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import math
 import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -324,8 +325,13 @@ def test_train_and_score_on_a_planted_shop_twice(ctx, spark):
     # A second training with weaker parameters: the champion, retrained on the same split, stays champion
     weaker = planted_ctx(shop, ranks=[1], alphas=[0.01], max_iter=1, example_users=0,
                          registered_model=shop.settings.recommend.registered_model)
+    factors_dir = Path(spark.sparkContext.getCheckpointDir().removeprefix("file:"))
+    folders_before = set(factors_dir.glob("als-user-factors-*"))
     second = run_recommend_train(weaker)
     assert second.promotion.alias == "challenger" and second.version == "2"
+    # Of the fits this training made (test window, final, the champion retrained), only the final
+    # model's user-factor folder is kept.
+    assert len(set(factors_dir.glob("als-user-factors-*")) - folders_before) == 1
     assert second.promotion.champion_score == pytest.approx(als.ndcg, abs=1e-6)
     assert second.promotion.metric == "promotion/test_als_ndcg_at_3_same_split"
     assert second.id_maps[0].added == 0 and second.id_maps[1].added == 0

@@ -676,8 +676,10 @@ class RecommenderTraining:
             for params in grid:
                 started = time.perf_counter()
                 model = self.fit(data.pairs, params)
-                ndcg = self.evaluate(model, data, params, baselines=False).metrics["als"].ndcg
-                release_factors(model)
+                try:
+                    ndcg = self.evaluate(model, data, params, baselines=False).metrics["als"].ndcg
+                finally:
+                    release_factors(model)
                 points.append(TuningPoint(params=params, ndcg=ndcg, seconds=time.perf_counter() - started))
         finally:
             data.release()
@@ -697,8 +699,10 @@ class RecommenderTraining:
                                             -tuning.index(p))).params
         test = self.test_split()
         test_model = self.fit(test.pairs, chosen)
-        evaluation = self.evaluate(test_model, test, chosen)
-        release_factors(test_model)
+        try:
+            evaluation = self.evaluate(test_model, test, chosen)
+        finally:
+            release_factors(test_model)
         full = self.pairs_before(self.cutoff).persist()
         try:
             started = time.perf_counter()

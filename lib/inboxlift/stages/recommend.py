@@ -36,6 +36,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.context import RunContext
 from inboxlift.models import registry
+from inboxlift.models.als import release_factors
 from inboxlift.models.recommend import (
     CONFIDENCE,
     INTERACTION_TYPES,
@@ -255,8 +256,11 @@ def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
                     return None
                 if params == trained.params:
                     return score
-                return training.evaluate(training.fit(test.pairs, params), test, params,
-                                         baselines=False).metrics["als"].ndcg
+                champion_model = training.fit(test.pairs, params)
+                try:
+                    return training.evaluate(champion_model, test, params, baselines=False).metrics["als"].ndcg
+                finally:
+                    release_factors(champion_model)   # a collective fit's user-factor folder
 
             promotion = registry.promote(client, s.registered_model, str(version.version), score=score,
                                          metric=metric, higher_is_better=True, champion_score_fn=champion_score)
