@@ -18,9 +18,9 @@ depend on how either library reports its cost.
 
 Before the timed fits, each peer fits the same matrix once untimed (``--warmup``): a session's first
 Spark fit also pays for the JVM compiling Spark's and the solver's code (some 7 s here, against
-1.2-2.1 s for the fits after it), and ``segment-train`` fits K-means eight times in one session
-with the default settings (k from 3 to 8, then two more seeds for stability), so every fit it makes
-but the first is warm.
+1.2-2.1 s for the fits after it), and ``segment-train`` fits K-means six to eight times in one
+session with the default settings (k from 3 to 8, and two more seeds for stability when K-means is
+chosen), so every fit it makes but the first is warm.
 Both the warm-up and the timed fits are printed.
 
     .venv/bin/python bench/bench_segments.py [--users N] [--features N] [--k N] [--iterations N]
