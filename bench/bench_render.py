@@ -15,7 +15,13 @@ seed) and written as Parquet. Each peer then turns those files into rendered mes
 Both produce the same messages (the checksums must match). The rate per core is messages/s divided
 by the cores doing the work: Spark's ``local[N]`` N, and 1 for the plain process.
 
-    .venv/bin/python bench/bench_render.py [--messages 200000] [--products 10] [--catalogue 5000]
+The default is 1M messages (the issue asks for at least 200k). Each Spark run pays some fixed costs:
+the driver's planning and the catalogue fetch, the shuffle stage's start, and the JIT still compiling
+per-batch and per-query code (3.4 s of C2 CPU in the first timed run, 0.9 s by the fourth). At 200k
+(a 42 s run) these weigh 4-5% and the ratio varied from 0.81 to 0.87. At 1M (a 200 s run) they weigh
+under 1%, as in a job over millions of customers.
+
+    .venv/bin/python bench/bench_render.py [--messages 1000000] [--products 10] [--catalogue 5000]
         [--cores N] [--repeat 2] [--warmup 40000] [--batch-rows 10000] [--spark-join] [--breakdown] [--conf KEY=VALUE ...]
         [--keep]
 
@@ -210,7 +216,8 @@ def run_plain(folder: Path) -> tuple[float, float | None, int, int]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=200_000, help="recipients (default 200,000)")
+    parser.add_argument("--messages", type=int, default=1_000_000,
+                        help="recipients (default 1,000,000; the issue asks for at least 200,000)")
     parser.add_argument("--products", type=int, default=10, help="products per message (default 10)")
     parser.add_argument("--catalogue", type=int, default=5000, help="products in the catalogue (default 5,000)")
     parser.add_argument("--cores", type=int, default=0, help="Spark's local[N] (default: every core)")
