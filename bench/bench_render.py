@@ -22,8 +22,8 @@ per-batch and per-query code (3.4 s of C2 CPU in the first timed run, 0.9 s by t
 under 1%, as in a job over millions of customers.
 
     .venv/bin/python bench/bench_render.py [--messages 1000000] [--products 10] [--catalogue 5000]
-        [--cores N] [--repeat 2] [--warmup 40000] [--batch-rows 10000] [--spark-join] [--breakdown] [--conf KEY=VALUE ...]
-        [--keep]
+        [--cores N] [--repeat 2] [--warmup 40000] [--batch-rows 10000] [--spark-join] [--breakdown]
+        [--conf KEY=VALUE ...] [--keep]
 
 Goal from issue 7: Spark's per-core rate >= 0.85 x the plain rate; the script exits 1 when missed.
 Data lives under ``.bench/render`` and is removed at the end.

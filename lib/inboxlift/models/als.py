@@ -13,8 +13,8 @@ barrier job (the plumbing of :mod:`inboxlift.models.collective`):
   users' Gram matrix ``XᵀX``; the driver adds them up and solves every item's system.
 - User step (tasks): the driver sends the item factors; each task solves its users' systems.
 - At the end each task yields its users' factors (the job's output, written as Parquet under the
-  checkpoint directory) and the driver makes the item factors a DataFrame; both become a Spark ML ``ALSModel``, so scoring,
-  saving, MLflow and the blocked top-k work as with Spark's own fit.
+  checkpoint directory) and the driver makes the item factors a DataFrame; both become a Spark ML
+  ``ALSModel``, so scoring, saving, MLflow and the blocked top-k work as with Spark's own fit.
 
 The equations are Spark's implicit ALS (Hu, Koren and Volinsky, with Spark's extension to
 negative ratings): for a user with pairs (item i, rating r), ``c - 1 = alpha * |r|``, preference

@@ -18,10 +18,10 @@ the partitioning. Keys are built only for the few scores that can enter a row's 
 the maxima of 512 disjoint groups of candidates give a lower bound on every row's k-th best score
 (the k-th largest maximum), one comparison with it finds about k entries per row (eight at a time,
 as 64-bit words of the boolean mask), and only those are keyed and sorted. On 2,048 users x 20,000
-items of rank 10 that is ~0.06 s of one core per block (in the Spark job). Excluded pairs (items a user bought, an
-item itself) score -inf and never appear in the output, so a query may get fewer than k rows. Exclusions given as pairs
-(``exclusions``: one row per query and excluded candidate, millions of rows for "items already
-seen") are hashed to the same blocks as their queries, packed into one long per pair and gathered
+items of rank 10 that is ~0.06 s of one core per block (in the Spark job). Excluded pairs (items a
+user bought, an item itself) score -inf and never appear in the output, so a query may get fewer
+than k rows. Exclusions given as pairs (``exclusions``: one row per query and excluded candidate,
+millions of rows for "items already seen") are hashed to the same blocks as their queries, packed into one long per pair and gathered
 per block (a partial aggregation, so the shuffle moves a few packed lists, not millions of rows),
 then ride with the block's queries as a row of their own: no per-query grouping and no join.
 
