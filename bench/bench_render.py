@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 WORK_DIR = ROOT / ".bench" / "render"
 GOAL = 0.85
-KEY = b"bench-signing-key"
+KEY = b"bench-signing-key-0123456789abcdef"
 RENDERED_AT = dt.datetime(2026, 11, 20, 12, 0, tzinfo=dt.timezone.utc)
 SUBJECTS = {"A": "{{ first_name or 'Hi there' }}, your picks for this week",
             "B": "This week's picks for you{% if first_name %}, {{ first_name }}{% endif %}"}

@@ -42,7 +42,10 @@ window.addEventListener("load", function () {
   });
   var probe = document.createElement("pre");
   probe.id = "probe";
+  var hrefs = Array.prototype.map.call(document.links, function (a) { return a.getAttribute("href"); });
   probe.textContent = JSON.stringify({
+    title: document.title,
+    hrefs: hrefs,
     scrollWidth: document.documentElement.scrollWidth,
     viewport: window.innerWidth,
     messageWidth: message.getBoundingClientRect().width,
@@ -54,8 +57,8 @@ window.addEventListener("load", function () {
 """
 
 
-def _message(campaign_type: str, locale: str) -> dict:
-    config = RenderConfig.from_settings(RenderSettings(), signing_key=b"browser-test-key",
+def _message(campaign_type: str, locale: str, first_name: str = "Ann") -> dict:
+    config = RenderConfig.from_settings(RenderSettings(), signing_key=b"browser-test-signing-key-0123456789",
                                         rendered_at=dt.datetime(2026, 11, 20, 12, tzinfo=dt.timezone.utc))
     products = [
         dict(position=i, item_id=f"i{i}", source="cart" if i < 3 else "similar",
@@ -69,7 +72,7 @@ def _message(campaign_type: str, locale: str) -> dict:
                locale=locale, subject_template="{{ first_name or 'Hi there' }}, your picks",
                send_at=dt.datetime(2026, 11, 21, 9, tzinfo=dt.timezone.utc),
                context=[("segment_name", "VIP loyal"), ("cart_added_at", "2026-11-19T08:00:00Z")], has_user=True,
-               email="ann@mail.example", first_name="Ann", timezone="Europe/London", email_consent=True,
+               email="ann@mail.example", first_name=first_name, timezone="Europe/London", email_consent=True,
                products=products)
     out = render_row(row, config)
     assert out["reason"] is None, out["error"]
@@ -113,7 +116,20 @@ def test_layout_is_at_most_640px_wide_and_fits_a_phone(campaign_type, locale, tm
         if image["width"] != "1":
             assert image["alt"].strip(), f"content image with empty alt: {image['src']}"
     pixels = [i for i in images if i["width"] == "1"]
-    assert len(pixels) == 1 and pixels[0]["alt"] == "" and pixels[0]["src"].startswith("https://t.shop.example/o.gif")
+    assert len(pixels) == 1 and pixels[0]["alt"] == ""
+    assert re.fullmatch(r"https://t\.shop\.example/o/[A-Za-z0-9_-]+\.gif", pixels[0]["src"])
+
+
+def test_title_has_no_bidi_override_and_every_link_is_a_signed_token(tmp_path):
+    # U+202E in the first name would show "Ann" + "exe.gpj" reversed in the tab and the inbox.
+    out = _message("weekly_picks", "en", first_name="Ann\u202egpj.exe")
+    page = _measure(out["html"], tmp_path, width=1000, name="bidi")
+    assert page["title"] == out["subject"] == "Anngpj.exe, your picks"
+    hrefs = page["hrefs"]
+    # Ten cards x (image, name, "View product"), the call to action, the unsubscribe link.
+    assert len(hrefs) == 32
+    assert all(re.fullmatch(r"https://t\.shop\.example/[cu]/[A-Za-z0-9_-]+", h) for h in hrefs), hrefs
+    assert sum(h.startswith("https://t.shop.example/u/") for h in hrefs) == 1
 
 
 def test_screenshot_is_not_blank(tmp_path):

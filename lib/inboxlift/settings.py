@@ -14,13 +14,17 @@ Secrets are never values in these files: a secret setting holds a reference,
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 import yaml
+
+from inboxlift.addresses import ascii_address
 
 ENV_PREFIX = "INBOXLIFT__"
 
@@ -421,13 +425,16 @@ class RenderSettings:
     from_name: str = "Example Shop"
     # Shown in the footer of every email (CAN-SPAM and similar laws require a postal address).
     postal_address: str = "Example Shop Ltd, 1 Market Street, London EC1A 1AA, United Kingdom"
-    # Product links go through this click redirect (signed, so it is no open redirect); "" links straight to the shop.
-    tracking_base_url: str = "https://t.shop.example/c"
-    # The one-click unsubscribe endpoint (RFC 8058 POST, and a page for GET); links carry an HMAC signature.
-    unsubscribe_base_url: str = "https://shop.example/unsubscribe"
+    # Where the tracking service answers the signed links (docs/render.md, "Links and tokens"):
+    # <base>/u/<token> unsubscribe (page and RFC 8058 one-click POST), <base>/c/<token> click redirect,
+    # <base>/o/<token>.gif open pixel. http(s), no query or fragment.
+    links_base_url: str = "https://t.shop.example"
+    # Product links through the signed click redirect; false links straight to the shop (utm kept).
+    track_clicks: bool = True
+    # Click and open tokens older than this many days are refused by the verifier (0: never expire).
+    # Unsubscribe tokens never expire (RFC 8058: one-click must keep working in old emails).
+    tracking_token_max_age_days: int = 180
     unsubscribe_mailto: str = "unsubscribe@shop.example"
-    # The open-tracking pixel (a 1x1 image); the message id is added as ?m=.
-    pixel_url: str = "https://t.shop.example/o.gif"
     utm_source: str = "inboxlift"
     utm_medium: str = "email"
     # Product cards shown per email at most (the plan may hold more items).
@@ -446,18 +453,32 @@ class RenderSettings:
 
         for key in ("from_address", "unsubscribe_mailto"):
             value = getattr(self, key)
-            if value.count("@") != 1 or any(c.isspace() or ord(c) < 32 for c in value) or value[0] == "@":
+            checked = ascii_address(value)
+            if checked is None:
                 raise bad(key, f"must be a plain email address, got {value!r}")
-        for key in ("unsubscribe_base_url", "pixel_url", "tracking_base_url"):
-            value = getattr(self, key)
-            if key == "tracking_base_url" and value == "":
-                continue
-            if not value.startswith(("https://", "http://")) or any(c.isspace() for c in value):
-                raise bad(key, f"must be an http(s) URL without spaces, got {value!r}")
-        if any(ord(c) < 32 for c in self.from_name + self.postal_address):
-            raise bad("from_name", "and postal_address must not hold control characters (line breaks)")
+            if checked != value:
+                raise bad(key, f"must be written in its ASCII form {checked!r} (IDNA domain, lower case), "
+                          f"got {value!r}")
+        base = urlsplit(self.links_base_url)
+        if (base.scheme not in ("http", "https") or not base.hostname or base.query or base.fragment
+                or "@" in base.netloc or not self.links_base_url.isascii()
+                or any(c.isspace() or not c.isprintable() for c in self.links_base_url)):
+            raise bad("links_base_url", "must be an ASCII http(s) URL without spaces, user, query or fragment, "
+                      f"got {self.links_base_url!r}")
+        if self.tracking_token_max_age_days < 0:
+            raise bad("tracking_token_max_age_days", f"must be 0 (never expire) or more, got "
+                      f"{self.tracking_token_max_age_days}")
+        if not (self.from_name + self.postal_address).isprintable():
+            raise bad("from_name", "and postal_address must not hold control or format characters (line breaks, "
+                      "bidi controls)")
         if self.max_products <= 0:
             raise bad("max_products", f"must be positive, got {self.max_products}")
+
+    @property
+    def tracking_token_max_age(self) -> dt.timedelta | None:
+        """How old a click or open token may be when verified; None: no limit."""
+        days = self.tracking_token_max_age_days
+        return dt.timedelta(days=days) if days else None
 
 
 @dataclass(frozen=True)

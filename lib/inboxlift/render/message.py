@@ -9,8 +9,11 @@ Safety rules (tested in tests/test_render.py):
 
 - values from data are template *variables*, never template source, so ``{{ }}`` in a name stays text;
 - HTML bodies are autoescaped; text bodies and subjects are plain text;
-- every header value goes through :func:`one_line`, so a CR/LF in a name cannot add a header;
-- only absolute http(s) URLs from the catalogue become links or images.
+- every value that reaches a header, the subject or ``<title>`` goes through :func:`one_line`, so a
+  CR/LF in a name cannot add a header and bidi controls cannot reorder what the reader sees;
+- addresses are validated with ``email-validator`` (:mod:`inboxlift.addresses`) before a ``To:``;
+- only absolute http(s) URLs from the catalogue become links or images; links are signed tokens
+  (:mod:`inboxlift.tokens`).
 """
 
 from __future__ import annotations
@@ -30,25 +33,27 @@ from babel.numbers import format_currency
 from jinja2 import TemplateNotFound, TemplateSyntaxError, UndefinedError
 from jinja2.exceptions import SecurityError, TemplateError
 
+from inboxlift.addresses import ascii_address
 from inboxlift.render import engine
-from inboxlift.render.links import (
-    click_url,
-    is_web_url,
-    message_id,
-    pixel_url,
-    unsubscribe_url,
-    utm_query,
-    with_utm,
-)
+from inboxlift.render.links import is_web_url, message_id, utm_query, with_utm
 from inboxlift.settings import RenderSettings
+from inboxlift.tokens import CLICK, OPEN, UNSUBSCRIBE, MessageTokens, check_key, link_url
 
 STATUS_RENDERED = "rendered"
 STATUS_ERROR = "error"
 LIST_UNSUBSCRIBE_POST = "List-Unsubscribe=One-Click"
-# Control characters and every character Python's str.splitlines treats as a line break.
-_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+# Whitespace controls and every character Python's str.splitlines treats as a line break: one space.
+_BREAKS = re.compile(r"[\t\n\v\f\r\x1c-\x1e\x85\u2028\u2029]+")
+# Removed: the other C0 and C1 controls (NUL...), DEL, and the bidi and format characters that
+# reorder or hide text (U+202A-U+202E embeddings and overrides, U+2066-U+2069 isolates, U+200E/U+200F
+# marks, U+061C, U+FEFF). Joiners (U+200C/U+200D) stay: scripts and emoji need them.
+_INVISIBLE = re.compile("[\x00-\x08\x0e-\x1b\x1f\x7f-\x84\x86-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ufeff]+")
 _SPACES = re.compile(r" {2,}")
-_EMAIL = re.compile(r"[^@\s<>()\[\],;:\"\\]{1,64}@[^@\s<>()\[\],;:\"\\]+\.[^@\s<>()\[\],;:\"\\.]{2,}")
+# Longer first names fail the row (value_too_long); longer subject lines fail it too (subject_too_long).
+MAX_NAME_CHARS = 100
+MAX_SUBJECT_CHARS = 250
+# Link positions in click tokens: 0 the call to action, 1.. the product cards in the order shown.
+CTA_POSITION = 0
 # Context values with these names (or ending so) are ISO dates or timestamps, shown as local dates.
 _DATE_SUFFIXES = ("_at", "_date", "_on")
 _DATE_KEYS = ("birthday",)
@@ -62,10 +67,10 @@ class RenderConfig:
     from_address: str
     from_name: str
     postal_address: str
-    tracking_base_url: str
-    unsubscribe_base_url: str
+    # Without a trailing slash: <links_base_url>/u/<token>, /c/<token>, /o/<token>.gif.
+    links_base_url: str
+    track_clicks: bool
     unsubscribe_mailto: str
-    pixel_url: str
     utm_source: str
     utm_medium: str
     max_products: int
@@ -73,13 +78,16 @@ class RenderConfig:
     signing_key: bytes = field(repr=False)
     rendered_at: dt.datetime
 
+    def __post_init__(self) -> None:
+        check_key(self.signing_key)
+
     @classmethod
     def from_settings(cls, settings: RenderSettings, *, signing_key: bytes, rendered_at: dt.datetime) -> "RenderConfig":
         return cls(
             from_address=settings.from_address, from_name=settings.from_name,
-            postal_address=settings.postal_address, tracking_base_url=settings.tracking_base_url,
-            unsubscribe_base_url=settings.unsubscribe_base_url, unsubscribe_mailto=settings.unsubscribe_mailto,
-            pixel_url=settings.pixel_url, utm_source=settings.utm_source, utm_medium=settings.utm_medium,
+            postal_address=settings.postal_address, links_base_url=settings.links_base_url.rstrip("/"),
+            track_clicks=settings.track_clicks, unsubscribe_mailto=settings.unsubscribe_mailto,
+            utm_source=settings.utm_source, utm_medium=settings.utm_medium,
             max_products=settings.max_products, signing_key=signing_key, rendered_at=rendered_at,
         )
 
@@ -100,18 +108,15 @@ class RowError(Exception):
 
 
 def one_line(value: Any) -> str:
-    """Text safe for a header: line breaks and control characters become one space."""
+    """Text safe for a header, a subject or a title: line breaks become one space; other control
+    characters and bidi/format characters (``_INVISIBLE``) are removed; spaces collapse."""
     if value is None:
         return ""
     text = str(value)
-    # Most values need nothing: printable means no control character and no line separator.
+    # Most values need nothing: printable means no control, format (Cf) or line separator character.
     if text.isprintable() and "  " not in text:
         return text.strip()
-    return _SPACES.sub(" ", _BREAKS.sub(" ", text)).strip()
-
-
-def is_email_address(value: str | None) -> bool:
-    return bool(value) and len(value) <= 254 and _EMAIL.fullmatch(value) is not None
+    return _SPACES.sub(" ", _BREAKS.sub(" ", _INVISIBLE.sub("", text))).strip()
 
 
 @functools.lru_cache(maxsize=65536)
@@ -176,7 +181,8 @@ def _formatted_dates(context: Mapping[str, str], zone: dt.tzinfo, locale: str) -
     return dates
 
 
-def _cards(row: Mapping[str, Any], config: RenderConfig, *, locale: str, msg_id: str) -> list[dict[str, Any]]:
+def _cards(row: Mapping[str, Any], config: RenderConfig, *, locale: str,
+           tokens: MessageTokens) -> list[dict[str, Any]]:
     planned = row.get("products") or []
     cards = []
     utm = utm_query(source=config.utm_source, medium=config.utm_medium, campaign=row["campaign_id"],
@@ -189,11 +195,13 @@ def _cards(row: Mapping[str, Any], config: RenderConfig, *, locale: str, msg_id:
         if not usable:
             continue
         target = with_utm(product["url"], utm)
-        link = click_url(config.tracking_base_url, target=target, message_id=msg_id, key=config.signing_key) \
-            if config.tracking_base_url else target
+        position = len(cards) + 1
+        link = link_url(config.links_base_url, CLICK, tokens.click(position, product.get("item_id"), target)) \
+            if config.track_clicks else target
         name = one_line(product["name"])
         cards.append({
             "item_id": product.get("item_id"),
+            "target": target,
             "name": name,
             "brand": one_line(product.get("brand")) or None,
             "price": format_money(product["price"], product["currency"], locale),
@@ -214,37 +222,50 @@ def render_message(row: Mapping[str, Any], config: RenderConfig) -> dict[str, An
         raise RowError("unknown_user", "the user_id has no row in users")
     if row.get("email_consent") is not True:
         raise RowError("no_consent", "the user has not consented to email (checked again at render time)")
-    to_email = row.get("email")
-    if not is_email_address(to_email):
+    to_email = ascii_address(row.get("email"))
+    if to_email is None:
         raise RowError("invalid_email", "the user's email address is missing or malformed")
-    campaign_id, user_id = row["campaign_id"], row["user_id"]
+    campaign_id, user_id, variant = row["campaign_id"], row["user_id"], row.get("variant")
+    first_name = one_line(row.get("first_name")) or None
+    if first_name is not None and len(first_name) > MAX_NAME_CHARS:
+        raise RowError("value_too_long", f"first_name is longer than {MAX_NAME_CHARS} characters")
 
     locale = engine.template_locale(row.get("locale"))
     html_template, locale = engine.body_template(row.get("template") or "", locale, "html")
     text_template, _ = engine.body_template(row["template"], locale, "txt")
     zone = _zone(row.get("timezone"))
     msg_id = message_id(campaign_id, user_id, domain=config.domain)
-    unsubscribe = unsubscribe_url(config.unsubscribe_base_url, campaign_id=campaign_id, user_id=user_id,
-                                  key=config.signing_key)
+    tokens = MessageTokens(key=config.signing_key, issued_at=config.rendered_at, message_id=msg_id,
+                           campaign_id=campaign_id, user_id=user_id, variant=variant)
+    unsubscribe = link_url(config.links_base_url, UNSUBSCRIBE, tokens.unsubscribe(row.get("campaign_type")))
+    cards = _cards(row, config, locale=locale, tokens=tokens)
+    cta = None
+    if cards:
+        first = cards[0]
+        cta = link_url(config.links_base_url, CLICK, tokens.click(CTA_POSITION, first["item_id"], first["target"])) \
+            if config.track_clicks else first["target"]
     context = _as_dict(row.get("context"))
     send_at = row.get("send_at") or config.rendered_at
     values = {
         "lang": locale,
         # None, never "": templates write their own locale's greeting ("Hi there") when it is missing.
-        "first_name": one_line(row.get("first_name")) or None,
+        "first_name": first_name,
         "shop_name": config.from_name,
         "postal_address": config.postal_address,
-        "campaign": {"id": campaign_id, "type": row.get("campaign_type"), "variant": row.get("variant")},
+        "campaign": {"id": campaign_id, "type": row.get("campaign_type"), "variant": variant},
         "context": context,
         "dates": _formatted_dates(context, zone, locale),
         "date_line": format_day(_local_date(send_at, zone), "full", locale),
-        "products": _cards(row, config, locale=locale, msg_id=msg_id),
+        "products": cards,
+        "cta_url": cta,
         "unsubscribe_url": unsubscribe,
-        "pixel_url": pixel_url(config.pixel_url, message_id=msg_id),
+        "pixel_url": link_url(config.links_base_url, OPEN, tokens.open()),
     }
     subject = one_line(engine.subject_template(row.get("subject_template") or "").render(values))
     if not subject:
         raise RowError("empty_subject", "the subject line renders empty")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise RowError("subject_too_long", f"the subject line is longer than {MAX_SUBJECT_CHARS} characters")
     values["subject"] = subject
     headers = {
         "From": formataddr((one_line(config.from_name), config.from_address)),
@@ -253,7 +274,7 @@ def render_message(row: Mapping[str, Any], config: RenderConfig) -> dict[str, An
                             f"&body={quote(unsubscribe, safe='')}>",
         "List-Unsubscribe-Post": LIST_UNSUBSCRIBE_POST,
         "X-Inboxlift-Campaign": one_line(campaign_id),
-        "X-Inboxlift-Variant": one_line(row.get("variant")),
+        "X-Inboxlift-Variant": one_line(variant),
     }
     return {
         "message_id": msg_id,
