@@ -60,3 +60,19 @@ def test_the_session_runs_python_workers_on_this_interpreter(spark):
 
     seen = spark.range(1).mapInArrow(interpreter, "exe string").select(F.col("exe")).first()[0]
     assert seen == sys.executable
+
+
+def test_log_level_and_checkpoints_are_static_settings_not_context_calls(tmp_path):
+    conf = local_conf(SparkSettings(log_level="ERROR", checkpoint_dir=str(tmp_path / "ck")), environ={},
+                      delta_jars=[])
+    assert conf["spark.log.level"] == "ERROR"
+    assert conf["spark.checkpoint.dir"] == str(tmp_path / "ck")
+
+
+def test_delta_probe_goes_through_the_dataframe_api(spark, spark_info):
+    from inboxlift.session import delta_classes_loaded, is_connect_session, master_of
+
+    # This machine has no Delta jars: the probe must say so rather than fail.
+    assert delta_classes_loaded(spark) is spark_info.has_delta_jars
+    assert master_of(spark) == "local[2]"
+    assert is_connect_session(spark) is False

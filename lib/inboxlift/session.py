@@ -4,6 +4,11 @@ On Databricks or any running cluster the active session is reused as it is:
 nothing is set that could break a shared or serverless cluster. Locally a
 session is sized for the machine, with Delta Lake's extensions switched on
 when its jars can be found on disk (they cannot be downloaded everywhere).
+With ``spark.remote`` set, the session is a Spark Connect client: ``local[N]``
+starts pyspark's own Connect server in this process, ``sc://host:port``
+connects to a running one (Databricks serverless and shared clusters are
+Spark Connect too). Nothing here touches ``sparkContext`` or the JVM gateway,
+so the same code serves both kinds of session.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -29,11 +35,26 @@ class SessionInfo:
     is_local: bool
     is_databricks: bool
     has_delta_jars: bool
+    is_connect: bool = False
 
     def describe(self) -> str:
         where = "Databricks" if self.is_databricks else ("local" if self.is_local else "cluster")
+        kind = "Spark Connect" if self.is_connect else "classic"
         delta = "native Delta jars on the classpath" if self.has_delta_jars else "no Delta jars (delta-rs backend)"
-        return f"Spark {self.spark.version} ({where}, master {self.spark.sparkContext.master}); {delta}"
+        return f"Spark {self.spark.version} ({where}, {kind}, master {master_of(self.spark)}); {delta}"
+
+
+def is_connect_session(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect client (no JVM in this process to talk to)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def master_of(spark: SparkSession) -> str:
+    """The master URL as the session's configuration states it (works on both kinds of session)."""
+    try:
+        return spark.conf.get("spark.master", "unknown") or "unknown"
+    except Exception:  # noqa: BLE001 - a serverless session may refuse to show it
+        return "unknown"
 
 
 def is_databricks(environ: Mapping[str, str]) -> bool:
@@ -57,13 +78,19 @@ def find_delta_jars(search_dirs: list[str] | None = None) -> list[str]:
 
 
 def delta_classes_loaded(spark: SparkSession) -> bool:
-    """Whether the JVM can load Delta Lake's DeltaTable class (False on Spark Connect without it)."""
+    """Whether Spark can resolve the ``delta`` data source on this session.
+
+    Asked through the DataFrame API (a read of a path that does not exist), so it works the same
+    on a classic session and on Spark Connect: without Delta the error is ``DATA_SOURCE_NOT_FOUND``;
+    with it, Delta itself complains about the missing path.
+    """
+    probe = f"/nonexistent/inboxlift-delta-probe-{os.getpid()}"
     try:
-        jvm = spark.sparkContext._jvm  # type: ignore[attr-defined]
-        jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "not usable here"
-        return False
+        spark.read.format("delta").load(probe).schema
+    except Exception as exc:  # noqa: BLE001 - classified below by its error condition
+        condition = getattr(exc, "getCondition", lambda: None)() or ""
+        return condition != "DATA_SOURCE_NOT_FOUND" and "DATA_SOURCE_NOT_FOUND" not in str(exc)
+    return True
 
 
 def _machine_memory_gib() -> float:
@@ -102,6 +129,10 @@ def local_conf(settings: SparkSettings, *, environ: Mapping[str, str], delta_jar
         "spark.sql.codegen.hugeMethodLimit": "8000",
         "spark.ui.enabled": "false" if in_ci or not settings.ui_enabled else "true",
         "spark.ui.showConsoleProgress": "false",
+        # Both are static settings read when the context starts (Spark 4), so they need no
+        # SparkContext call afterwards and reach a local Spark Connect server the same way.
+        "spark.log.level": settings.log_level,
+        "spark.checkpoint.dir": str(Path(settings.checkpoint_dir).absolute()),
         # Python workers must be the driver's interpreter, or pickled functions fail to load.
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
@@ -125,29 +156,57 @@ def build_session(
     environ: Mapping[str, str],
     app_name: str = "inboxlift",
 ) -> SessionInfo:
-    """Reuse the active session (Databricks, a notebook, a cluster) or build a local one.
+    """Reuse the active session (Databricks, a notebook, a cluster) or build a local or Connect one.
 
     Args:
-        settings: sizing for a local session.
+        settings: sizing for a local session; ``settings.remote`` asks for Spark Connect.
         environ: the process environment (to detect Databricks and CI).
         app_name: the application name shown by Spark.
     """
     active = SparkSession.getActiveSession()
     if active is not None or is_databricks(environ):
         spark = active or SparkSession.builder.getOrCreate()
+        connect = is_connect_session(spark)
         return SessionInfo(spark, is_local=False, is_databricks=is_databricks(environ),
-                           has_delta_jars=is_databricks(environ) or delta_classes_loaded(spark))
+                           has_delta_jars=is_databricks(environ) or delta_classes_loaded(spark), is_connect=connect)
 
     # Set before the JVM starts so every Python worker runs this interpreter.
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+    Path(settings.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    if settings.remote:
+        return _connect_session(settings, environ=environ, app_name=app_name)
     delta_jars = find_delta_jars()
     builder = SparkSession.builder.master(settings.master).appName(app_name)
     for key, value in local_conf(settings, environ=environ, delta_jars=delta_jars).items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(settings.log_level)
-    Path(settings.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    spark.sparkContext.setCheckpointDir(str(Path(settings.checkpoint_dir).absolute()))
     return SessionInfo(spark, is_local=True, is_databricks=False,
                        has_delta_jars=bool(delta_jars) and delta_classes_loaded(spark))
+
+
+def _connect_session(settings: SparkSettings, *, environ: Mapping[str, str], app_name: str) -> SessionInfo:
+    """A Spark Connect client: to pyspark's own local server (``local[N]``) or to ``sc://...``."""
+    remote = settings.remote or ""
+    is_local = remote.startswith("local")
+    builder = SparkSession.builder.remote(remote).appName(app_name)
+    if is_local:
+        # The local server is started from these (static ones included); afterwards the client
+        # re-applies them and Spark refuses the static ones with a warning each, which says nothing
+        # a user could act on.
+        delta_jars = find_delta_jars()
+        conf = local_conf(settings, environ=environ, delta_jars=delta_jars)
+    else:
+        delta_jars = []
+        conf = {"spark.sql.shuffle.partitions": str(settings.shuffle_partitions)} \
+            if settings.shuffle_partitions else {}
+        conf.update(settings.extra_conf)
+    for key, value in conf.items():
+        builder = builder.config(key, value)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to set spark", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*is NOT supported in Spark Connect", category=UserWarning)
+        spark = builder.getOrCreate()
+    return SessionInfo(spark, is_local=is_local, is_databricks=False,
+                       has_delta_jars=delta_classes_loaded(spark) if (delta_jars or not is_local) else False,
+                       is_connect=True)

@@ -38,6 +38,9 @@ class SparkSettings:
     """How the local session is sized. Ignored where a session already exists (Databricks)."""
 
     master: str = "local[*]"
+    # Spark Connect: "local[2]" starts pyspark's own Connect server in this process (from the pip
+    # install), "sc://host:15002" connects to a running server. Unset: a classic session.
+    remote: str | None = None
     # "auto" sizes the driver from the machine's memory; otherwise a JVM size like "8g".
     driver_memory: str = "auto"
     # 0 means "twice the cores" locally; tests use 1.

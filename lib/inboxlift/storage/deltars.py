@@ -210,11 +210,11 @@ class DeltaRsBackend:
         root = self._require_path(ref)
         write_id = uuid.uuid4().hex
         manifest = f"{root}/{STAGING_DIR}/{write_id}.json"
-        # Spark looks Python data sources up in the thread's active session, which a thread
-        # other than the one that built the session does not have (concurrent writers do).
-        jvm_session = getattr(self.spark, "_jsparkSession", None)
-        if jvm_session is not None:
-            self.spark._jvm.org.apache.spark.sql.SparkSession.setActiveSession(jvm_session)  # type: ignore[attr-defined]
+        # Spark looks Python data sources up in the JVM thread's active session, which a Python
+        # thread other than the one that built the session does not have (concurrent writers, a
+        # notebook's thread pool). A classic session's createDataFrame makes it the thread's
+        # active session as a side effect, through public API; it runs no job.
+        self.spark.createDataFrame([], "x int")
         (
             df.write.format(FORMAT_NAME)
             .mode("append")
