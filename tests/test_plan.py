@@ -8,6 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import CAMPAIGN_TYPES, load_campaigns, parse_campaigns
@@ -324,3 +325,83 @@ def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_pl
     run_plan(ctx, all_campaigns=True, plan_date=DAY)
     assert plan_rows() == first
     assert ctx.lake.read("campaign_exclusions").count() == 1
+
+
+PLAN_ROW = ("campaign_id string, campaign_type string, plan_date date, user_id string, variant string, "
+            "template string, locale string, subject_template string, send_at timestamp, reason string, "
+            "item_ids array<string>, item_sources array<string>, context map<string,string>, plan_run_id string, "
+            "planned_at timestamp")
+
+
+def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorities_and_days(spark, ctx, tmp_path):
+    from inboxlift.stages.plan import run_plan
+
+    campaigns = tmp_path / "campaigns.yml"
+    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
+             "    frequency_cap: {max_emails: 1, days: 7}"
+    campaigns.write_text(
+        "campaigns:\n"
+        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n"
+        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n")
+    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
+                                                                           campaigns_file=str(campaigns)))
+    ctx = dataclasses.replace(ctx, settings=settings)
+    cart_at = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
+    ctx.lake.append("users", spark.createDataFrame([user(u) for u in ("a", "x", "b", "y")], USERS))
+    ctx.lake.append("user_features", spark.createDataFrame([
+        features("a", cart=["i1"], cart_at=cart_at),
+        features("x", cart=["i3"], cart_at=cart_at),    # its cart item is out of stock: too few products
+        features("b"),
+        features("y", cart=["i1"], cart_at=cart_at),    # got picks yesterday
+    ], FEATURES))
+    ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2"), item("i3", stock=False)], ITEMS))
+    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
+                                                        "event_ts timestamp"))
+    ctx.lake.append("recommendations", spark.createDataFrame(
+        [(u, 1, "i2", "als") for u in ("a", "x", "b", "y")], "user_id string, rank int, item_id string, source string"))
+    ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
+    yesterday = DAY - dt.timedelta(days=1)
+    ctx.lake.append("campaign_plan", spark.createDataFrame([
+        ("picks", "weekly_picks", yesterday, "y", "A", "weekly_picks", "en", "hi",
+         dt.datetime(2026, 11, 19, 10, 0), "r", ["i2"], ["als"], {}, "plan-0", dt.datetime(2026, 11, 19, 6, 0)),
+    ], PLAN_ROW))
+
+    run_plan(ctx, all_campaigns=True, plan_date=DAY)
+
+    plan = ctx.lake.read("campaign_plan").select("campaign_id", "plan_date", "user_id", "variant", "item_ids")
+    assert_df_equality(plan, spark.createDataFrame([
+        ("picks", yesterday, "y", "A", ["i2"]),
+        ("cart", DAY, "a", "A", ["i1"]),
+        ("picks", DAY, "x", "A", ["i2"]),
+        ("picks", DAY, "b", "A", ["i2"]),
+    ], "campaign_id string, plan_date date, user_id string, variant string, item_ids array<string>"),
+        ignore_row_order=True, ignore_nullable=True)
+    exclusions = ctx.lake.read("campaign_exclusions").select("campaign_id", "plan_date", "user_id", "reason")
+    assert_df_equality(exclusions, spark.createDataFrame([
+        ("cart", DAY, "x", "too_few_products"),
+        ("cart", DAY, "y", "frequency_cap"),       # yesterday's picks count, though picks comes after cart
+        ("picks", DAY, "a", "frequency_cap"),      # cart comes first and planned "a" today
+        ("picks", DAY, "y", "already_received"),   # picks yesterday, inside its cool-down
+    ], "campaign_id string, plan_date date, user_id string, reason string"),
+        ignore_row_order=True, ignore_nullable=True)
+
+    versions = {t: ctx.lake.version(t) for t in ("campaign_plan", "campaign_exclusions")}
+
+    def comparable(frame):
+        # plan_run_id names the run; everything else must be equal, row for row (a map cannot be sorted).
+        frame = frame.drop("plan_run_id")
+        return frame.withColumn("context", F.array_sort(F.map_entries("context"))) if "context" in frame.columns \
+            else frame
+
+    def unchanged_since_first_run() -> None:
+        for table, version in versions.items():
+            assert_df_equality(comparable(ctx.lake.read(table)), comparable(ctx.lake.read(table, version=version)),
+                               ignore_row_order=True, ignore_nullable=True)
+
+    # Before the fix the re-run counted today's picks of "x" against cart: frequency_cap, not too_few_products.
+    run_plan(ctx, all_campaigns=True, plan_date=DAY)
+    unchanged_since_first_run()
+    run_plan(ctx, campaign_id="cart", plan_date=DAY)
+    unchanged_since_first_run()
+    run_plan(ctx, campaign_id="picks", plan_date=DAY)
+    unchanged_since_first_run()

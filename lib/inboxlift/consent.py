@@ -51,6 +51,8 @@ ADDRESS_REASONS = (BOUNCED, SOFT_BOUNCED, COMPLAINED)
 SUPPRESSING_EVENTS = {"unsubscribe": UNSUBSCRIBED, "bounce": BOUNCED, "complaint": COMPLAINED}
 LIFTING_EVENTS = {"resubscribe": UNSUBSCRIBED}
 CONSENT_EVENT_TYPES = (*SUPPRESSING_EVENTS, *LIFTING_EVENTS)
+# The events a person scopes (a preference page); a bounce or a complaint is about every mail.
+SCOPED_EVENTS = ("unsubscribe", "resubscribe")
 
 
 def email_hash(email: Column) -> Column:
@@ -149,9 +151,10 @@ def _actions(events: DataFrame, current: DataFrame) -> DataFrame:
     is_lift = kind.isin(*LIFTING_EVENTS)
     reasons = F.create_map(*[F.lit(x) for pair in {**SUPPRESSING_EVENTS, **LIFTING_EVENTS}.items() for x in pair])
     campaign_type = F.col("campaign_type") if "campaign_type" in events.columns else F.lit(None).cast("string")
+    scope = F.when(kind.isin(*SCOPED_EVENTS), event_scope(campaign_type, is_lift=is_lift)).otherwise(F.lit(SCOPE_ALL))
     from_events = (events.where(kind.isin(*CONSENT_EVENT_TYPES) & F.col("user_id").isNotNull()
                                 & F.col("event_ts").isNotNull())
-                   .select("user_id", event_scope(campaign_type, is_lift=is_lift).alias("scope"),
+                   .select("user_id", scope.alias("scope"),
                            F.element_at(reasons, kind).alias("reason"), is_lift.alias("is_lift"),
                            F.col("event_ts").alias("ts"), F.col("event_id").cast("string").alias("source"))
                    .where(F.col("scope").isNotNull()))
@@ -171,8 +174,8 @@ def suppression_updates(events: DataFrame, *, current: DataFrame, users: DataFra
 
     Events (``event_id, event_type, event_ts, user_id`` and optionally ``campaign_type``) of the
     :data:`CONSENT_EVENT_TYPES` become actions: ``unsubscribe``, ``bounce``, ``complaint`` suppress
-    (scope from :func:`event_scope`); ``resubscribe`` lifts an ``unsubscribed`` suppression of its
-    scope. The key's current row joins them as a suppress at ``since`` (and a lift at ``lifted_at``).
+    (an unsubscribe's scope from :func:`event_scope`, the others' ``all``); ``resubscribe`` lifts an
+    ``unsubscribed`` suppression of its scope. The key's current row joins them as a suppress at ``since`` (and a lift at ``lifted_at``).
     In event-time order, with a suppress winning a tie, the last suppress decides: a later lift
     ends it (``lifted_at`` = the first lift after it), otherwise it is in force. ``since`` and
     ``source`` are the first suppress since the lift before that, so a late or repeated event never
