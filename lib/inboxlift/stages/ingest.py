@@ -19,8 +19,8 @@ Tables written (besides ``events``, ``users``, ``products``):
 - ``users_quarantine``, ``products_quarantine``, ``events_quarantine``.
 - ``suppressions`` (:mod:`inboxlift.consent`): merged from the batch's accepted ``unsubscribe``,
   ``resubscribe``, ``bounce`` and ``complaint`` events after the events append
-  (``WriteId("ingest:suppressions", N)``); the first batch that writes it also takes the consent
-  events already in ``events`` (a lake from before the table existed).
+  (``WriteId("ingest:suppressions", N)``); the first batch that writes it also takes the opt-outs
+  already in ``events`` (a lake from before the table existed), for every campaign.
 
 Exactly once. New files are cut into batches (``ingest.files_per_batch``).
 For each batch, in this order:
@@ -75,6 +75,7 @@ from pyspark.sql.types import (
 from inboxlift.consent import (
     CHANGED,
     CONSENT_EVENT_TYPES,
+    SUPPRESSING_EVENTS,
     SUPPRESSION_KEY,
     SUPPRESSIONS_SCHEMA,
     SUPPRESSIONS_TABLE,
@@ -569,8 +570,11 @@ def _update_suppressions(ctx: RunContext, plan: BatchPlan, accepted: DataFrame) 
     if exists and events.isEmpty():
         return
     if not exists and plan.read_versions.get("events", -1) >= 0:
-        # A lake from before the table: the opt-outs it already holds count as well.
-        events = events.unionByName(consent_events(lake.read("events", version=plan.read_versions["events"])))
+        # A lake from before the table: the opt-outs it already holds count as well. events does not
+        # keep campaign_type, so they count for every campaign; lifts are left out, as they could
+        # then lift more than they named.
+        earlier = consent_events(lake.read("events", version=plan.read_versions["events"]))
+        events = events.unionByName(earlier.where(F.col("event_type").isin(*SUPPRESSING_EVENTS)))
     current = lake.read(SUPPRESSIONS_TABLE) if exists else ctx.spark.createDataFrame([], SUPPRESSIONS_SCHEMA)
     users = (lake.read("users") if lake.exists("users")
              else ctx.spark.createDataFrame([], "user_id string, email string"))
