@@ -29,7 +29,8 @@ def row(user_id, reason, scope="all", *, since=at(1), lifted_at=None, email_hash
 
 
 def permission(spark, recipients, users, suppressions, **kwargs):
-    frame = with_mail_permission(spark.createDataFrame(recipients, RECIPIENTS), users=spark.createDataFrame(users, USERS),
+    frame = with_mail_permission(spark.createDataFrame(recipients, RECIPIENTS),
+                                 users=spark.createDataFrame(users, USERS),
                                  suppressions=(spark.createDataFrame(suppressions, SUPPRESSIONS_SCHEMA)
                                                if suppressions is not None else None), now=NOW, **kwargs)
     return {(r.campaign_id, r.user_id): r.blocked_reason for r in frame.collect()}

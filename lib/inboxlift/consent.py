@@ -175,7 +175,8 @@ def suppression_updates(events: DataFrame, *, current: DataFrame, users: DataFra
     Events (``event_id, event_type, event_ts, user_id`` and optionally ``campaign_type``) of the
     :data:`CONSENT_EVENT_TYPES` become actions: ``unsubscribe``, ``bounce``, ``complaint`` suppress
     (an unsubscribe's scope from :func:`event_scope`, the others' ``all``); ``resubscribe`` lifts an
-    ``unsubscribed`` suppression of its scope. The key's current row joins them as a suppress at ``since`` (and a lift at ``lifted_at``).
+    ``unsubscribed`` suppression of its scope. The key's current row joins them as a suppress at
+    ``since`` (and a lift at ``lifted_at``).
     In event-time order, with a suppress winning a tie, the last suppress decides: a later lift
     ends it (``lifted_at`` = the first lift after it), otherwise it is in force. ``since`` and
     ``source`` are the first suppress since the lift before that, so a late or repeated event never

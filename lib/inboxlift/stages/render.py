@@ -45,6 +45,7 @@ from inboxlift.render.frames import (
 from inboxlift.render.keys import signing_key
 from inboxlift.render.message import STATUS_RENDERED, RenderConfig
 from inboxlift.render.partition import OUTBOX_COLUMNS, RENDER_ERROR_COLUMNS
+from inboxlift.storage import WriteResult
 
 PLAN_TABLE = "campaign_plan"
 EXCLUSIONS_TABLE = "campaign_exclusions"
@@ -196,6 +197,25 @@ def _with_status_reason(ctx: RunContext) -> None:
         ctx.lake.append(OUTBOX_TABLE, empty, merge_schema=True)
 
 
+def _write_outbox(ctx: RunContext, messages: DataFrame, *, failures: DataFrame, campaigns: list[str],
+                  users: DataFrame, suppressions: DataFrame | None,
+                  now: dt.datetime) -> tuple[WriteResult, tuple[tuple[str, str, int], ...]]:
+    """Merge the new messages and the withdrawals (:func:`_withdrawals`) into ``outbox`` in one commit;
+    returns the write and the withdrawals per campaign and reason."""
+    _with_status_reason(ctx)
+    source, withdrawn = messages, []
+    if ctx.lake.exists(OUTBOX_TABLE):
+        retired = _withdrawals(ctx.lake.read(OUTBOX_TABLE), messages=messages, failures=failures,
+                               campaigns=campaigns, users=users, suppressions=suppressions, now=now)
+        # One row per campaign and reason; counted before the merge changes the outbox they come from.
+        withdrawn = retired.groupBy("campaign_id", STATUS_REASON).count().collect()
+        source = messages.unionByName(retired)
+    # A sent message is never changed; a withdrawn one comes back when it is rendered again.
+    result = ctx.lake.merge(OUTBOX_TABLE, source, keys=["message_id"],
+                            update_condition=f"t.status IN ('{STATUS_RENDERED}', '{STATUS_WITHDRAWN}')")
+    return result, tuple(sorted((r["campaign_id"], r[STATUS_REASON], r["count"]) for r in withdrawn))
+
+
 def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapping[str, str] | None = None,
                dbutils: Any = None) -> RenderReport:
     """Render the plan of one campaign (or of all) into ``outbox`` and ``render_errors``.
@@ -216,39 +236,31 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
     checked = filter_sendable(plan).transform(
         with_mail_permission, users=users, suppressions=suppressions, now=now).persist(StorageLevel.MEMORY_AND_DISK)
     config = RenderConfig.from_settings(ctx.settings.render, signing_key=key, rendered_at=now)
-    # Rendered once: the counts, the merge (which reads its source more than once) and the errors reuse it.
-    rendered = render_plan(
-        checked.where(F.col("blocked_reason").isNull()).drop("blocked_reason"), users=users,
-        products=ctx.lake.read(PRODUCTS_TABLE), config=config, partitions=render_partitions(ctx.spark),
-        task_catalogue_max_items=ctx.settings.render.task_catalogue_max_items,
-    ).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        blocked = _blocked_rows(checked.where(F.col("blocked_reason").isNotNull()), now=now)
-        # Small: one row per campaign, variant and reason.
-        counts = rendered.groupBy("campaign_id", "variant", "reason").count().collect()
-        refused = blocked.groupBy("campaign_id", "reason").count().collect()
-        holdout = plan.where(is_holdout()).groupBy("campaign_id").count().collect()
-        messages = rendered.where(F.col("reason").isNull()).select(
-            *OUTBOX_COLUMNS, F.lit(None).cast("string").alias(STATUS_REASON))
-        failures = rendered.where(F.col("reason").isNotNull()).select(*RENDER_ERROR_COLUMNS).unionByName(blocked)
-        _with_status_reason(ctx)
-        source = messages
-        withdrawn: list = []
-        if ctx.lake.exists(OUTBOX_TABLE):
-            retired = _withdrawals(ctx.lake.read(OUTBOX_TABLE), messages=messages, failures=failures,
-                                   campaigns=campaigns, users=users, suppressions=suppressions, now=now)
-            # One row per campaign and reason; counted before the merge changes the outbox they come from.
-            withdrawn = retired.groupBy("campaign_id", STATUS_REASON).count().collect()
-            source = messages.unionByName(retired)
-        # A sent message is never changed; a withdrawn one comes back when it is rendered again.
-        outbox = ctx.lake.merge(OUTBOX_TABLE, source, keys=["message_id"],
-                                update_condition=f"t.status IN ('{STATUS_RENDERED}', '{STATUS_WITHDRAWN}')")
-        if ctx.lake.exists(ERRORS_TABLE) and campaigns:
-            errors = ctx.lake.overwrite(ERRORS_TABLE, failures, where=_in_list("campaign_id", campaigns))
-        else:
-            errors = ctx.lake.append(ERRORS_TABLE, failures)
+        # Rendered once: the counts, the merge (which reads its source more than once) and the errors reuse it.
+        rendered = render_plan(
+            checked.where(F.col("blocked_reason").isNull()).drop("blocked_reason"), users=users,
+            products=ctx.lake.read(PRODUCTS_TABLE), config=config, partitions=render_partitions(ctx.spark),
+            task_catalogue_max_items=ctx.settings.render.task_catalogue_max_items,
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            blocked = _blocked_rows(checked.where(F.col("blocked_reason").isNotNull()), now=now)
+            # Small: one row per campaign, variant and reason.
+            counts = rendered.groupBy("campaign_id", "variant", "reason").count().collect()
+            refused = blocked.groupBy("campaign_id", "reason").count().collect()
+            holdout = plan.where(is_holdout()).groupBy("campaign_id").count().collect()
+            messages = rendered.where(F.col("reason").isNull()).select(
+                *OUTBOX_COLUMNS, F.lit(None).cast("string").alias(STATUS_REASON))
+            failures = rendered.where(F.col("reason").isNotNull()).select(*RENDER_ERROR_COLUMNS).unionByName(blocked)
+            outbox, withdrawn = _write_outbox(ctx, messages, failures=failures, campaigns=campaigns, users=users,
+                                              suppressions=suppressions, now=now)
+            if ctx.lake.exists(ERRORS_TABLE) and campaigns:
+                errors = ctx.lake.overwrite(ERRORS_TABLE, failures, where=_in_list("campaign_id", campaigns))
+            else:
+                errors = ctx.lake.append(ERRORS_TABLE, failures)
+        finally:
+            rendered.unpersist()
     finally:
-        rendered.unpersist()
         checked.unpersist()
     return RenderReport(
         campaign_id=campaign_id,
@@ -260,7 +272,7 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
         development_key=development_key,
         outbox_version=outbox.version,
         errors_version=errors.version,
-        withdrawn=tuple(sorted((r["campaign_id"], r[STATUS_REASON], r["count"]) for r in withdrawn)),
+        withdrawn=withdrawn,
     )
 
 
