@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import pytest
+from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import CAMPAIGN_TYPES, load_campaigns, parse_campaigns
@@ -25,7 +27,9 @@ DAY = dt.date(2026, 11, 20)   # a Friday
 NOW = dt.datetime(2026, 11, 20, 6, 0, tzinfo=dt.timezone.utc)
 UTC = dt.timezone.utc
 
-USERS = "user_id string, email_consent boolean, locale string, timezone string, birthday date"
+USERS = "user_id string, email string, email_consent boolean, locale string, timezone string, birthday date"
+SUPPRESSIONS = ("user_id string, email_hash string, scope string, reason string, source string, since timestamp, "
+                "lifted_at timestamp, updated_at timestamp")
 FEATURES = ("user_id string, is_unsubscribed boolean, is_bounced boolean, preferred_send_hour int, "
             "open_cart_item_ids array<string>, open_cart_item_count int, open_cart_added_at timestamp, "
             "browsed_not_bought_item_ids array<string>, lifecycle_stage string, days_since_last_activity int, "
@@ -40,8 +44,13 @@ def campaign(kind: str = "weekly_picks", **overrides):
     return parse_campaigns({"campaigns": {"c1": spec}}, source="test")["c1"]
 
 
-def user(user_id, consent=True, locale="en", tz="UTC", birthday=None):
-    return (user_id, consent, locale, tz, birthday)
+def user(user_id, consent=True, locale="en", tz="UTC", birthday=None, email=None):
+    return (user_id, email or f"{user_id}@mail.example", consent, locale, tz, birthday)
+
+
+def suppression(user_id, reason, scope="all", lifted_at=None, email=None):
+    digest = hashlib.sha256(email.encode()).hexdigest() if email else None
+    return (user_id, digest, scope, reason, "e-" + user_id, dt.datetime(2026, 11, 1, tzinfo=UTC), lifted_at, NOW)
 
 
 def features(user_id, *, unsub=False, bounced=False, hour=10, cart=(), cart_at=None, browsed=(), stage="active",
@@ -67,7 +76,7 @@ def inputs(spark, *, users, feats, items, recs=(), similar=(), purchases=(), his
         content_similar_items=None,
         user_segments=(spark.createDataFrame(segments, "user_id string, segment_name string")
                        if segments is not None else None),
-        suppressions=spark.createDataFrame(list(suppressed), "user_id string") if suppressed else None,
+        suppressions=spark.createDataFrame(list(suppressed), SUPPRESSIONS) if suppressed else None,
     )
 
 
@@ -104,30 +113,43 @@ def test_bad_definitions_name_the_campaign_and_key(change, message):
 # ---- exclusions and products ---------------------------------------------------------------------
 
 def test_exclusions_first_reason_wins_and_products_are_filtered(spark):
-    users = [user(u) for u in ("ok", "unsub", "bounced", "suppressed", "again", "capped", "nothing")]
-    users += [user("noconsent", consent=False), user("unsub_and_noconsent", consent=False)]
-    feats = [features(u) for u in ("ok", "bounced", "suppressed", "again", "capped", "nothing", "noconsent")]
-    feats[1] = features("bounced", bounced=True)
-    feats += [features("unsub", unsub=True), features("unsub_and_noconsent", unsub=True)]
+    plain = ("ok", "unsub", "bounced", "suppressed", "complained", "same_type", "again", "capped", "nothing",
+             "other_type", "lifted")
+    users = [user(u) for u in plain]
+    users += [user("noconsent", consent=False), user("unsub_and_noconsent", consent=False),
+              user("null_consent", consent=None), user("bounced_twin", email="twin@mail.example"),
+              user("shares_address", email=" Twin@Mail.example")]
+    # "gone" has features but no row in users any more (deleted).
+    everyone = (*plain, "shares_address", "noconsent", "unsub_and_noconsent", "null_consent", "gone")
+    feats = [features(u) for u in everyone]
     items = [item("i1"), item("i2", stock=False), item("i3"), item("i4"), item("i5"), item("i6"), item("i7")]
     recs = [("ok", r, i, "als") for r, i in enumerate(["i2", "i3", "i1", "i4", "i5", "i6", "i7"], start=1)]
-    recs += [(u, 1, "i1", "als") for u in ("unsub", "bounced", "suppressed", "again", "capped", "noconsent",
-                                           "unsub_and_noconsent")]
+    recs += [(u, 1, "i1", "als") for u in everyone if u not in ("ok", "nothing")]
     recs += [("nothing", 1, "i2", "als")]   # out of stock: nothing left
     history = [("c1", "again", DAY - dt.timedelta(days=3)),            # inside the 6-day cool-down
                ("other", "capped", DAY - dt.timedelta(days=1)), ("x", "capped", DAY - dt.timedelta(days=6)),
                ("other", "ok", DAY - dt.timedelta(days=7)), ("x", "ok", DAY - dt.timedelta(days=8)),  # cap: 7 days
                ("c1", "ok", DAY)]                                      # today's own plan is being replaced
+    suppressed = [suppression("unsub", "unsubscribed"), suppression("unsub_and_noconsent", "unsubscribed"),
+                  suppression("bounced", "bounced"), suppression("suppressed", "manual"),
+                  suppression("complained", "complained"),
+                  suppression("same_type", "unsubscribed", scope="weekly_picks"),
+                  suppression("other_type", "unsubscribed", scope="win_back"),      # another type: still mailed
+                  suppression("lifted", "unsubscribed", lifted_at=dt.datetime(2026, 11, 10, tzinfo=UTC)),
+                  # A bounce is a fact about the mailbox: it holds for another user with that address.
+                  suppression("bounced_twin", "bounced", email="twin@mail.example")]
     data = inputs(spark, users=users, feats=feats, items=items, recs=recs, history=history,
-                  purchases=[("ok", "i3", dt.datetime(2026, 10, 1, tzinfo=UTC))], suppressed=[("suppressed",)])
+                  purchases=[("ok", "i3", dt.datetime(2026, 10, 1, tzinfo=UTC))], suppressed=suppressed)
     data = dataclasses.replace(data, user_features=data.user_features.withColumn(
         "negatively_reviewed_item_ids",
         F.when(F.col("user_id") == "ok", F.array(F.lit("i4"))).otherwise(F.col("negatively_reviewed_item_ids"))))
     plan, excluded = run(data, campaign(max_products=3))
-    assert excluded == {"noconsent": "no_consent", "unsub_and_noconsent": "no_consent", "unsub": "unsubscribed",
-                        "bounced": "bounced", "suppressed": "suppressed", "again": "already_received",
-                        "capped": "frequency_cap", "nothing": "too_few_products"}
-    assert set(plan) == {"ok"}
+    assert excluded == {"noconsent": "no_consent", "unsub_and_noconsent": "no_consent", "null_consent": "no_consent",
+                        "gone": "unknown_user", "unsub": "unsubscribed", "same_type": "unsubscribed",
+                        "bounced": "bounced", "shares_address": "bounced", "complained": "complained",
+                        "suppressed": "suppressed", "again": "already_received", "capped": "frequency_cap",
+                        "nothing": "too_few_products"}
+    assert set(plan) == {"ok", "other_type", "lifted"}
     # i2 out of stock, i3 bought before, i4 reviewed negatively; the first three left, in rank order.
     assert plan["ok"].item_ids == ["i1", "i5", "i6"]
     assert plan["ok"].item_sources == ["als", "als", "als"]
@@ -303,3 +325,83 @@ def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_pl
     run_plan(ctx, all_campaigns=True, plan_date=DAY)
     assert plan_rows() == first
     assert ctx.lake.read("campaign_exclusions").count() == 1
+
+
+PLAN_ROW = ("campaign_id string, campaign_type string, plan_date date, user_id string, variant string, "
+            "template string, locale string, subject_template string, send_at timestamp, reason string, "
+            "item_ids array<string>, item_sources array<string>, context map<string,string>, plan_run_id string, "
+            "planned_at timestamp")
+
+
+def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorities_and_days(spark, ctx, tmp_path):
+    from inboxlift.stages.plan import run_plan
+
+    campaigns = tmp_path / "campaigns.yml"
+    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
+             "    frequency_cap: {max_emails: 1, days: 7}"
+    campaigns.write_text(
+        "campaigns:\n"
+        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n"
+        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n")
+    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
+                                                                           campaigns_file=str(campaigns)))
+    ctx = dataclasses.replace(ctx, settings=settings)
+    cart_at = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
+    ctx.lake.append("users", spark.createDataFrame([user(u) for u in ("a", "x", "b", "y")], USERS))
+    ctx.lake.append("user_features", spark.createDataFrame([
+        features("a", cart=["i1"], cart_at=cart_at),
+        features("x", cart=["i3"], cart_at=cart_at),    # its cart item is out of stock: too few products
+        features("b"),
+        features("y", cart=["i1"], cart_at=cart_at),    # got picks yesterday
+    ], FEATURES))
+    ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2"), item("i3", stock=False)], ITEMS))
+    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
+                                                        "event_ts timestamp"))
+    ctx.lake.append("recommendations", spark.createDataFrame(
+        [(u, 1, "i2", "als") for u in ("a", "x", "b", "y")], "user_id string, rank int, item_id string, source string"))
+    ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
+    yesterday = DAY - dt.timedelta(days=1)
+    ctx.lake.append("campaign_plan", spark.createDataFrame([
+        ("picks", "weekly_picks", yesterday, "y", "A", "weekly_picks", "en", "hi",
+         dt.datetime(2026, 11, 19, 10, 0), "r", ["i2"], ["als"], {}, "plan-0", dt.datetime(2026, 11, 19, 6, 0)),
+    ], PLAN_ROW))
+
+    run_plan(ctx, all_campaigns=True, plan_date=DAY)
+
+    plan = ctx.lake.read("campaign_plan").select("campaign_id", "plan_date", "user_id", "variant", "item_ids")
+    assert_df_equality(plan, spark.createDataFrame([
+        ("picks", yesterday, "y", "A", ["i2"]),
+        ("cart", DAY, "a", "A", ["i1"]),
+        ("picks", DAY, "x", "A", ["i2"]),
+        ("picks", DAY, "b", "A", ["i2"]),
+    ], "campaign_id string, plan_date date, user_id string, variant string, item_ids array<string>"),
+        ignore_row_order=True, ignore_nullable=True)
+    exclusions = ctx.lake.read("campaign_exclusions").select("campaign_id", "plan_date", "user_id", "reason")
+    assert_df_equality(exclusions, spark.createDataFrame([
+        ("cart", DAY, "x", "too_few_products"),
+        ("cart", DAY, "y", "frequency_cap"),       # yesterday's picks count, though picks comes after cart
+        ("picks", DAY, "a", "frequency_cap"),      # cart comes first and planned "a" today
+        ("picks", DAY, "y", "already_received"),   # picks yesterday, inside its cool-down
+    ], "campaign_id string, plan_date date, user_id string, reason string"),
+        ignore_row_order=True, ignore_nullable=True)
+
+    versions = {t: ctx.lake.version(t) for t in ("campaign_plan", "campaign_exclusions")}
+
+    def comparable(frame):
+        # plan_run_id names the run; everything else must be equal, row for row (a map cannot be sorted).
+        frame = frame.drop("plan_run_id")
+        return frame.withColumn("context", F.array_sort(F.map_entries("context"))) if "context" in frame.columns \
+            else frame
+
+    def unchanged_since_first_run() -> None:
+        for table, version in versions.items():
+            assert_df_equality(comparable(ctx.lake.read(table)), comparable(ctx.lake.read(table, version=version)),
+                               ignore_row_order=True, ignore_nullable=True)
+
+    # Before the fix the re-run counted today's picks of "x" against cart: frequency_cap, not too_few_products.
+    run_plan(ctx, all_campaigns=True, plan_date=DAY)
+    unchanged_since_first_run()
+    run_plan(ctx, campaign_id="cart", plan_date=DAY)
+    unchanged_since_first_run()
+    run_plan(ctx, campaign_id="picks", plan_date=DAY)
+    unchanged_since_first_run()

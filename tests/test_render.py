@@ -717,9 +717,9 @@ def test_render_stage_writes_outbox_and_errors_and_a_rerender_replaces(ctx, spar
     assert sorted(errors.columns) == sorted(["campaign_id", "user_id", "template", "reason", "error", "rendered_at"])
 
     # Export and preview.
-    written = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
+    exported = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
     files = sorted((tmp_path / "eml").glob("*.eml"))
-    assert written == 2 and [f.name for f in files] == sorted(
+    assert (exported.written, exported.skipped) == (2, {}) and [f.name for f in files] == sorted(
         f"{hand_message_id('c1', u).split('@')[0]}.eml" for u in ("u1", "u2"))
     msg = parse_eml((tmp_path / "eml" / f"{hand_message_id('c1', 'u1').split('@')[0]}.eml").read_bytes())
     assert msg.get_content_type() == "multipart/alternative"

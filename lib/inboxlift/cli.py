@@ -226,8 +226,8 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
     elif args.command == "export":
         from inboxlift.stages.render import export_eml
 
-        written = export_eml(ctx, campaign_id=args.campaign, to_dir=args.to_dir)
-        print(f"{written} messages of campaign {args.campaign} written to {Path(args.to_dir).absolute()}", flush=True)
+        report = export_eml(ctx, campaign_id=args.campaign, to_dir=Path(args.to_dir).absolute())
+        print(report.summary(), flush=True)
     elif args.command == "preview":
         from inboxlift.stages.render import preview
 

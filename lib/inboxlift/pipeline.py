@@ -89,23 +89,30 @@ def _run_render(ctx: RunContext, args: argparse.Namespace) -> Any:
 
 
 def export_outputs(ctx: RunContext, *, campaign_id: str | None = None) -> list[str]:
-    """Every outbox message as .eml, and one preview per campaign (its first user by id), under paths.output_dir."""
+    """Every outbox message that may leave as .eml (see ``export_eml``: withdrawn and sent messages and
+    users not allowed mail now are skipped and counted), and one preview per campaign (its first
+    rendered message by user id), under paths.output_dir."""
     from pyspark.sql import functions as F
 
-    from inboxlift.stages.render import export_eml, preview
+    from inboxlift.stages.render import STATUS_RENDERED, export_eml, preview
 
     out = Path(ctx.settings.paths.output_dir)
     outbox = ctx.lake.read("outbox")
     if campaign_id is not None:
         outbox = outbox.where(F.col("campaign_id") == campaign_id)
     # One row per campaign.
-    firsts = outbox.groupBy("campaign_id").agg(F.min("user_id").alias("user_id")).orderBy("campaign_id").collect()
+    firsts = outbox.groupBy("campaign_id").agg(
+        F.min(F.when(F.col("status") == STATUS_RENDERED, F.col("user_id"))).alias("user_id")
+    ).orderBy("campaign_id").collect()
     lines = []
     for row in firsts:
-        written = export_eml(ctx, campaign_id=row.campaign_id, to_dir=out / "eml" / row.campaign_id)
-        page = preview(ctx, campaign_id=row.campaign_id, user_id=row.user_id,
-                       to_path=out / "previews" / f"{row.campaign_id}.html")
-        lines.append(f"{row.campaign_id}: {written} .eml files in {out / 'eml' / row.campaign_id}; preview {page}")
+        report = export_eml(ctx, campaign_id=row.campaign_id, to_dir=out / "eml" / row.campaign_id)
+        line = report.summary()
+        if row.user_id is not None:
+            page = preview(ctx, campaign_id=row.campaign_id, user_id=row.user_id,
+                           to_path=out / "previews" / f"{row.campaign_id}.html")
+            line += f"; preview {page}"
+        lines.append(line)
     return lines
 
 

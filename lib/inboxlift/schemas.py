@@ -6,6 +6,10 @@ Landing layout, under ``paths.landing_dir``:
 - ``products/*.csv[.gz]`` — header row, columns ``PRODUCTS_LANDING``;
 - ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``.
 
+``unsubscribe``, ``resubscribe``, ``bounce`` and ``complaint`` events keep the ``suppressions``
+table (:mod:`inboxlift.consent`); ``campaign_type`` names the scope of an unsubscribe or
+resubscribe (a campaign type; absent or ``all``: every campaign).
+
 Everything in landing files is text as a shop would export it: timestamps are
 ISO-8601 (``2026-11-20T08:15:00Z``), money is a decimal string or number,
 booleans are ``true``/``false``. Ingest validates and types it; ``generate``
@@ -19,6 +23,8 @@ from pyspark.sql.types import StringType, StructField, StructType
 EVENT_TYPES = (
     "view", "add_to_cart", "remove_from_cart", "purchase", "search", "review",
     "email_delivered", "email_open", "email_click", "unsubscribe", "bounce",
+    # From a feedback loop (a complaint report) and the preference page; the synthetic shop has neither.
+    "complaint", "resubscribe",
 )
 
 
@@ -39,5 +45,5 @@ PRODUCTS_LANDING = _text(
 EVENTS_LANDING = _text(
     "event_id", "event_type", "event_ts", "user_id", "item_id", "session_id",
     "order_id", "quantity", "price", "currency", "query", "rating", "review_text",
-    "campaign_id", "message_id",
+    "campaign_id", "message_id", "campaign_type",
 )

@@ -4,11 +4,13 @@ A campaign type is two things: its **audience** (users and the reason they quali
 values for the template) and its **candidate products** (rows ``user_id, item_id, source,
 priority``, lower priority first). :func:`plan_campaign` then applies, in order:
 
-1. **exclusions**, each user counted under the first that applies: ``no_consent`` (consent not
-   given or withdrawn), ``unsubscribed``, ``bounced``, ``suppressed`` (in the suppression table),
+1. **exclusions**, each user counted under the first that applies: the mail permission of
+   :func:`inboxlift.consent.with_mail_permission` as of the planning time (``unknown_user``,
+   ``no_consent``, ``unsubscribed``, ``bounced``, ``complained``, ``suppressed``),
    ``already_received`` (this campaign planned for the user in the last ``cooldown_days``),
    ``frequency_cap`` (``frequency_cap.max_emails`` emails of any campaign in the last
-   ``frequency_cap.days`` days, counting the plans of campaigns planned earlier today),
+   ``frequency_cap.days`` days: the plans of earlier days, and of that day those of the campaigns
+   before this one in priority order, see :func:`decide_campaign`),
    ``too_few_products`` (fewer than ``min_products`` products left after the product filters);
 2. **product filters**: in stock, not bought before (cart items excepted), not reviewed negatively,
    each item once (its best priority), at most ``max_products`` in priority order;
@@ -24,16 +26,16 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import FALLBACK_LOCALE, HOLDOUT, Campaign
+from inboxlift.consent import BLOCK_REASONS, with_mail_permission
 from inboxlift.transforms.features_user import valid_timezone
 
-EXCLUSION_REASONS = ("no_consent", "unsubscribed", "bounced", "suppressed", "already_received", "frequency_cap",
-                     "too_few_products")
+EXCLUSION_REASONS = (*BLOCK_REASONS, "already_received", "frequency_cap", "too_few_products")
 PLAN_COLUMNS = ["campaign_id", "campaign_type", "plan_date", "user_id", "variant", "template", "locale",
                 "subject_template", "send_at", "reason", "item_ids", "item_sources", "context", "plan_run_id",
                 "planned_at"]
@@ -55,13 +57,13 @@ class PlanInputs:
     users: DataFrame                 # users: user_id, email, locale, timezone, birthday, email_consent
     user_features: DataFrame         # user_features
     item_features: DataFrame         # item_features: item_id, category, is_in_stock, is_new_arrival, ...
-    history: DataFrame               # campaign_id, user_id, plan_date of earlier plans (non-holdout)
+    history: DataFrame               # campaign_id, user_id, plan_date of plans (non-holdout) and sent messages
     purchases: DataFrame             # user_id, item_id, event_ts of purchase events before the cut-off
     recommendations: DataFrame | None = None   # user_id, rank, item_id, source
     similar_items: DataFrame | None = None     # item_id, rank, similar_item_id
     content_similar_items: DataFrame | None = None
     user_segments: DataFrame | None = None     # user_id, segment_name
-    suppressions: DataFrame | None = None      # user_id
+    suppressions: DataFrame | None = None      # the suppressions table (inboxlift.consent)
 
 
 class MissingInputError(RuntimeError):
@@ -297,25 +299,24 @@ def _exclusion(campaign: Campaign) -> Column:
     """The first exclusion reason of each audience row (null: none), before the product check."""
     cap = campaign.frequency_cap
     checks = [
-        ("no_consent", ~F.coalesce(F.col("email_consent"), F.lit(False))),
-        ("unsubscribed", F.coalesce(F.col("is_unsubscribed"), F.lit(False))),
-        ("bounced", F.coalesce(F.col("is_bounced"), F.lit(False))),
-        ("suppressed", F.col("_suppressed")),
         ("already_received", F.col("_same_campaign") > 0),
         ("frequency_cap", F.col("_recent_emails") >= cap.max_emails),
     ]
-    reason = F.lit(None).cast("string")
-    for name, condition in reversed(checks):
-        reason = F.when(condition, F.lit(name)).otherwise(reason)
+    reason = F.col("blocked_reason")
+    for name, condition in checks:
+        reason = F.coalesce(reason, F.when(condition, F.lit(name)))
     return reason
 
 
-def _history_counts(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date) -> DataFrame:
+def _history_counts(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date,
+                    later_campaigns: Collection[str]) -> DataFrame:
     """Per user: emails of any campaign in the cap window and of this campaign in its cool-down."""
     cap_from = plan_date - dt.timedelta(days=campaign.frequency_cap.days - 1)
     cool_from = plan_date - dt.timedelta(days=campaign.cooldown_days)
-    # This campaign's own plan for the day is being replaced, so it does not count.
-    history = inputs.history.where(~((F.col("campaign_id") == campaign.id) & (F.col("plan_date") == F.lit(plan_date))))
+    # This campaign's own plan for the day is being replaced, and the campaigns after it in priority
+    # order are planned after it: their plans of the day do not count, whichever run wrote them.
+    not_before = [campaign.id, *sorted(set(later_campaigns) - {campaign.id})]
+    history = inputs.history.where(~(F.col("campaign_id").isin(*not_before) & (F.col("plan_date") == F.lit(plan_date))))
     history = history.where(F.col("plan_date") <= F.lit(plan_date))
     return history.groupBy("user_id").agg(
         F.count_if(F.col("plan_date") >= F.lit(cap_from)).alias("_recent_emails"),
@@ -348,25 +349,27 @@ def _chosen_products(candidates: DataFrame, inputs: PlanInputs, campaign: Campai
 
 
 def decide_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date, plan_run_id: str,
-                    planned_at: dt.datetime) -> DataFrame:
+                    planned_at: dt.datetime, later_campaigns: Collection[str] = ()) -> DataFrame:
     """One row per audience user: the plan columns plus ``excluded`` (the exclusion reason, or null).
 
     Plan rows and exclusion rows both come from this one frame (:func:`split_decisions`), so a
     stage that persists it computes the audience, its joins and the product choice once.
+
+    The frequency cap counts the history's plans of earlier days, and of ``plan_date`` those of
+    every campaign except this one and ``later_campaigns`` (the ids after it in priority order).
+    So a campaign's plan for a day depends only on the plans before it in that order, whichever
+    runs wrote them: re-planning a day, all of it or one campaign, gives the same rows.
     """
     audience, candidates = AUDIENCES[campaign.type](inputs, campaign, plan_date)
-    profile = inputs.users.select("user_id", "email_consent", "locale", "timezone")
-    features = inputs.user_features.select("user_id", "is_unsubscribed", "is_bounced", "preferred_send_hour")
+    profile = inputs.users.select("user_id", "locale", "timezone")
+    features = inputs.user_features.select("user_id", "preferred_send_hour")
     frame = (audience.dropDuplicates(["user_id"])
+             .transform(with_mail_permission, users=inputs.users, suppressions=inputs.suppressions,
+                        now=planned_at, campaign_type=campaign.type)
              .join(profile, "user_id", "left")
              .join(features, "user_id", "left")
-             .join(_history_counts(inputs, campaign, plan_date), "user_id", "left"))
-    if inputs.suppressions is not None:
-        suppressed = inputs.suppressions.select("user_id").distinct().withColumn("_suppressed", F.lit(True))
-        frame = frame.join(suppressed, "user_id", "left")
-    else:
-        frame = frame.withColumn("_suppressed", F.lit(False))
-    frame = frame.fillna({"_suppressed": False, "_recent_emails": 0, "_same_campaign": 0})
+             .join(_history_counts(inputs, campaign, plan_date, later_campaigns), "user_id", "left"))
+    frame = frame.fillna({"_recent_emails": 0, "_same_campaign": 0})
     frame = frame.withColumn("_excluded", _exclusion(campaign))
     # Products only for the users no earlier rule excluded; too few of them is the last reason.
     eligible = frame.where(F.col("_excluded").isNull()).select("user_id")
@@ -411,7 +414,7 @@ def split_decisions(decisions: DataFrame) -> tuple[DataFrame, DataFrame]:
 
 
 def plan_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.date, plan_run_id: str,
-                  planned_at: dt.datetime) -> tuple[DataFrame, DataFrame]:
+                  planned_at: dt.datetime, later_campaigns: Collection[str] = ()) -> tuple[DataFrame, DataFrame]:
     """(plan rows, exclusion rows) of one campaign for one day; see the module docstring for the rules."""
     return split_decisions(decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=plan_run_id,
-                                           planned_at=planned_at))
+                                           planned_at=planned_at, later_campaigns=later_campaigns))

@@ -55,7 +55,7 @@ EVENT_TYPES_BY_FIELD: dict[str, str] = {
     "event_id": "string", "event_type": "string", "ts": "bigint", "user_id": "string", "item_id": "string",
     "session_id": "string", "order_id": "string", "quantity": "int", "price": "decimal(12,2)",
     "currency": "string", "query": "string", "rating": "int", "review_text": "string", "campaign_id": "string",
-    "message_id": "string",
+    "message_id": "string", "campaign_type": "string",
 }
 EVENT_FIELDS = list(EVENT_TYPES_BY_FIELD)
 

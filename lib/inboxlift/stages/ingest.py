@@ -17,6 +17,10 @@ Tables written (besides ``events``, ``users``, ``products``):
   quarantined_by_reason, conflicting_duplicates``. A batch is *committed* when
   its rows are here; a batch in ``ingest_files`` but not here is pending.
 - ``users_quarantine``, ``products_quarantine``, ``events_quarantine``.
+- ``suppressions`` (:mod:`inboxlift.consent`): merged from the batch's accepted ``unsubscribe``,
+  ``resubscribe``, ``bounce`` and ``complaint`` events after the events append
+  (``WriteId("ingest:suppressions", N)``); the first batch that writes it also takes the opt-outs
+  already in ``events`` (a lake from before the table existed), for every campaign.
 
 Exactly once. New files are cut into batches (``ingest.files_per_batch``).
 For each batch, in this order:
@@ -68,6 +72,15 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from inboxlift.consent import (
+    CHANGED,
+    CONSENT_EVENT_TYPES,
+    SUPPRESSING_EVENTS,
+    SUPPRESSION_KEY,
+    SUPPRESSIONS_SCHEMA,
+    SUPPRESSIONS_TABLE,
+    suppression_updates,
+)
 from inboxlift.context import RunContext
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
 from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
@@ -109,7 +122,7 @@ LANDING_KINDS = ("users", "products", "events")
 IMPORT_SHAPES = ("invoice_lines", "clickstream")
 # Where a batch may be interrupted by fail_after_files (tests), in the order a batch reaches them.
 STEPS = ("planned", "users_quarantine", "users", "products_quarantine", "products",
-         "events_quarantine", "events", "logged")
+         "events_quarantine", "events", "suppressions", "logged")
 
 _SUFFIXES = {
     "users": (".csv", ".csv.gz"),
@@ -451,8 +464,9 @@ def _ingest_landing(ctx: RunContext, plan: BatchPlan, *, kinds: set[str], rules:
         lines = _read_lines(ctx.spark, plan.files_of("events"))
         observation = Observation()
         body = lines.observe(observation, F.count(F.lit(1)).alias("lines"))
+        # campaign_type rides along (not an events column) to scope the batch's suppressions.
         validated = body.transform(parse_json_lines, fields=EVENTS_LANDING).transform(
-            validate_events, rules=rules, event_types=EVENT_TYPES)
+            validate_events, rules=rules, event_types=EVENT_TYPES, carry=("campaign_type",))
         counts.append(_append_events(ctx, plan, validated, entity="events", observation=observation,
                                      files=len(plan.files_of("events")), batch_ids=batch_ids,
                                      failure=failure, cached=cached))
@@ -538,7 +552,35 @@ def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, en
         rows = rows.hint("rebalance", "event_date")
         ctx.lake.append("events", rows, partition_by=["event_date"], write_id=WriteId("ingest:events", plan.batch))
     failure.reached("events")
+    _update_suppressions(ctx, plan, classified.where(F.col("outcome") == ACCEPTED))
+    failure.reached("suppressions")
     return counts
+
+
+def _update_suppressions(ctx: RunContext, plan: BatchPlan, accepted: DataFrame) -> None:
+    """Merge the batch's accepted consent events into ``suppressions``, once per batch."""
+    def consent_events(frame: DataFrame) -> DataFrame:
+        scope = F.col("campaign_type") if "campaign_type" in frame.columns else F.lit(None).cast("string")
+        return frame.where(F.col("event_type").isin(*CONSENT_EVENT_TYPES)).select(
+            "event_id", "event_type", "event_ts", "user_id", scope.alias("campaign_type"))
+
+    lake = ctx.lake
+    events = consent_events(accepted)
+    exists = lake.exists(SUPPRESSIONS_TABLE)
+    if exists and events.isEmpty():
+        return
+    if not exists and plan.read_versions.get("events", -1) >= 0:
+        # A lake from before the table: the opt-outs it already holds count as well. events does not
+        # keep campaign_type, so they count for every campaign; lifts are left out, as they could
+        # then lift more than they named.
+        earlier = consent_events(lake.read("events", version=plan.read_versions["events"]))
+        events = events.unionByName(earlier.where(F.col("event_type").isin(*SUPPRESSING_EVENTS)))
+    current = lake.read(SUPPRESSIONS_TABLE) if exists else ctx.spark.createDataFrame([], SUPPRESSIONS_SCHEMA)
+    users = (lake.read("users") if lake.exists("users")
+             else ctx.spark.createDataFrame([], "user_id string, email string"))
+    rows = suppression_updates(events, current=current, users=users, updated_at=plan.planned_at)
+    lake.merge(SUPPRESSIONS_TABLE, rows, keys=SUPPRESSION_KEY, update_condition=CHANGED,
+               write_id=WriteId("ingest:suppressions", plan.batch))
 
 
 def _quarantine(ctx: RunContext, plan: BatchPlan, classified: DataFrame, *, table: str, entity: str,

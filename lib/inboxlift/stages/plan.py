@@ -1,10 +1,13 @@
 """The plan stage (``inboxlift run plan``): campaign definitions -> ``campaign_plan`` and ``campaign_exclusions``.
 
-Campaigns are planned one at a time in ``priority`` order, so a campaign planned first counts
-against the frequency cap of the ones after it. Each campaign's plan for the day replaces its
-earlier plan for the same day (``overwrite where campaign_id = .. and plan_date = ..``): a re-run
-gives the same plan, and ``campaign_plan`` keeps every day's plans, which is the send history the
-cap and the cool-down count (with the ``outbox``'s rows once rendering has run).
+Campaigns are planned one at a time in ``priority`` order (then id), so a campaign planned first
+counts against the frequency cap of the ones after it. Each campaign's plan for the day replaces its
+earlier plan for the same day (``overwrite where campaign_id = .. and plan_date = ..``), and
+``campaign_plan`` keeps every day's plans: the history the cap and the cool-down count, with the
+``outbox``'s sent messages. Of the day being planned, a campaign counts only the plans of the
+campaigns before it in priority order (:func:`inboxlift.campaigns.planning.decide_campaign`), never
+the earlier plans of itself or of the campaigns after it, which the run replaces: re-planning a day,
+every campaign or one, gives the same rows.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_campaigns
 from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, decide_campaign, split_decisions
+from inboxlift.consent import SUPPRESSIONS_TABLE
 from inboxlift.context import RunContext
 
 PLAN_TABLE = "campaign_plan"
 EXCLUSIONS_TABLE = "campaign_exclusions"
-SUPPRESSIONS_TABLE = "suppressions"
 OUTBOX_TABLE = "outbox"
+# An outbox message counts as a send once it left; until then its plan row is what counts.
+SENT = "sent"
 
 
 class UnknownCampaignError(ValueError):
@@ -85,6 +90,9 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
         if table is None or "plan_date" not in table.columns:
             continue
         rows = table.where(F.col("variant") != HOLDOUT) if "variant" in table.columns else table
+        if name == OUTBOX_TABLE:
+            # A rendered message of a plan that has since been replaced is no send.
+            rows = rows.where(F.col("status") == SENT)
         rows = rows.select("campaign_id", "user_id", "plan_date")
         history = rows if history is None else history.unionByName(rows)
     if history is None:
@@ -122,14 +130,16 @@ def run_plan(ctx: RunContext, *, campaign_id: str | None = None, all_campaigns: 
     plan_date = plan_date or ctx.clock.today()
     campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
     chosen = chosen_campaigns(campaigns, campaign_id=campaign_id, all_campaigns=all_campaigns, plan_date=plan_date)
+    order = sorted(campaigns.values(), key=lambda c: (c.priority, c.id))
     now = ctx.clock.now()
     run_id = f"plan-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     counts = []
     for campaign in chosen:
         inputs = plan_inputs(ctx)  # re-read: the history includes the campaigns planned before this one
+        later = [c.id for c in order[order.index(campaign) + 1:]]
         # Computed once for both tables: audience, joins, product choice.
         decisions = decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id,
-                                    planned_at=now).persist(StorageLevel.MEMORY_AND_DISK)
+                                    planned_at=now, later_campaigns=later).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             plan, exclusions = split_decisions(decisions)
             where = f"campaign_id = '{campaign.id}' AND plan_date = DATE'{plan_date.isoformat()}'"
