@@ -153,13 +153,13 @@ def test_events_table_holds_the_accepted_events_partitioned_by_date(first, spark
     day1, day2 = first.files["day1"], first.files["day2"]
     expected = spark.createDataFrame([
         ("e1", "u1", "i1", "view", dt.datetime(2026, 11, 19, 10), dt.date(2026, 11, 19), "s1", None, None, None,
-         None, None, None, None, None, None, day1, NOW),
+         None, None, None, None, None, None, None, day1, NOW),
         ("e2", "u1", "i1", "purchase", dt.datetime(2026, 11, 19, 10), dt.date(2026, 11, 19), "s1", "o1", 2,
-         Decimal("59.90"), "EUR", None, None, None, None, None, day1, NOW),
+         Decimal("59.90"), "EUR", None, None, None, None, None, None, day1, NOW),
         ("e3", "u2", None, "email_open", dt.datetime(2026, 11, 19, 12), dt.date(2026, 11, 19), None, None, None,
-         None, None, None, None, None, "c1", "m1", day1, NOW),
+         None, None, None, None, None, "c1", "m1", None, day1, NOW),
         ("e15", "u2", "i2", "add_to_cart", dt.datetime(2026, 11, 20, 8), dt.date(2026, 11, 20), None, None, None,
-         None, None, None, None, None, None, None, day2, NOW),
+         None, None, None, None, None, None, None, None, day2, NOW),
     ], EVENTS_TABLE)
     assert_df_equality(first.table("events").select(*EVENTS_TABLE.fieldNames()), expected,
                        ignore_row_order=True, ignore_nullable=True)

@@ -4,7 +4,9 @@ Landing layout, under ``paths.landing_dir``:
 
 - ``users/*.csv[.gz]`` — one user per line, header row, columns ``USERS_LANDING``;
 - ``products/*.csv[.gz]`` — header row, columns ``PRODUCTS_LANDING``;
-- ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``.
+- ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``; ``properties`` is a
+  JSON object of event-specific values (the tracking service's variant, link position, scope...),
+  read as ``map<string,string>``.
 
 Everything in landing files is text as a shop would export it: timestamps are
 ISO-8601 (``2026-11-20T08:15:00Z``), money is a decimal string or number,
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 from pyspark.sql.types import StringType, StructField, StructType
 
+# Event types only the tracking service (``inboxlift serve``) writes: choices on its preferences page.
+SERVICE_ONLY_EVENT_TYPES = ("resubscribe", "preference_change")
 EVENT_TYPES = (
     "view", "add_to_cart", "remove_from_cart", "purchase", "search", "review",
     "email_delivered", "email_open", "email_click", "unsubscribe", "bounce",
+    *SERVICE_ONLY_EVENT_TYPES,
 )
 
 
@@ -39,5 +44,5 @@ PRODUCTS_LANDING = _text(
 EVENTS_LANDING = _text(
     "event_id", "event_type", "event_ts", "user_id", "item_id", "session_id",
     "order_id", "quantity", "price", "currency", "query", "rating", "review_text",
-    "campaign_id", "message_id",
+    "campaign_id", "message_id", "properties",
 )
