@@ -292,7 +292,7 @@ def test_page_is_in_the_users_language_and_locked_down(server, client):
     assert '<html lang="zh-CN">' in chinese.text and "每周精选" in chinese.text and "退订全部营销邮件" in chinese.text
     assert '<html lang="zh-CN">' in client.get(f"{path}?lang=zh-CN", headers={"accept-language": "en"}).text
     headers = english.headers
-    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "no-referrer"
+    assert headers["x-frame-options"] == "DENY" and headers["referrer-policy"] == "same-origin"
     assert "default-src 'none'" in headers["content-security-policy"]
     assert "form-action 'self'" in headers["content-security-policy"]
     assert "<script" not in english.text

@@ -121,8 +121,12 @@ class TrackingService:
         return None
 
     def _page(self, page: Page) -> Response:
+        # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with the
+        # page's own form post, and the origin check could not tell it from a sandboxed attacker.
+        # The page links nowhere else, so its URL (the token) still never leaves the service.
         return Response(page.html, status_code=page.status, media_type="text/html; charset=utf-8", headers={
-            **PRIVATE, "Content-Security-Policy": self.pages.content_security_policy, "X-Frame-Options": "DENY"})
+            **PRIVATE, "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY",
+            "Content-Security-Policy": self.pages.content_security_policy})
 
     # ---- routes -----------------------------------------------------------------------------
 
