@@ -202,6 +202,17 @@ def test_no_open_redirect(server, client):
     assert len(lines_of(server, message_id)) == 1
 
 
+def test_a_non_ascii_target_is_sent_encoded_and_a_line_break_never(server, client):
+    message_id, issuer = message()
+    response = client.get(f"/c/{issuer.click(1, 'i1', 'https://shop.example/p/tè?q=日本')}")
+    assert response.status_code == 302
+    assert response.headers["location"] == "https://shop.example/p/t%C3%A8?q=%E6%97%A5%E6%9C%AC"
+    injected = issuer.click(1, "i1", "https://shop.example/p\r\nSet-Cookie: session=1")
+    response = client.get(f"/c/{injected}")
+    assert response.status_code == 404 and "set-cookie" not in response.headers
+    assert len(lines_of(server, message_id)) == 1
+
+
 # ---- opens ------------------------------------------------------------------------------------
 
 def test_open_answers_a_1x1_gif_that_is_never_cached(server, client):

@@ -9,8 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import re
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 from inboxlift.settings import ServeSettings
 
@@ -18,6 +17,7 @@ NO_AGENT = "none"
 OTHER = "other"
 APPLE_PROXY = "apple_proxy"
 MAX_AGENT_CHARS = 1024
+KNOWN_AGENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class AgentRules:
     machine_classes: frozenset[str]
     apple_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     machine_open_after: dt.timedelta
+    # A handful of browsers and proxies send most requests: their classes are remembered (bounded).
+    _known: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, serve: ServeSettings) -> "AgentRules":
@@ -59,15 +61,15 @@ class AgentRules:
 
     def _by_agent(self, user_agent: str) -> str:
         # Real user agents are a few hundred characters; a longer header is not searched in full.
-        return _classify_agent(self, user_agent[:MAX_AGENT_CHARS])
-
-
-@lru_cache(maxsize=4096)
-def _classify_agent(rules: AgentRules, user_agent: str) -> str:
-    # A handful of browsers and proxies send most requests: the cache saves the searches.
-    if not user_agent.strip():
-        return NO_AGENT
-    for name, pattern in rules.classes:
-        if pattern.search(user_agent):
-            return name
-    return OTHER
+        user_agent = user_agent[:MAX_AGENT_CHARS]
+        known = self._known.get(user_agent)
+        if known is not None:
+            return known
+        if not user_agent.strip():
+            found = NO_AGENT
+        else:
+            found = next((name for name, pattern in self.classes if pattern.search(user_agent)), OTHER)
+        if len(self._known) >= KNOWN_AGENTS:
+            self._known.clear()
+        self._known[user_agent] = found
+        return found

@@ -26,7 +26,7 @@ import logging
 import uuid
 from pathlib import Path
 from typing import AsyncIterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
@@ -59,6 +59,9 @@ NO_STORE = {"Cache-Control": "no-store, no-cache, must-revalidate, max-age=0", "
 PRIVATE = {**NO_STORE, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# Every printable ASCII character but the space stays as it is in a redirect; only others are %-encoded.
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7f))
 
 
 def events_dir(settings: Settings) -> Path:
@@ -67,17 +70,22 @@ def events_dir(settings: Settings) -> Path:
 
 
 def _iso(instant: dt.datetime) -> str:
-    return instant.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    # isoformat is twice as fast as strftime; the clock gives UTC, so the offset is always +00:00.
+    return instant.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def event_line(*, event_type: str, at: dt.datetime, user_id: str, campaign_id: str, message_id: str,
                item_id: str | None = None, properties: Mapping[str, str]) -> bytes:
     """One landing line (schemas.EVENTS_LANDING keys, empty ones left out, plus ``properties``)."""
-    record = {"event_id": str(uuid.uuid4()), "event_type": event_type, "event_ts": _iso(at), "user_id": user_id,
-              "item_id": item_id or None, "campaign_id": campaign_id or None, "message_id": message_id or None,
-              "properties": {k: v for k, v in properties.items() if v is not None and v != ""}}
-    present = {k: v for k, v in record.items() if v is not None}
-    return json.dumps(present, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
+    record = {"event_id": str(uuid.uuid4()), "event_type": event_type, "event_ts": _iso(at), "user_id": user_id}
+    if item_id:
+        record["item_id"] = item_id
+    if campaign_id:
+        record["campaign_id"] = campaign_id
+    if message_id:
+        record["message_id"] = message_id
+    record["properties"] = {k: v for k, v in properties.items() if v}
+    return _ENCODER.encode(record).encode("utf-8") + b"\n"
 
 
 class TrackingService:
@@ -109,8 +117,9 @@ class TrackingService:
 
     @staticmethod
     def _query_is_ambiguous(request: Request) -> bool:
-        query = request.url.query
-        return bool(query) and tokens.single_values(query) is None
+        # The raw query from the scope: building request.url costs more than the whole check.
+        query = request.scope.get("query_string", b"")
+        return bool(query) and tokens.single_values(query.decode("latin-1")) is None
 
     async def _record(self, line: bytes) -> Response | None:
         """None once ``line`` is on disk; a 503 answer when it cannot be written."""
@@ -145,7 +154,7 @@ class TrackingService:
                     "is_machine_click": _flag(self.agents.is_machine(ua_class))}))
             if failed:
                 return failed
-        return Response(status_code=302, headers={**PRIVATE, "Location": payload.target})
+        return _answer(302, b"", [*_PRIVATE_RAW, (b"location", _location(payload.target))])
 
     async def open(self, request: Request) -> Response:
         now = self.clock.now()
@@ -162,7 +171,7 @@ class TrackingService:
                     "seconds_since_issued": str(max(0, int((now - payload.issued_at).total_seconds())))}))
             if failed:
                 return failed
-        return Response(PIXEL, media_type="image/gif", headers=PRIVATE)
+        return _answer(200, PIXEL, _PIXEL_RAW)
 
     async def preferences(self, request: Request) -> Response:
         token = request.path_params["token"]
@@ -263,6 +272,17 @@ class TrackingService:
         return values if values is not None else bad
 
 
+_PRIVATE_RAW = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in PRIVATE.items()]
+_PIXEL_RAW = [*_PRIVATE_RAW, (b"content-type", b"image/gif")]
+
+
+def _answer(status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> Response:
+    """A response from headers encoded once: clicks and opens are the hot path (docs/serve.md)."""
+    response = Response(body, status_code=status)
+    response.raw_headers = [*raw_headers, (b"content-length", str(len(body)).encode("latin-1"))]
+    return response
+
+
 async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
@@ -272,9 +292,23 @@ def _flag(value: bool) -> str:
 
 
 def _is_web_url(url: str) -> bool:
-    # The token signs the target, so this is a second lock: never a javascript:, data: or relative URL.
+    # The token signs the target, so this is a second lock: never a javascript:, data: or relative URL,
+    # nor one with white space or control characters (a header's line break).
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return False
     parts = urlsplit(url)
     return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _location(url: str) -> bytes:
+    """``url`` as a Location header: ASCII, the host in IDNA, other non-ASCII characters %-encoded."""
+    if url.isascii():
+        return url.encode("ascii")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = parts.netloc.replace(host, host.encode("idna").decode("ascii"), 1) if not host.isascii() else parts.netloc
+    rest = quote(urlunsplit(("", "", parts.path, parts.query, parts.fragment)), safe=_URL_SAFE)
+    return f"{parts.scheme}://{netloc}{rest}".encode("ascii")
 
 
 def build_app(*, settings: Settings, key: bytes, clock: Clock) -> Starlette:
