@@ -11,7 +11,9 @@ default), on loopback; the load comes from other processes:
    ones were answered, and times each from that scheduled time (so a stall is not hidden by
    the generator waiting: no coordinated omission); p50, p99 and max. wrk cannot hold a fixed rate.
 
-inboxlift's server writes and syncs every click to its event files before answering; the peer
+The CPU the servers themselves used per click (``/proc``, workers included) is printed too: on a
+machine other work shares, throughput and latency mostly measure the competition, while the
+ratio of CPU per click still says what recording costs. inboxlift's server writes and syncs every click to its event files before answering; the peer
 records nothing. After the runs, the event lines are counted against the requests wrk and the
 generator saw answered. Goals: throughput >= 0.5x the peer's, p99 < 20 ms at 500 requests/s.
 
@@ -93,6 +95,19 @@ def start_peer(folder: Path, port: int, workers: int) -> subprocess.Popen:
                "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers), "--no-access-log",
                "--no-server-header", "--proxy-headers", "--log-level", "warning"]
     return subprocess.Popen(command, cwd=folder, stdout=open(folder / "peer.log", "ab"), stderr=subprocess.STDOUT)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a server process and its worker processes so far (from /proc)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    total = 0
+    for process in [str(pid), *children]:
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -196,7 +211,7 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=500, help="requests/s of the fixed-rate run (default 500)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                         help="uvicorn worker processes per server (default: one per core)")
-    parser.add_argument("--connections", type=int, default=32, help="wrk's keep-alive connections (default 32)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk's keep-alive connections (default 64)")
     parser.add_argument("--rate-connections", type=int, default=16,
                         help="connections of the fixed-rate generator (default 16)")
     parser.add_argument("--keep", action="store_true", help="keep .bench/serve (event files, logs)")
@@ -217,7 +232,9 @@ def main() -> int:
         try:
             wait_ready(port, "/healthz", process)
             run_wrk(f"http://127.0.0.1:{port}{path}", seconds=2, connections=args.connections)  # warm-up
+            cpu_before = cpu_seconds(process.pid)
             throughput = run_wrk(f"http://127.0.0.1:{port}{path}", seconds=args.seconds, connections=args.connections)
+            throughput["cpu_us"] = 1e6 * (cpu_seconds(process.pid) - cpu_before) / throughput["requests"]
             fixed = run_fixed_rate(port, path, rate=args.rate, seconds=args.seconds, connections=args.rate_connections)
         finally:
             stop(process)
@@ -230,14 +247,16 @@ def main() -> int:
     # Every answered click, warm-up included, is one line; wrk may also count a few cut at its end.
     print(f"machine: {os.cpu_count()} cores, load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
           f"{args.workers} uvicorn worker(s) per server; wrk -t1 -c{args.connections}, {args.seconds} s")
-    print(f"{'':<11}{'clicks/s':>10}{'p50 ms':>9}{'p99 ms':>9}   at {args.rate}/s: {'p50 ms':>7}{'p99 ms':>8}"
-          f"{'max ms':>8}{'rate':>8}")
+    print(f"{'':<11}{'clicks/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'CPU us':>8}   at {args.rate}/s: {'p50 ms':>7}"
+          f"{'p99 ms':>8}{'max ms':>8}{'rate':>8}")
     for name in ("peer", "inboxlift"):
         t, f = results[name]["throughput"], results[name]["fixed"]
-        print(f"{name:<11}{t['requests_per_s']:>10,.0f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}   "
+        print(f"{name:<11}{t['requests_per_s']:>10,.0f}{t['p50_ms']:>9.2f}{t['p99_ms']:>9.2f}{t['cpu_us']:>8.0f}   "
               f"{'':>{len(str(args.rate)) + 4}}{f['p50_ms']:>7.2f}{f['p99_ms']:>8.2f}{f['max_ms']:>8.1f}"
               f"{f['achieved_rate']:>8.0f}")
     answered = ours["throughput"]["requests"] + ours["fixed"]["requests"]
+    cpu_ratio = peer["throughput"]["cpu_us"] / ours["throughput"]["cpu_us"]
+    print(f"ratio by CPU per click {cpu_ratio:.2f} (the servers' own CPU; on a shared machine the steadier figure)")
     print(f"throughput ratio {ratio:.2f} (goal >= 0.5); p99 at {args.rate}/s {ours['fixed']['p99_ms']:.2f} ms "
           f"(goal < 20); event lines {recorded:,} for {answered:,} measured clicks plus the warm-up")
     errors = [f"{n}: {r['throughput']['bad_status']} bad statuses, socket errors {r['throughput']['socket_errors']}, "
