@@ -429,6 +429,34 @@ def test_a_flood_of_10000_requests_lands_every_event_exactly_once(tmp_path):
     assert len({e["event_id"] for e in events}) == 10_000
 
 
+def test_several_workers_each_write_their_own_files(tmp_path):
+    # Two uvicorn processes started from the factory: the settings travel through the environment.
+    server = Server(tmp_path, settings=["serve.workers=2", "serve.rotate_seconds=3600"]).start()
+    try:
+        issued = now() - dt.timedelta(hours=1)
+        requests = [("GET", "/c/" + tokens.issue_click(
+            key=SIGNING_KEY, issued_at=issued, message_id=f"w-{i}", campaign_id="c1", user_id="u1", variant="A",
+            position=1, item_id="i1", target=TARGET), {}) for i in range(400)]
+        assert flood(server.base_url, requests, concurrency=8) == [302] * 400
+    finally:
+        assert server.stop() in (0, -15)
+    assert in_progress_files(server.events_dir) == []
+    events = read_events(server.events_dir)
+    assert sorted(e["message_id"] for e in events) == sorted(f"w-{i}" for i in range(400))
+    writers = {re.match(r"serve-\d{8}T\d{6}Z-(.+)-\d{6}\.jsonl", p.name).group(1)
+               for p in event_files(server.events_dir)}
+    assert 1 <= len(writers) <= 2
+
+
+def test_the_command_refuses_a_pinned_clock_and_bad_settings():
+    from inboxlift.cli import main
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+    assert main(["serve", "--conf-dir", conf, "--now", "2026-11-20T12:00:00"], environ={}) == 2
+    assert main(["serve", "--conf-dir", conf, "--port", "70000"], environ={}) == 2
+    assert main(["serve", "--conf-dir", conf, "--set", "serve.machine_classes=[robots]"], environ={}) == 2
+
+
 # ---- the event writer in-process --------------------------------------------------------------
 
 class Clock:

@@ -12,16 +12,7 @@ from typing import Any, Mapping, Sequence
 from inboxlift.clock import FixedClock, SystemClock
 from inboxlift.context import RunContext
 from inboxlift.pipeline import RUN_ALL, STAGES, Stage, generate_default_data, landing_is_empty
-from inboxlift.settings import Settings, SettingsError, load_settings, parse_override
-
-
-def default_conf_dir(environ: Mapping[str, str]) -> str:
-    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
-    if environ.get("INBOXLIFT_CONF_DIR"):
-        return environ["INBOXLIFT_CONF_DIR"]
-    if Path("conf").is_dir():
-        return "conf"
-    return str(Path(__file__).resolve().parents[2] / "conf")
+from inboxlift.settings import Settings, SettingsError, default_conf_dir, load_settings, parse_override
 
 
 def _common(environ: Mapping[str, str]) -> argparse.ArgumentParser:

@@ -793,6 +793,15 @@ def load_settings(
     return settings
 
 
+def default_conf_dir(environ: Mapping[str, str]) -> str:
+    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
+    if environ.get("INBOXLIFT_CONF_DIR"):
+        return environ["INBOXLIFT_CONF_DIR"]
+    if Path("conf").is_dir():
+        return "conf"
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
 def resolve_secret(reference: str, *, environ: Mapping[str, str], dbutils: Any = None) -> str:
     """The secret a reference points at: ``env:NAME`` or ``dbsecret:scope/key``.
 

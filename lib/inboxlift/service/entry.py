@@ -19,9 +19,9 @@ from typing import Any, Mapping
 from starlette.applications import Starlette
 
 from inboxlift.clock import SystemClock
-from inboxlift.render.keys import signing_key
+from inboxlift.keys import signing_key
 from inboxlift.service.app import build_app, events_dir
-from inboxlift.settings import Settings, load_settings
+from inboxlift.settings import Settings, default_conf_dir, load_settings
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,8 +41,6 @@ def create_app(settings: Settings, *, environ: Mapping[str, str]) -> Starlette:
 
 def app_from_environment() -> Starlette:
     """uvicorn's factory: settings as ``inboxlift`` loads them, from this process's environment."""
-    from inboxlift.cli import default_conf_dir
-
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     environ = os.environ
     overrides = json.loads(environ.get(OVERRIDES_VARIABLE) or "{}")

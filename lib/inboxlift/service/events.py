@@ -188,7 +188,7 @@ class EventLog:
                 self._pending, self._waiters = [], []
                 try:
                     await self._in_thread(self._write, b"".join(lines))
-                except OSError as exc:
+                except (OSError, RuntimeError) as exc:  # RuntimeError: the thread is gone (shutting down)
                     self.failure = f"{type(exc).__name__}: {exc}"
                     log.error("event file write failed: %s", self.failure)
                     error = EventLogError(self.failure)
