@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from chispa import assert_df_equality
+from pyspark.sql import functions as F
 
 from inboxlift.context import RunContext
 from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
@@ -150,7 +151,10 @@ def test_invoice_lines_import_into_events_users_and_products(shop_ctx, spark, tm
          "12583", "22960", "return", utc("2010-12-01 09:49"), dt.date(2010, 12, 1), None, "536383", 3,
          Decimal("4.25"), "GBP", None, None, None, None, None, None, src, NOW),
     ], EVENTS_TABLE)
-    assert_df_equality(lake.read("events"), expected_events, ignore_row_order=True, ignore_nullable=True)
+    # chispa orders rows by every column, and Spark cannot order by a map: properties apart.
+    assert lake.read("events").where(F.col("properties").isNotNull()).isEmpty()
+    assert_df_equality(lake.read("events").drop("properties"), expected_events.drop("properties"),
+                       ignore_row_order=True, ignore_nullable=True)
 
     expected_users = spark.createDataFrame([
         ("17850", None, None, None, None, uk, None, utc("2010-12-01 08:26"), None, None, utc("2010-12-01 09:41"),
@@ -209,7 +213,10 @@ def test_clickstream_import_into_events_users_and_products(shop_ctx, spark, tmp_
         event(1433221999827, "111016", "addtocart", "10572", None, "add_to_cart"),
         event(1433222276276, "483717", "transaction", "253185", "17892", "purchase"),
     ], EVENTS_TABLE)
-    assert_df_equality(lake.read("events"), expected_events, ignore_row_order=True, ignore_nullable=True)
+    # chispa orders rows by every column, and Spark cannot order by a map: properties apart.
+    assert lake.read("events").where(F.col("properties").isNotNull()).isEmpty()
+    assert_df_equality(lake.read("events").drop("properties"), expected_events.drop("properties"),
+                       ignore_row_order=True, ignore_nullable=True)
 
     def user(visitor, ms):
         return (visitor, None, None, None, None, None, None, from_ms(ms), None, None, from_ms(ms), src, NOW)
