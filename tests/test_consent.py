@@ -176,3 +176,31 @@ def test_no_events_no_rows(spark):
     current = [("u", None, "all", "unsubscribed", "old", at(5), None, at(5))]
     assert updates(spark, [], current=current).isEmpty()
     assert updates(spark, [("x", "view", at(2), "u", None)], current=current).isEmpty()
+
+
+def test_only_this_type_unsubscribes_from_every_other_type_and_lifts_the_rest(spark):
+    hashed = sha("u@mail.example")
+    current = [("u", hashed, "all", "unsubscribed", "e0", at(1), None, at(1))]
+    events = [
+        ("e1", "preference_change", at(2), "u", "birthday"),
+        ("e2", "preference_change", at(3), "v", "no_such_type"),   # unknown type: nothing at all
+    ]
+    got = updates(spark, events, current=current)
+    others = ["weekly_picks", "abandoned_cart", "browse_abandonment", "win_back", "new_arrivals", "cross_sell"]
+    assert_df_equality(got, expect(spark, [
+        # The earlier opt-out of all mail is lifted by the change; the type itself was never suppressed.
+        ("u", hashed, "all", "unsubscribed", "e0", at(1), at(2)),
+        *[("u", hashed, t, "unsubscribed", "e1", at(2), None) for t in others],
+    ]), ignore_row_order=True, ignore_nullable=True)
+
+
+def test_a_resubscribe_to_all_mail_lifts_every_unsubscribe_of_the_person_but_not_a_bounce(spark):
+    hashed = sha("u@mail.example")
+    current = [("u", hashed, "weekly_picks", "unsubscribed", "e0", at(1), None, at(1)),
+               ("u", hashed, "all", "bounced", "e00", at(1), None, at(1))]
+    got = updates(spark, [("e1", "unsubscribe", at(2), "u", None), ("e2", "resubscribe", at(3), "u", "all")],
+                  current=current)
+    assert_df_equality(got, expect(spark, [
+        ("u", hashed, "all", "unsubscribed", "e1", at(2), at(3)),
+        ("u", hashed, "weekly_picks", "unsubscribed", "e0", at(1), at(3)),
+    ]), ignore_row_order=True, ignore_nullable=True)

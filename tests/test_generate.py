@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from inboxlift.generate import (
     EVENT_DIRTY_KINDS, PRODUCT_DIRTY_KINDS, USER_DIRTY_KINDS, GenerateReport, generate_shop,
 )
-from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
+from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, SERVICE_ONLY_EVENT_TYPES, USERS_LANDING
 
 UTC = dt.timezone.utc
 END = dt.datetime(2026, 11, 20, 11, 0, tzinfo=UTC)
@@ -285,8 +285,10 @@ def test_events_are_json_lines_with_landing_keys_and_every_type(shop, landing):
         assert {"event_id", "event_type", "event_ts", "user_id"} <= set(e), e
         assert shop.start <= _iso(e["event_ts"]) <= END, e
         assert e["user_id"] in user_ids and e.get("item_id", "i000001") in item_ids, e
-    # Complaints and resubscribes come from a feedback loop and a preference page the shop does not have.
-    assert {e["event_type"] for e in landing.clean_events} == set(EVENT_TYPES) - {"complaint", "resubscribe"}
+    # Every type but complaints (a feedback loop the shop does not have) and those only the tracking
+    # service writes.
+    generated = set(EVENT_TYPES) - set(SERVICE_ONLY_EVENT_TYPES) - {"complaint"}
+    assert {e["event_type"] for e in landing.clean_events} == generated
     assert len({e["event_id"] for e in landing.clean_events}) == len(landing.clean_events)
 
 

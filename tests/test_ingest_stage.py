@@ -153,15 +153,18 @@ def test_events_table_holds_the_accepted_events_partitioned_by_date(first, spark
     day1, day2 = first.files["day1"], first.files["day2"]
     expected = spark.createDataFrame([
         ("e1", "u1", "i1", "view", dt.datetime(2026, 11, 19, 10), dt.date(2026, 11, 19), "s1", None, None, None,
-         None, None, None, None, None, None, day1, NOW),
+         None, None, None, None, None, None, None, day1, NOW),
         ("e2", "u1", "i1", "purchase", dt.datetime(2026, 11, 19, 10), dt.date(2026, 11, 19), "s1", "o1", 2,
-         Decimal("59.90"), "EUR", None, None, None, None, None, day1, NOW),
+         Decimal("59.90"), "EUR", None, None, None, None, None, None, day1, NOW),
         ("e3", "u2", None, "email_open", dt.datetime(2026, 11, 19, 12), dt.date(2026, 11, 19), None, None, None,
-         None, None, None, None, None, "c1", "m1", day1, NOW),
+         None, None, None, None, None, "c1", "m1", None, day1, NOW),
         ("e15", "u2", "i2", "add_to_cart", dt.datetime(2026, 11, 20, 8), dt.date(2026, 11, 20), None, None, None,
-         None, None, None, None, None, None, None, day2, NOW),
+         None, None, None, None, None, None, None, None, day2, NOW),
     ], EVENTS_TABLE)
-    assert_df_equality(first.table("events").select(*EVENTS_TABLE.fieldNames()), expected,
+    # chispa orders rows by every column, and Spark cannot order by a map: properties apart.
+    events = first.table("events").select(*EVENTS_TABLE.fieldNames())
+    assert events.where(F.col("properties").isNotNull()).isEmpty()
+    assert_df_equality(events.drop("properties"), expected.drop("properties"),
                        ignore_row_order=True, ignore_nullable=True)
     assert first.ctx.lake.info("events").partition_by == ["event_date"]
 
@@ -289,5 +292,7 @@ def test_a_crash_then_a_rerun_equals_an_uninterrupted_run(first, spark, spark_in
             "source_file", F.regexp_extract("source_file", r"([^/]+)$", 1))
         want = first.table(name).drop("batch", "run_id").withColumn(
             "source_file", F.regexp_extract("source_file", r"([^/]+)$", 1))
+        if "properties" in got.columns:  # a map cannot be ordered by; its sorted entries can
+            got, want = (t.withColumn("properties", F.sort_array(F.map_entries("properties"))) for t in (got, want))
         # Equal tables also mean nothing was appended twice by the redo.
         assert_df_equality(got, want, ignore_row_order=True, ignore_nullable=True)

@@ -1,4 +1,4 @@
-"""Signed link tokens (inboxlift.tokens) and the signing key (inboxlift.render.keys), without Spark.
+"""Signed link tokens (inboxlift.tokens) and the signing key (inboxlift.keys), without Spark.
 
 The token layout is written out byte by byte here, from docs/render.md, and signed with hmac by
 hand: the issuer must produce exactly these bytes, which the tracking service (issue 20) relies on.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from inboxlift.render import RenderConfig
-from inboxlift.render.keys import DEV_SIGNING_KEY, signing_key
+from inboxlift.keys import DEV_SIGNING_KEY, signing_key
 from inboxlift.settings import RenderSettings, SecretSettings, Settings, SettingsError
 from inboxlift.tokens import (
     ClickToken,

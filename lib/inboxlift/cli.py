@@ -12,16 +12,7 @@ from typing import Any, Mapping, Sequence
 from inboxlift.clock import FixedClock, SystemClock
 from inboxlift.context import RunContext
 from inboxlift.pipeline import RUN_ALL, STAGES, Stage, generate_default_data, landing_is_empty
-from inboxlift.settings import Settings, SettingsError, load_settings, parse_override
-
-
-def default_conf_dir(environ: Mapping[str, str]) -> str:
-    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
-    if environ.get("INBOXLIFT_CONF_DIR"):
-        return environ["INBOXLIFT_CONF_DIR"]
-    if Path("conf").is_dir():
-        return "conf"
-    return str(Path(__file__).resolve().parents[2] / "conf")
+from inboxlift.settings import Settings, SettingsError, default_conf_dir, load_settings, parse_override
 
 
 def _common(environ: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -83,6 +74,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     preview.add_argument("--user", required=True, dest="user_id", help="user id")
     preview.add_argument("--out", default=None,
                          help="file to write (default: paths.output_dir/previews/<campaign>-<user>.html)")
+
+    serve = commands.add_parser(
+        "serve", parents=[common],
+        help="run the tracking and preference service (clicks, opens, unsubscribes; no Spark)")
+    serve.add_argument("--host", help="address to listen on (default: serve.host)")
+    serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
+    serve.add_argument("--workers", type=int, help="worker processes, one per core for throughput (default: serve.workers)")
 
     commands.add_parser("settings", help="print the effective settings", parents=[common])
     return parser
@@ -166,6 +164,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if args.command == "settings":
         print(settings)
         return 0
+    if args.command == "serve":
+        return _serve(args, environ)
     ctx = build_context(settings, now=args.now, environ=environ)
     started = time.monotonic()
     try:
@@ -174,6 +174,25 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"inboxlift: {exc}", file=sys.stderr)
         return 2
     print(f"done in {time.monotonic() - started:.1f}s", flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``inboxlift serve``: the service needs no Spark session, lake or clock override."""
+    if args.now:
+        print("inboxlift: serve answers with the system clock; --now is for stages", file=sys.stderr)
+        return 2
+    overrides = dict(parse_override(text) for text in args.overrides)
+    chosen = {"serve.host": args.host, "serve.port": args.port, "serve.workers": args.workers}
+    overrides.update({key: value for key, value in chosen.items() if value is not None})
+    try:
+        settings = load_settings(args.env, conf_dir=args.conf_dir, overrides=overrides, environ=environ)
+        from inboxlift.service.entry import serve
+
+        serve(settings, environ=environ, env=args.env, conf_dir=args.conf_dir, overrides=overrides)
+    except SettingsError as exc:
+        print(f"inboxlift: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

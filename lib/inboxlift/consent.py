@@ -50,7 +50,10 @@ ADDRESS_REASONS = (BOUNCED, SOFT_BOUNCED, COMPLAINED)
 # Event type -> the suppression it starts; resubscribe lifts an unsubscribe of the same scope.
 SUPPRESSING_EVENTS = {"unsubscribe": UNSUBSCRIBED, "bounce": BOUNCED, "complaint": COMPLAINED}
 LIFTING_EVENTS = {"resubscribe": UNSUBSCRIBED}
-CONSENT_EVENT_TYPES = (*SUPPRESSING_EVENTS, *LIFTING_EVENTS)
+# "Only send me emails of this type" (the preference page): a resubscribe to it and to all mail, and
+# an unsubscribe from every other campaign type, all at the event's time.
+PREFERENCE_CHANGE = "preference_change"
+CONSENT_EVENT_TYPES = (*SUPPRESSING_EVENTS, *LIFTING_EVENTS, PREFERENCE_CHANGE)
 # The events a person scopes (a preference page); a bounce or a complaint is about every mail.
 SCOPED_EVENTS = ("unsubscribe", "resubscribe")
 
@@ -147,10 +150,13 @@ def with_mail_permission(recipients: DataFrame, *, users: DataFrame, suppression
 
 def _actions(events: DataFrame, current: DataFrame) -> DataFrame:
     """Suppress and lift actions per key: the events', and the current rows' of the keys they touch."""
+    if "campaign_type" not in events.columns:
+        events = events.withColumn("campaign_type", F.lit(None).cast("string"))
+    events = _expand_preference_changes(events)
     kind = F.col("event_type")
     is_lift = kind.isin(*LIFTING_EVENTS)
     reasons = F.create_map(*[F.lit(x) for pair in {**SUPPRESSING_EVENTS, **LIFTING_EVENTS}.items() for x in pair])
-    campaign_type = F.col("campaign_type") if "campaign_type" in events.columns else F.lit(None).cast("string")
+    campaign_type = F.col("campaign_type")
     scope = F.when(kind.isin(*SCOPED_EVENTS), event_scope(campaign_type, is_lift=is_lift)).otherwise(F.lit(SCOPE_ALL))
     from_events = (events.where(kind.isin(*CONSENT_EVENT_TYPES) & F.col("user_id").isNotNull()
                                 & F.col("event_ts").isNotNull())
@@ -167,6 +173,41 @@ def _actions(events: DataFrame, current: DataFrame) -> DataFrame:
     return from_events.unionByName(began).unionByName(lifted)
 
 
+def _expand_preference_changes(events: DataFrame) -> DataFrame:
+    """``preference_change`` events, and resubscribes to all mail, as the actions they stand for.
+
+    - A resubscribe to ``all`` (no type, or ``all``) undoes every unsubscribe of the person, of any
+      scope: it is a resubscribe to ``all`` and to each campaign type.
+    - A ``preference_change`` ("only this type") names one known campaign type (another is dropped:
+      a typo must not unsubscribe a person from everything); it becomes a resubscribe to ``all`` and
+      to that type, and an unsubscribe from every other campaign type.
+
+    Each action keeps the event's id and time.
+    """
+    columns = ["event_id", "event_type", "event_ts", "user_id", "campaign_type"]
+    named = F.lower(F.trim(F.col("campaign_type")))
+    kind = F.col("event_type")
+    is_change = (kind == F.lit(PREFERENCE_CHANGE)) & named.isin(*CAMPAIGN_TYPES)
+    is_full_resubscribe = (kind == F.lit("resubscribe")) & F.coalesce(named.isin("", SCOPE_ALL), F.lit(True))
+    every_type = F.array(*[F.lit(t) for t in CAMPAIGN_TYPES])
+
+    def action(kind_name: str, scope: Column) -> Column:
+        return F.struct(F.lit(kind_name).alias("t"), scope.alias("c"))
+
+    actions = (F.when(is_full_resubscribe, F.concat(
+                   F.array(action("resubscribe", F.lit(SCOPE_ALL))),
+                   F.transform(every_type, lambda t: action("resubscribe", t))))
+               .otherwise(F.concat(
+                   F.array(action("resubscribe", F.lit(SCOPE_ALL)), action("resubscribe", named)),
+                   F.transform(F.filter(every_type, lambda t: t != named), lambda t: action("unsubscribe", t)))))
+    expanded = (events.where(is_change | is_full_resubscribe)
+                .select("event_id", "event_ts", "user_id", F.explode(actions).alias("_a"))
+                .select("event_id", F.col("_a.t").alias("event_type"), "event_ts", "user_id",
+                        F.col("_a.c").alias("campaign_type")))
+    kept = events.where(~(is_change | is_full_resubscribe) & (kind != F.lit(PREFERENCE_CHANGE)))
+    return kept.select(*columns).unionByName(expanded)
+
+
 def suppression_updates(events: DataFrame, *, current: DataFrame, users: DataFrame,
                         updated_at: dt.datetime) -> DataFrame:
     """Rows to merge into ``suppressions`` by :data:`SUPPRESSION_KEY`: each key the events touch, as it
@@ -175,7 +216,8 @@ def suppression_updates(events: DataFrame, *, current: DataFrame, users: DataFra
     Events (``event_id, event_type, event_ts, user_id`` and optionally ``campaign_type``) of the
     :data:`CONSENT_EVENT_TYPES` become actions: ``unsubscribe``, ``bounce``, ``complaint`` suppress
     (an unsubscribe's scope from :func:`event_scope`, the others' ``all``); ``resubscribe`` lifts an
-    ``unsubscribed`` suppression of its scope. The key's current row joins them as a suppress at
+    ``unsubscribed`` suppression of its scope (one to ``all`` lifts every scope); a ``preference_change`` ("only this type") is a
+    resubscribe to ``all`` and its type and an unsubscribe from every other type. The key's current row joins them as a suppress at
     ``since`` (and a lift at ``lifted_at``).
     In event-time order, with a suppress winning a tie, the last suppress decides: a later lift
     ends it (``lifted_at`` = the first lift after it), otherwise it is in force. ``since`` and

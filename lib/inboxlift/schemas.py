@@ -4,7 +4,9 @@ Landing layout, under ``paths.landing_dir``:
 
 - ``users/*.csv[.gz]`` — one user per line, header row, columns ``USERS_LANDING``;
 - ``products/*.csv[.gz]`` — header row, columns ``PRODUCTS_LANDING``;
-- ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``.
+- ``events/*.jsonl[.gz]`` — one JSON object per line, keys ``EVENTS_LANDING``; ``properties`` is a
+  JSON object of event-specific values (the tracking service's variant, link position, scope...),
+  read as ``map<string,string>``.
 
 ``unsubscribe``, ``resubscribe``, ``bounce`` and ``complaint`` events keep the ``suppressions``
 table (:mod:`inboxlift.consent`); ``campaign_type`` names the scope of an unsubscribe or
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 from pyspark.sql.types import StringType, StructField, StructType
 
+# Event types only the tracking service (``inboxlift serve``) writes: choices on its preferences page.
+SERVICE_ONLY_EVENT_TYPES = ("resubscribe", "preference_change")
 EVENT_TYPES = (
     "view", "add_to_cart", "remove_from_cart", "purchase", "search", "review",
     "email_delivered", "email_open", "email_click", "unsubscribe", "bounce",
-    # From a feedback loop (a complaint report) and the preference page; the synthetic shop has neither.
-    "complaint", "resubscribe",
+    # From a feedback loop (a complaint report, import-bounces) and the tracking service.
+    "complaint", *SERVICE_ONLY_EVENT_TYPES,
 )
 
 
@@ -45,5 +49,5 @@ PRODUCTS_LANDING = _text(
 EVENTS_LANDING = _text(
     "event_id", "event_type", "event_ts", "user_id", "item_id", "session_id",
     "order_id", "quantity", "price", "currency", "query", "rating", "review_text",
-    "campaign_id", "message_id", "campaign_type",
+    "campaign_id", "message_id", "campaign_type", "properties",
 )

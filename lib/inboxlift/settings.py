@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import ipaddress
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -484,6 +486,86 @@ class RenderSettings:
         return dt.timedelta(days=days) if days else None
 
 
+# The user agents the service tells apart (docs/serve.md, "Machine opens"): the first class with a
+# pattern found in the User-Agent header (case-insensitive regular expressions) names the request.
+DEFAULT_USER_AGENT_CLASSES: dict[str, list[str]] = {
+    # Apple Mail Privacy Protection fetches every image of a message when it is delivered, through
+    # Apple's proxies, with a bare "Mozilla/5.0".
+    "apple_proxy": [r"^Mozilla/5\.0$"],
+    # Security gateways and link checkers that open and click every link of a message on delivery.
+    "scanner": [r"bot\b", r"crawler", r"spider", r"scanner", r"preview", r"headless", r"python-requests",
+                r"python-httpx", r"python-urllib", r"aiohttp", r"curl/", r"wget/", r"go-http-client",
+                r"okhttp", r"java/", r"libwww", r"barracuda", r"mimecast", r"proofpoint", r"forcepoint",
+                r"symantec", r"trendmicro", r"sophos", r"fortinet", r"safelinks"],
+    # Webmail image proxies fetch when the person opens the message: these opens are human.
+    "webmail_proxy": [r"googleimageproxy", r"yahoomailproxy", r"ggpht\.com"],
+    "mobile": [r"iphone|ipad|android|mobile"],
+    "desktop": [r"windows nt|macintosh|x11|linux|cros"],
+}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The tracking and preference service (``inboxlift serve``); described in ``docs/serve.md``."""
+
+    # Where uvicorn listens; behind a reverse proxy keep the loopback address.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # uvicorn worker processes (one per core for throughput); each writes its own event files.
+    workers: int = 1
+    # Where event files land; unset: <paths.landing_dir>/events/serve (ingest reads every sub-folder of events/).
+    events_dir: str | None = None
+    # An event file is closed and renamed into place (ingest can take it from then on) once it is this
+    # old or would grow past this size; nothing is written for an idle interval.
+    rotate_seconds: int = 60
+    rotate_bytes: int = 8_000_000
+    # Reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's forwarded_allow_ips).
+    forwarded_allow_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
+    # User agent classes, first match wins (the defaults above); no match is "other", no header "none".
+    user_agent_classes: dict[str, list[str]] = field(default_factory=lambda: {
+        name: list(patterns) for name, patterns in DEFAULT_USER_AGENT_CLASSES.items()})
+    # Opens and clicks of these classes are flagged as machine ones, not a person's.
+    machine_classes: list[str] = field(default_factory=lambda: ["apple_proxy", "scanner"])
+    # Requests from these networks are Apple's privacy proxies whatever their user agent. The address is
+    # only compared, never written.
+    apple_proxy_networks: list[str] = field(default_factory=lambda: ["17.0.0.0/8"])
+    # An open this many seconds or less after its token was issued (the render run) is a machine open.
+    machine_open_seconds: int = 60
+    # How long a preferences page's form can be sent after the page was shown.
+    form_max_age_minutes: int = 1440
+    # The largest POST body /u/<token> reads (the one-click body is 26 bytes, the page's form ~100).
+    max_body_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'serve.{key}' {why}")
+
+        if not 0 < self.port < 65536:
+            raise bad("port", f"must be a TCP port 1..65535, got {self.port}")
+        for key in ("workers", "rotate_seconds", "rotate_bytes", "form_max_age_minutes", "max_body_bytes"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be 1 or more, got {getattr(self, key)}")
+        if self.machine_open_seconds < 0:
+            raise bad("machine_open_seconds", f"must be 0 or more, got {self.machine_open_seconds}")
+        for name, patterns in self.user_agent_classes.items():
+            if name in ("none", "other") or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+                raise bad("user_agent_classes", f"names must be lower_snake_case and not 'none' or 'other', "
+                          f"got {name!r}")
+            for pattern in patterns:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise bad(f"user_agent_classes.{name}", f"holds an invalid pattern {pattern!r}: {exc}") from None
+        unknown = sorted(set(self.machine_classes) - set(self.user_agent_classes))
+        if unknown:
+            raise bad("machine_classes", f"names classes not in user_agent_classes: {unknown}")
+        for network in self.apple_proxy_networks:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise bad("apple_proxy_networks", f"holds {network!r}, not a network like 17.0.0.0/8") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     env: str = "local"
@@ -498,6 +580,7 @@ class Settings:
     segments: SegmentSettings = field(default_factory=SegmentSettings)
     recommend: RecommendSettings = field(default_factory=RecommendSettings)
     render: RenderSettings = field(default_factory=RenderSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
 
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""
@@ -708,6 +791,15 @@ def load_settings(
     if overrides:
         settings = settings.with_overrides(overrides, source="command line (--set)")
     return settings
+
+
+def default_conf_dir(environ: Mapping[str, str]) -> str:
+    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
+    if environ.get("INBOXLIFT_CONF_DIR"):
+        return environ["INBOXLIFT_CONF_DIR"]
+    if Path("conf").is_dir():
+        return "conf"
+    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def resolve_secret(reference: str, *, environ: Mapping[str, str], dbutils: Any = None) -> str:

@@ -42,7 +42,7 @@ from inboxlift.render.frames import (
     render_partitions,
     render_plan,
 )
-from inboxlift.render.keys import signing_key
+from inboxlift.keys import signing_key
 from inboxlift.render.message import STATUS_RENDERED, RenderConfig
 from inboxlift.render.partition import OUTBOX_COLUMNS, RENDER_ERROR_COLUMNS
 from inboxlift.storage import WriteResult

@@ -39,6 +39,7 @@ from pyspark.sql.types import (
     DecimalType,
     IntegerType,
     LongType,
+    MapType,
     StringType,
     StructField,
     StructType,
@@ -74,6 +75,7 @@ REASONS: dict[str, str] = {
     "bad_currency": "a currency that is not a three-letter code",
     "bad_quantity": "a quantity that is not a whole number above zero",
     "bad_rating": "a rating that is not a whole number in [rating_min, rating_max]",
+    "bad_properties": "event properties that are not one JSON object",
     "bad_stock": "a stock level that is not a whole number >= 0",
     "bad_date": "a date that does not parse, or a birthday in the future",
     "bad_boolean": "a flag that is not true/false/yes/no/1/0",
@@ -140,9 +142,12 @@ PRODUCT_FIELDS = StructType([
     StructField("updated_at", TimestampType()),
 ])
 _LINEAGE = [StructField("source_file", StringType()), StructField("ingested_at", TimestampType())]
+# Event-specific values (the tracking service's variant, link position, scope...): a JSON object in
+# the landing line, a map of text here.
+PROPERTIES = StructField("properties", MapType(StringType(), StringType()))
 
 # The tables' schemas: the contract with every later stage.
-EVENTS_TABLE = StructType(list(EVENT_FIELDS.fields) + _LINEAGE)
+EVENTS_TABLE = StructType(list(EVENT_FIELDS.fields) + [PROPERTIES] + _LINEAGE)
 USERS_TABLE = StructType(list(USER_FIELDS.fields) + _LINEAGE)
 PRODUCTS_TABLE = StructType(list(PRODUCT_FIELDS.fields) + _LINEAGE)
 QUARANTINE_TABLE = StructType([
@@ -401,10 +406,11 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         excluded_item_ids: item ids that are not products (quarantined as ``excluded_item``).
         carry: extra text columns passed through (cleaned, length-checked), e.g. an export's country.
 
-    Returns ``source_file, pos, line``, the event fields of :data:`EVENT_FIELDS`, ``carry``,
-    ``reasons`` and ``payload_hash`` (of the typed event fields, to tell duplicates apart).
+    Returns ``source_file, pos, line``, the event fields of :data:`EVENT_FIELDS`, ``properties``
+    (a map; ``bad_properties`` when the text is not a JSON object), ``carry``, ``reasons`` and
+    ``payload_hash`` (of the typed event fields and properties, to tell duplicates apart).
     """
-    text_names = [f.name for f in EVENT_FIELDS.fields if f.name != "event_date"]
+    text_names = [f.name for f in EVENT_FIELDS.fields if f.name != "event_date"] + [PROPERTIES.name]
     require_columns(records, [*RECORD_COLUMNS, *text_names, *carry], step="validate_events")
     text = _text_fields(records, [*text_names, *carry])
 
@@ -416,9 +422,11 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         parse_timestamp(F.col("event_ts"), fmt=timestamp_format, zone=timezone).alias("event_ts"),
         "session_id", "order_id", F.upper(F.col("currency")).alias("currency"), "query", "review_text",
         "campaign_id", "message_id", *carry,
+        F.from_json(F.col("properties"), PROPERTIES.dataType).alias("properties"),
         # The raw texts, for the checks below.
         F.col("event_type").alias("_type_text"), F.col("event_ts").alias("_ts_text"),
         price_text.alias("_price_text"), quantity_text.alias("_quantity_text"), rating_text.alias("_rating_text"),
+        F.col("properties").alias("_properties_text"),
         is_number(price_text).alias("_is_price_number"),
         _number(quantity_text).alias("_quantity_number"), _number(rating_text).alias("_rating_number"),
         _too_long([*text_names, *carry], rules.max_string_length).alias("_is_too_long"),
@@ -448,16 +456,21 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         "bad_quantity": F.col("_quantity_text").isNotNull() & ~F.coalesce(F.col("quantity") > 0, F.lit(False)),
         "bad_rating": F.col("_rating_text").isNotNull() & ~F.coalesce(
             F.col("rating").between(rules.rating_min, rules.rating_max), F.lit(False)),
+        # from_json gives null for anything but an object (text, a number, an array, broken JSON).
+        "bad_properties": F.col("_properties_text").isNotNull() & F.col("properties").isNull(),
         "string_too_long": F.col("_is_too_long"),
         "excluded_item": F.col("item_id").isin(*excluded_item_ids) if excluded_item_ids else F.lit(False),
     }
     event_names = [f.name for f in EVENT_FIELDS.fields]
+    # A map cannot be hashed; its entries, sorted, can (so key order does not make a conflict).
+    properties_entries = F.sort_array(F.map_entries(F.col(PROPERTIES.name)))
     return typed.select(
         "source_file", "pos", "line",
         *[F.col(f.name).cast(f.dataType).alias(f.name) for f in EVENT_FIELDS.fields],
+        F.col(PROPERTIES.name),
         *carry,
         reasons_array(checks).alias("reasons"),
-        F.xxhash64(*event_names).alias("payload_hash"),
+        F.xxhash64(*event_names, properties_entries).alias("payload_hash"),
     )
 
 
@@ -661,9 +674,11 @@ def summarise_outcomes(classified: DataFrame) -> DataFrame:
 
 def to_events_table(accepted: DataFrame, *, ingested_at: dt.datetime) -> DataFrame:
     """Accepted events -> rows of the ``events`` table."""
-    require_columns(accepted, [f.name for f in EVENT_FIELDS.fields] + ["source_file"], step="to_events_table")
+    require_columns(accepted, [f.name for f in EVENT_FIELDS.fields] + [PROPERTIES.name, "source_file"],
+                    step="to_events_table")
     return accepted.select(
         *[F.col(f.name).cast(f.dataType) for f in EVENT_FIELDS.fields],
+        F.col(PROPERTIES.name).cast(PROPERTIES.dataType),
         F.col("source_file"), F.lit(ingested_at).cast("timestamp").alias("ingested_at"),
     )
 

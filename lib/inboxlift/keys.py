@@ -1,4 +1,8 @@
-"""The key that signs unsubscribe, click and open links (:mod:`inboxlift.tokens`)."""
+"""The key that signs unsubscribe, click and open links (:mod:`inboxlift.tokens`).
+
+Render signs with it and the tracking service verifies with it; no Spark here, so the service
+starts without loading it.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,344 @@
+"""The tracking and preference service as a Starlette app: clicks, opens, unsubscribes (docs/serve.md).
+
+``build_app(settings=..., key=..., clock=...)`` returns an ASGI app; :mod:`inboxlift.service.entry`
+runs it under uvicorn. Routes:
+
+- ``GET /c/<token>``: a click; 302 to the URL the token signs, and only that one.
+- ``GET /o/<token>.gif``: an open; a 1x1 GIF, never cached.
+- ``POST /u/<token>``: ``List-Unsubscribe=One-Click`` (RFC 8058) unsubscribes from all marketing
+  mail at once; the preferences page's form records the person's choice.
+- ``GET /u/<token>``: the preferences page.
+- ``GET /healthz``: 200 while events can be written, 503 otherwise.
+
+A token that is not genuine (forged, altered, truncated, expired, another kind's) answers 404 and
+records nothing; so does a query string that repeats a parameter. Every answer that stands for an
+event (a 302, a GIF, a saved choice) is sent only after the event is on disk; when it cannot be
+written the answer is 503. HEAD requests get the same answers and record nothing: browsers and mail
+clients never send HEAD, link checkers do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import re
+import uuid
+from pathlib import Path
+from typing import AsyncIterator, Mapping
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from inboxlift import tokens
+from inboxlift.clock import Clock
+from inboxlift.service.agents import AgentRules
+from inboxlift.service.events import EventLog, EventLogError
+from inboxlift.service.pages import (
+    CHOICES,
+    Page,
+    Pages,
+    choices_for,
+    issue_form_token,
+    negotiate_locale,
+    verify_form_token,
+)
+from inboxlift.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The smallest transparent GIF: 1x1, one colour, 43 bytes.
+PIXEL = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+NO_STORE = {"Cache-Control": "no-store, no-cache, must-revalidate, max-age=0", "Pragma": "no-cache", "Expires": "0"}
+# The token in a tracking URL names a user: it must not travel on as a Referer.
+PRIVATE = {**NO_STORE, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
+ONE_CLICK = {"List-Unsubscribe": "One-Click"}
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# White space (line breaks included) and control characters: never in a redirect.
+_UNSAFE_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
+# Every printable ASCII character but the space stays as it is in a redirect; only others are %-encoded.
+_URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7f))
+
+
+def events_dir(settings: Settings) -> Path:
+    """``serve.events_dir``, or ``<paths.landing_dir>/events/serve``."""
+    return Path(settings.serve.events_dir or Path(settings.paths.landing_dir) / "events" / "serve")
+
+
+def _iso(instant: dt.datetime) -> str:
+    # isoformat is twice as fast as strftime; the clock gives UTC, so the offset is always +00:00.
+    return instant.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def event_line(*, event_type: str, at: dt.datetime, user_id: str, campaign_id: str, message_id: str,
+               item_id: str | None = None, properties: Mapping[str, str]) -> bytes:
+    """One landing line (schemas.EVENTS_LANDING keys, empty ones left out, plus ``properties``).
+
+    A consent event's scope (``properties["scope"]``: ``all`` or a campaign type) is also written as
+    the landing key ``campaign_type``, which is what ingest scopes suppressions by.
+    """
+    record = {"event_id": str(uuid.uuid4()), "event_type": event_type, "event_ts": _iso(at), "user_id": user_id}
+    if properties.get("scope"):
+        record["campaign_type"] = properties["scope"]
+    if item_id:
+        record["item_id"] = item_id
+    if campaign_id:
+        record["campaign_id"] = campaign_id
+    if message_id:
+        record["message_id"] = message_id
+    record["properties"] = {k: v for k, v in properties.items() if v}
+    return _ENCODER.encode(record).encode("utf-8") + b"\n"
+
+
+class TrackingService:
+    """The routes' handlers, sharing the key, the rules, the pages and the event log."""
+
+    def __init__(self, *, settings: Settings, key: bytes, clock: Clock) -> None:
+        tokens.check_key(key)
+        self.settings = settings
+        self.key = key
+        self.clock = clock
+        self.max_age = settings.render.tracking_token_max_age
+        self.form_max_age = dt.timedelta(minutes=settings.serve.form_max_age_minutes)
+        self.max_body = settings.serve.max_body_bytes
+        self.agents = AgentRules.from_settings(settings.serve)
+        self.pages = Pages(shop_name=settings.render.from_name)
+        self.log = EventLog(events_dir(settings), rotate_seconds=settings.serve.rotate_seconds,
+                            rotate_bytes=settings.serve.rotate_bytes, now=clock.now)
+        base = urlsplit(settings.render.links_base_url)
+        self.link_origin = f"{base.scheme}://{base.netloc}".lower()
+
+    # ---- helpers ----------------------------------------------------------------------------
+
+    def _ua_class(self, request: Request) -> str:
+        return self.agents.classify(request.headers.get("user-agent"), request.client.host if request.client else None)
+
+    @staticmethod
+    def _not_found() -> Response:
+        return PlainTextResponse("Not found\n", status_code=404, headers=PRIVATE)
+
+    @staticmethod
+    def _query_is_ambiguous(request: Request) -> bool:
+        # The raw query from the scope: building request.url costs more than the whole check.
+        query = request.scope.get("query_string", b"")
+        return bool(query) and tokens.single_values(query.decode("latin-1")) is None
+
+    async def _record(self, line: bytes) -> Response | None:
+        """None once ``line`` is on disk; a 503 answer when it cannot be written."""
+        try:
+            await self.log.append(line)
+        except EventLogError:
+            return PlainTextResponse("Service unavailable\n", status_code=503, headers={**PRIVATE, "Retry-After": "30"})
+        return None
+
+    def _page(self, page: Page) -> Response:
+        # same-origin, not no-referrer: under no-referrer a browser sends "Origin: null" with the
+        # page's own form post, and the origin check could not tell it from a sandboxed attacker.
+        # The page links nowhere else, so its URL (the token) still never leaves the service.
+        return Response(page.html, status_code=page.status, media_type="text/html; charset=utf-8", headers={
+            **PRIVATE, "Referrer-Policy": "same-origin", "X-Frame-Options": "DENY",
+            "Content-Security-Policy": self.pages.content_security_policy})
+
+    # ---- routes -----------------------------------------------------------------------------
+
+    async def click(self, request: Request) -> Response:
+        now = self.clock.now()
+        payload = tokens.verify_click(request.path_params["token"], key=self.key, now=now, max_age=self.max_age)
+        if payload is None or self._query_is_ambiguous(request) or not _is_web_url(payload.target):
+            return self._not_found()
+        if request.method == "GET":
+            ua_class = self._ua_class(request)
+            failed = await self._record(event_line(
+                event_type="email_click", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
+                message_id=payload.message_id, item_id=payload.item_id, properties={
+                    "variant": payload.variant, "link_position": str(payload.position),
+                    "target_hash": payload.target_hash, "ua_class": ua_class,
+                    "is_machine_click": _flag(self.agents.is_machine(ua_class))}))
+            if failed:
+                return failed
+        return _answer(302, b"", [*_PRIVATE_RAW, (b"location", _location(payload.target))])
+
+    async def open(self, request: Request) -> Response:
+        now = self.clock.now()
+        payload = tokens.verify_open(request.path_params["token"], key=self.key, now=now, max_age=self.max_age)
+        if payload is None or self._query_is_ambiguous(request):
+            return self._not_found()
+        if request.method == "GET":
+            ua_class = self._ua_class(request)
+            is_machine = self.agents.is_machine_open(ua_class, issued_at=payload.issued_at, opened_at=now)
+            failed = await self._record(event_line(
+                event_type="email_open", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
+                message_id=payload.message_id, properties={
+                    "variant": payload.variant, "ua_class": ua_class, "is_machine_open": _flag(is_machine),
+                    "seconds_since_issued": str(max(0, int((now - payload.issued_at).total_seconds())))}))
+            if failed:
+                return failed
+        return _answer(200, PIXEL, _PIXEL_RAW)
+
+    async def preferences(self, request: Request) -> Response:
+        token = request.path_params["token"]
+        payload = tokens.verify_unsubscribe(token, key=self.key)
+        locale = negotiate_locale(request.query_params.get("lang"), request.headers.get("accept-language"))
+        if payload is None or self._query_is_ambiguous(request):
+            return self._page(self.pages.problem(locale=locale, status=404, reason="invalid_link"))
+        if request.method == "POST":
+            return await self._post(request, token, payload)
+        form_token = issue_form_token(key=self.key, token=token, now=self.clock.now())
+        return self._page(self.pages.preferences(locale=locale, token=token, form_token=form_token,
+                                                 campaign_type=payload.campaign_type))
+
+    async def _post(self, request: Request, token: str, payload: tokens.UnsubscribeToken) -> Response:
+        fields = await self._form(request)
+        if isinstance(fields, Response):
+            return fields
+        now = self.clock.now()
+        if fields == ONE_CLICK:
+            failed = await self._record(self._preference_event(payload, request, at=now, event_type="unsubscribe",
+                                                               scope="all", method="one_click"))
+            return failed or PlainTextResponse("Unsubscribed\n", headers=PRIVATE)
+        locale = negotiate_locale(fields.get("lang"), request.headers.get("accept-language"))
+        if set(fields) - {"form_token", "lang", "choice"} or "form_token" not in fields:
+            return self._page(self.pages.problem(locale=locale, status=400, reason="bad_request"))
+        if not self._same_origin(request) or not verify_form_token(
+                fields["form_token"], key=self.key, token=token, now=now, max_age=self.form_max_age):
+            return self._page(self.pages.problem(locale=locale, status=403, reason="expired_form"))
+        choice = fields.get("choice", "")
+        if choice not in choices_for(payload.campaign_type):
+            form_token = issue_form_token(key=self.key, token=token, now=now)
+            return self._page(self.pages.preferences(locale=locale, token=token, form_token=form_token,
+                                                     campaign_type=payload.campaign_type, error="choose"))
+        event_type, scope = CHOICES[choice]
+        failed = await self._record(self._preference_event(
+            payload, request, at=now, event_type=event_type,
+            scope=payload.campaign_type if scope == "type" else scope, method="page"))
+        return failed or self._page(self.pages.saved(locale=locale, token=token, choice=choice,
+                                                     campaign_type=payload.campaign_type))
+
+    async def healthz(self, request: Request) -> Response:
+        if self.log.failure:
+            return JSONResponse({"status": "failing", "events": "cannot be written"}, status_code=503,
+                                headers=NO_STORE)
+        return JSONResponse({"status": "ok"}, headers=NO_STORE)
+
+    # ---- the preference form ----------------------------------------------------------------
+
+    def _preference_event(self, payload: tokens.UnsubscribeToken, request: Request, *, at: dt.datetime,
+                          event_type: str, scope: str, method: str) -> bytes:
+        return event_line(event_type=event_type, at=at, user_id=payload.user_id, campaign_id=payload.campaign_id,
+                          message_id=payload.message_id, properties={
+                              "variant": payload.variant, "campaign_type": payload.campaign_type, "scope": scope,
+                              "method": method, "ua_class": self._ua_class(request)})
+
+    def _same_origin(self, request: Request) -> bool:
+        """A browser's form post names its page's origin; one from another site is refused.
+
+        No Origin header (older browsers, privacy settings) is allowed: the form token still has
+        to be genuine, fresh and issued for this very link.
+        """
+        origin = request.headers.get("origin")
+        if origin is None:
+            return True
+        own = f"{request.url.scheme}://{request.url.netloc}".lower()
+        return origin.lower() in (own, self.link_origin)
+
+    async def _form(self, request: Request) -> dict[str, str] | Response:
+        """The POST body's fields (urlencoded or multipart, as RFC 8058 allows), each at most once."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in FORM_TYPES:
+            return PlainTextResponse("Unsupported media type\n", status_code=415, headers=PRIVATE)
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return PlainTextResponse("Request too large\n", status_code=413, headers=PRIVATE)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body:
+                return PlainTextResponse("Request too large\n", status_code=413, headers=PRIVATE)
+        bad = PlainTextResponse("Bad request\n", status_code=400, headers=PRIVATE)
+        if content_type == "multipart/form-data":
+            parser = MultiPartParser(Headers(scope=request.scope), _once(bytes(body)), max_files=0, max_fields=10)
+            try:
+                form = await parser.parse()
+            except MultiPartException:
+                return bad
+            pairs = [(k, v) for k, v in form.multi_items()]
+            if any(not isinstance(v, str) for _, v in pairs):
+                return bad
+            values = dict(pairs)
+            return values if len(values) == len(pairs) else bad
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            return bad
+        values = tokens.single_values(text)
+        return values if values is not None else bad
+
+
+_PRIVATE_RAW = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in PRIVATE.items()]
+_PIXEL_RAW = [*_PRIVATE_RAW, (b"content-type", b"image/gif")]
+
+
+def _answer(status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> Response:
+    """A response from headers encoded once: clicks and opens are the hot path (docs/serve.md)."""
+    response = Response(body, status_code=status)
+    response.raw_headers = [*raw_headers, (b"content-length", str(len(body)).encode("latin-1"))]
+    return response
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _is_web_url(url: str) -> bool:
+    # The token signs the target, so this is a second lock: never a javascript:, data: or relative URL,
+    # nor one with white space or control characters (a header's line break).
+    if _UNSAFE_IN_URL.search(url):
+        return False
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+def _location(url: str) -> bytes:
+    """``url`` as a Location header: ASCII, the host in IDNA, other non-ASCII characters %-encoded."""
+    if url.isascii():
+        return url.encode("ascii")
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = parts.netloc.replace(host, host.encode("idna").decode("ascii"), 1) if not host.isascii() else parts.netloc
+    rest = quote(urlunsplit(("", "", parts.path, parts.query, parts.fragment)), safe=_URL_SAFE)
+    return f"{parts.scheme}://{netloc}{rest}".encode("ascii")
+
+
+def build_app(*, settings: Settings, key: bytes, clock: Clock) -> Starlette:
+    """The service's ASGI app; its event log starts and stops with the app's lifespan."""
+    service = TrackingService(settings=settings, key=key, clock=clock)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.log.start()
+        log.info("events go to %s", service.log.folder)
+        try:
+            yield
+        finally:
+            await service.log.close()
+
+    routes = [
+        Route("/c/{token}", service.click, methods=["GET"]),
+        Route("/o/{token}.gif", service.open, methods=["GET"]),
+        Route("/u/{token}", service.preferences, methods=["GET", "POST"]),
+        Route("/healthz", service.healthz, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    return app
