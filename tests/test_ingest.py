@@ -23,8 +23,7 @@ from inboxlift.transforms.ingest import (
     Rules,
     classify_events,
     classify_upserts,
-    drop_header_lines,
-    parse_csv_lines,
+    parse_csv_records,
     parse_json_lines,
     parse_timestamp,
     reasons_array,
@@ -42,7 +41,6 @@ NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 RULES = Rules(now=NOW, shop_opened=dt.datetime(2020, 1, 1, tzinfo=UTC), future_skew_minutes=10,
               max_string_length=40, rating_min=1, rating_max=5)
 LINES = "source_file string, pos bigint, line string"
-HEADERS = "source_file string, header_line string, header_fields array<string>"
 
 
 def ts(text: str) -> dt.datetime:
@@ -111,8 +109,11 @@ def test_parse_json_lines_of_no_lines_is_empty(spark):
     assert out.columns == ["source_file", "pos", "line", "parse_error", *EVENTS_LANDING.fieldNames()]
 
 
-def test_csv_lines_are_read_by_each_files_header(spark):
-    lines = lines_of(
+CSV_HEADERS = "source_file string, header_pos bigint, header_line string, header_fields array<string>"
+
+
+def test_csv_records_are_read_by_each_files_header(spark):
+    records = lines_of(
         spark,
         ("a.csv", 0, "id,name,price"),
         ("a.csv", 1, 'i1,"Pan, cast iron",10'),
@@ -120,39 +121,55 @@ def test_csv_lines_are_read_by_each_files_header(spark):
         ("a.csv", 3, "i3,too few"),
         ("a.csv", 4, "i4,too,many,fields"),
         ("a.csv", 5, 'i5,"open quote,1'),
-        ("a.csv", 6, ""),
+        ("a.csv", 6, 'i6,"two\nlines",2'),       # a quoted newline: one record
         ("a.csv", 7, "id,name,price"),          # a repeated header, as in concatenated exports
-        ("a.csv", 8, "i6,,"),
-        ("b.csv", 9, "PRICE, Name ,ID"),         # another order, other case and spacing
-        ("b.csv", 10, "7,Lamp,i7"),
-        ("c.csv", 11, "id,price"),               # lacks "name"
-        ("c.csv", 12, "i8,3"),
+        ("a.csv", 8, "i7,,"),
+        ("a.csv", 9, "i8,\x00nul,1"),            # a NUL is just a character to the parser
+        ("b.csv", 10, "PRICE, Name ,ID,extra"),  # another order, other case and spacing, a fourth column
+        ("b.csv", 11, "7,Lamp,i9,x"),
+        ("b.csv", 12, "7,Lamp,i10"),             # three fields where b's header has four
+        ("c.csv", 13, "id,price"),               # lacks "name"
+        ("c.csv", 14, "i11,3"),
     )
     headers = spark.createDataFrame([
-        ("a.csv", "id,name,price", ["id", "name", "price"]),
-        ("b.csv", "PRICE, Name ,ID", ["price", "name", "id"]),
-        ("c.csv", "id,price", ["id", "price"]),
-    ], HEADERS)
-    body = drop_header_lines(lines, headers=headers)
-    out = parse_csv_lines(body, headers=headers, columns={"item_id": "ID", "name": "name", "price": "price"}, width=3)
+        ("a.csv", 0, "id,name,price", ["id", "name", "price"]),
+        ("b.csv", 10, "PRICE, Name ,ID,extra", ["price", "name", "id", "extra"]),
+        ("c.csv", 13, "id,price", ["id", "price"]),
+    ], CSV_HEADERS)
+    out = parse_csv_records(records, headers=headers, columns={"item_id": "ID", "name": "name", "price": "price"},
+                            widths=[2, 3, 4])
     expected = spark.createDataFrame([
         ("a.csv", 1, 'i1,"Pan, cast iron",10', None, "i1", "Pan, cast iron", "10"),
         ("a.csv", 2, 'i2,"The ""best"" mat",5', None, "i2", 'The "best" mat', "5"),
         ("a.csv", 3, "i3,too few", "malformed_csv", None, None, None),
         ("a.csv", 4, "i4,too,many,fields", "malformed_csv", None, None, None),
         ("a.csv", 5, 'i5,"open quote,1', "malformed_csv", None, None, None),
-        ("a.csv", 6, "", "blank_line", None, None, None),
-        ("a.csv", 8, "i6,,", None, "i6", None, None),
-        ("b.csv", 10, "7,Lamp,i7", None, "i7", "Lamp", "7"),
-        ("c.csv", 12, "i8,3", "bad_header", None, None, None),
+        ("a.csv", 6, 'i6,"two\nlines",2', None, "i6", "two\nlines", "2"),
+        ("a.csv", 7, "id,name,price", "repeated_header", None, None, None),
+        ("a.csv", 8, "i7,,", None, "i7", None, None),
+        ("a.csv", 9, "i8,\x00nul,1", None, "i8", "\x00nul", "1"),
+        ("b.csv", 11, "7,Lamp,i9,x", None, "i9", "Lamp", "7"),
+        ("b.csv", 12, "7,Lamp,i10", "malformed_csv", None, None, None),
+        ("c.csv", 14, "i11,3", "bad_header", None, None, None),
     ], "source_file string, pos bigint, line string, parse_error string, item_id string, name string, price string")
     assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_csv_parsing_of_no_lines_is_empty(spark):
-    empty_headers = spark.createDataFrame([], HEADERS)
-    body = drop_header_lines(spark.createDataFrame([], LINES), headers=empty_headers)
-    assert parse_csv_lines(body, headers=empty_headers, columns={"a": "a"}, width=1).isEmpty()
+def test_a_long_quoted_field_is_parsed_without_a_regular_expression(spark):
+    # The line-based check this replaced overflowed the JVM's stack at 3,000 characters.
+    long = "x" * 200_000
+    records = lines_of(spark, ("a.csv", 0, "id,name"), ("a.csv", 1, f'i1,"{long}"'), ("a.csv", 2, f'i2,"{long}'))
+    headers = spark.createDataFrame([("a.csv", 0, "id,name", ["id", "name"])], CSV_HEADERS)
+    out = parse_csv_records(records, headers=headers, columns={"id": "id", "name": "name"}, widths=[2])
+    got = {r.pos: (r.parse_error, r.id, len(r.name or "")) for r in out.collect()}
+    assert got == {1: (None, "i1", 200_000), 2: ("malformed_csv", None, 0)}
+
+
+def test_csv_parsing_of_no_records_is_empty(spark):
+    empty_headers = spark.createDataFrame([], CSV_HEADERS)
+    out = parse_csv_records(spark.createDataFrame([], LINES), headers=empty_headers, columns={"a": "a"}, widths=[])
+    assert out.isEmpty()
+    assert out.columns == ["source_file", "pos", "line", "parse_error", "a"]
 
 
 # ---- normalisation ----------------------------------------------------------------------------
