@@ -29,11 +29,11 @@ ID_PATTERN = r"^[\p{L}\p{Nd}_][\p{L}\p{Nd}_.:@/+#=~ -]{0,127}$"
 _NOT_INTEGER = r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$"
 _NON_NUMBERS = ("nan", "infinity", "+infinity", "-infinity", "inf", "+inf", "-inf")
 
-# C0 and C1 controls (CR, LF and TAB become spaces, the others go), DEL, and the bidirectional and
-# format controls that reorder or hide text: LRM/RLM, ALM, LRE..RLO, LRI..PDI, and the line and
-# paragraph separators that Python's str.splitlines() treats as line ends. Zero-width (non-)joiners
-# stay: some scripts and emoji need them.
-_SPACED = "\r\n\t"
+# C0 and C1 controls (LF and TAB become spaces; the others go, CR too, so CRLF is one space), DEL,
+# and the bidirectional and format controls that reorder or hide text: LRM/RLM, ALM, LRE..RLO,
+# LRI..PDI, the BOM, and the line and paragraph separators that Python's str.splitlines() treats
+# as line ends. Zero-width (non-)joiners stay: some scripts and emoji need them.
+_SPACED = "\n\t"
 _REMOVED = (
     "".join(chr(c) for c in range(0x00, 0x20) if chr(c) not in _SPACED) + "\x7f"
     + "".join(chr(c) for c in range(0x80, 0xA0))
@@ -49,7 +49,7 @@ def is_bad_id(text: Column) -> Column:
 
 
 def strip_unsafe_text(text: Column) -> Column:
-    """``text`` without control and bidi/format characters; CR, LF and TAB become spaces.
+    """``text`` without control and bidi/format characters; LF and TAB become spaces, CR goes.
 
     ``translate`` maps character by character (no regular expression): the three spaced
     characters map to spaces, every other listed character has no counterpart and is removed.
