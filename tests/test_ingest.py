@@ -286,6 +286,106 @@ def test_structural_problems_come_first(spark):
                                    3: ["invalid_utf8"]}
 
 
+def test_ids_must_match_the_documented_pattern(spark):
+    def line(event_id: str, **extra: str) -> str:
+        fields = {"event_type": '"view"', "event_ts": '"2026-11-19T10:00:00Z"', "user_id": '"u1"', "item_id": '"i1"',
+                  **extra}
+        return "{" + ", ".join([f'"event_id": {event_id}'] + [f'"{k}": {v}' for k, v in fields.items()]) + "}"
+
+    lines = lines_of(
+        spark,
+        ("f", 0, line('"e-1_A:b/c@d+e#f=g~h.i"')),        # every allowed punctuation
+        ("f", 1, line("12345")),                          # a JSON integer is a fine id
+        ("f", 2, line('"8f14e45f-ceea-467f-a0e6-000000000001"')),
+        ("f", 3, line('"BANK CHARGES"')),                 # a space inside, as in real stock codes
+        ("f", 4, line(r'"\u8ba2\u53551"')),                  # letters of any script
+        ("f", 5, line('["e5"]')),                         # a JSON array
+        ("f", 6, line('{"id": 1}')),                      # a JSON object
+        ("f", 7, line("NaN")),
+        ("f", 8, line("1e40")),                           # Spark's JSON reader writes it 1.0E40
+        ("f", 9, line("12.5")),
+        ("f", 10, line(r'"e10\r\nBcc: x@evil.example"')),
+        ("f", 11, line(r'"e11\u0000"')),
+        ("f", 12, line(r'"e12\u001b[31m"')),              # an escape sequence
+        ("f", 13, line(r'"e13\u202e"')),                   # a right-to-left override
+        ("f", 14, line('"' + "x" * 129 + '"')),            # longer than 128
+        ("f", 15, line('"-e15"')),                        # must start with a letter, digit or _
+        ("f", 16, line('"e16"', session_id=r'"s\n1"', order_id='"o[1]"', campaign_id='"c<1>"', message_id='"m 1"')),
+        ("f", 17, line('"e17"', user_id='"Infinity"')),
+    )
+    out = validate_events(parse_json_lines(lines, fields=EVENTS_LANDING), rules=RULES)
+    bad = {pos for pos, reasons in reasons_by_pos(out).items() if "bad_id" in reasons}
+    assert bad == {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17}
+    assert reasons_by_pos(out)[0] == [] and reasons_by_pos(out)[4] == []
+
+
+def test_user_and_product_ids_are_checked_too(spark):
+    users = spark.createDataFrame(
+        [("f", 0, "l", None, "u\x001", None, None, None, None, None, None, None, None, None, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *USERS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    assert reasons_by_pos(validate_users(users, rules=RULES)) == {0: ["bad_id"]}
+    products = spark.createDataFrame(
+        [("f", 0, "l", None, "[1,2]", *[None] * 10, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *PRODUCTS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    assert reasons_by_pos(validate_products(products, rules=RULES)) == {0: ["bad_id"]}
+
+
+def user_records(spark, rows: list[dict]):
+    names = USERS_LANDING.fieldNames()
+    base = {"user_id": "u1", "updated_at": "2024-01-01T00:00:00Z"}
+    data = [("f", i, f"line {i}", None, *[{**base, **r}.get(n) for n in names]) for i, r in enumerate(rows)]
+    return spark.createDataFrame(data, StructType([
+        StructField("source_file", StringType()), StructField("pos", StringType()), StructField("line", StringType()),
+        StructField("parse_error", StringType()), *USERS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+
+
+def test_email_addresses_are_checked_by_email_validator_and_normalised(spark):
+    addresses = {
+        0: ("Ann.Lee@Example.COM", "ann.lee@example.com"),
+        1: ("nul\x00x@example.com", None),         # a NUL: an invalid To: header otherwise
+        2: ("a,b@example.com", None),              # a comma would split the To: header
+        3: ("Bob <bob@example.com>", None),        # a display name is not an address
+        4: ('"a b"@example.com', None),            # quoted local parts are refused
+        5: ("x@[192.0.2.1]", None),                # so are IP-literal domains
+        6: ("x@localhost", None),                  # and domains that are not public
+        7: ("x@shop.test", None),
+        8: ("a..b@example.com", None),
+        9: ("fay@B\u00fccher.de", "fay@xn--bcher-kva.de"),   # an internationalised domain, in ASCII
+        10: ("\u7528\u6237@example.com", None),    # a non-ASCII local part would need SMTPUTF8
+        11: (None, None),                          # no address is no error
+    }
+    out = validate_users(user_records(spark, [{"email": a} for a, _ in addresses.values()]), rules=RULES)
+    got = {r.pos: (r.email, "bad_email" in r.reasons) for r in out.select("pos", "email", "reasons").collect()}
+    assert got == {pos: (want, want is None and given is not None) for pos, (given, want) in addresses.items()}
+
+
+def test_text_that_reaches_headers_loses_control_and_bidi_characters(spark):
+    users = validate_users(user_records(spark, [
+        {"first_name": "Bob\r\nBcc: victim@evil.example"},
+        {"first_name": "\u202eeciL\u202c"},
+        {"first_name": "\u2066Ann\u2069\u200e\u200f\u061c\x85\u2028"},
+        {"first_name": "Zo\u00eb\u200d\t\x07"},        # a ZWJ stays; TAB becomes a space, then trimmed
+        {"first_name": "\u202e"},                         # nothing left: no name
+    ]), rules=RULES)
+    assert {r.pos: r.first_name for r in users.collect()} == {
+        0: "Bob Bcc: victim@evil.example", 1: "eciL", 2: "Ann", 3: "Zo\u00eb\u200d", 4: None}
+    assert all(r.reasons == [] for r in users.collect())
+    products = spark.createDataFrame(
+        [("f", 0, "l", None, "i1", "Pan\u202e\r\n", "Keeps\nits\x07lines", "Home\u2067 > Pans", "Ac\x00me",
+          None, None, None, None, None, None, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *PRODUCTS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    row = validate_products(products, rules=RULES).first()
+    # The description reaches no header: it is kept as written (HTML escaping protects the body).
+    assert (row.name, row.description, row.category_path, row.category, row.brand) == (
+        "Pan", "Keeps\nits\x07lines", "Home > Pans", "Home", "Acme")
+
+
 def test_anonymous_and_excluded_items_for_exports(spark):
     rows = [good_event(user_id=None), good_event(item_id="POST"), good_event(event_type="return")]
     out = validate_events(event_records(spark, rows), rules=RULES, allow_anonymous=True,
