@@ -82,20 +82,30 @@ def test_an_unreadable_file_is_quarantined_whole_and_the_batch_goes_on(spark, sp
     good = write(landing / "events" / "good.jsonl", events_lines(view("e1"), view("e2")))
     full = gzip.compress(events_lines(*[view(f"t{i}") for i in range(100)]).encode())
     truncated = write(landing / "events" / "cut.jsonl.gz", full[: len(full) // 2])
+    # A CSV beside a broken one: its header is still found (the good files are read together again).
+    users = gzip.compress((USERS_CSV + "".join(f"x{i},x{i}@example.com,X,,,,,,,,2024-01-01\n"
+                                                for i in range(200))).encode())
+    truncated_users = write(landing / "users" / "more.csv.gz", users[: len(users) // 2])
 
     report = run_ingest(ctx, echo=quiet)
 
     assert report.batches == (1,)
     assert report.counts("events") == EntityCounts("events", files=2, read=2, accepted=2, failed_files=1)
-    assert [(f.path, f.reason) for f in report.failed_files] == [(truncated, "unreadable")]
-    assert "Unexpected end of input stream" in report.failed_files[0].detail
+    assert report.counts("users") == EntityCounts("users", files=2, read=5, accepted=3, quarantined=2,
+                                                  quarantined_by_reason={"bad_email": 1, "missing_user_id": 1},
+                                                  failed_files=1)
+    assert sorted((f.path, f.reason) for f in report.failed_files) == [(truncated, "unreadable"),
+                                                                        (truncated_users, "unreadable")]
+    assert all("Unexpected end of input stream" in f.detail for f in report.failed_files)
     logged = {r.path: (r.state, r.reason) for r in ctx.lake.read("ingest_files").collect()}
     assert logged[truncated] == ("failed", "unreadable") and logged[good] == ("planned", None)
+    assert [(r.source_file, r.reason) for r in ctx.lake.read("users_quarantine").where("line is null").collect()] \
+        == [(truncated_users, "unreadable")]
     quarantined = [(r.source_file, r.reason, r.line) for r in ctx.lake.read("events_quarantine").collect()]
     assert quarantined == [(truncated, "unreadable", None)]
     assert sorted(r.event_id for r in ctx.lake.read("events").collect()) == ["e1", "e2"]
     runs = {r.entity: r.failed_files for r in ctx.lake.read("ingest_runs").collect()}
-    assert runs == {"users": 0, "products": 0, "events": 1}
+    assert runs == {"users": 1, "products": 0, "events": 1}
 
     # Nothing changed: nothing is read again, and the failed file does not fail the next run.
     assert run_ingest(ctx, echo=quiet).batches == ()
@@ -189,6 +199,20 @@ def test_a_moved_lake_and_landing_folder_read_nothing_again(spark, spark_info, b
     assert run_ingest(moved, echo=quiet).batches == ()
     assert lake.read("events").count() == 2
     assert lake.read("events").groupBy("event_id").count().where("count > 1").isEmpty()
+
+
+def test_an_export_split_over_batches_is_read_batch_by_batch(spark, spark_info, base_settings, tmp_path):
+    ctx = context(spark, spark_info, base_settings, tmp_path, files_per_batch=2, shop_opened="2010-01-01")
+    folder = tmp_path / "exports"
+    header = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+    for n in range(3):
+        write(folder / f"part-{n}.csv", header + "".join(
+            f"5{n}{i:04d},85123A,HEART,1,12/1/2010 8:26,2.55,17850,United Kingdom\n" for i in range(n + 1)))
+
+    report = run_import(ctx, shape="invoice_lines", path=str(folder), echo=quiet)
+
+    assert report.batches == (1, 2)
+    assert report.counts("invoice_lines") == EntityCounts("invoice_lines", files=3, read=6, accepted=6)
 
 
 def test_a_fully_quarantined_import_ends_with_its_report(spark, ctx, tmp_path):

@@ -423,8 +423,10 @@ def _run(ctx: RunContext, listings: list[DataFrame | None], *, roots: dict[str, 
         for start in range(0, len(new_files), per_batch):
             chunk = new_files[start:start + per_batch]
             lease.check()
-            checked = {**_check_files(ctx, [f for f in chunk if f.path not in checked_exports], redo=False),
-                       **{f.path: checked_exports[f.path] for f in chunk if f.path in checked_exports}}
+            # The export check read every export together; a batch holding fewer must be read (and
+            # its records numbered) on its own.
+            reuse = bool(checked_exports) and {f.path for f in chunk} == set(checked_exports)
+            checked = checked_exports if reuse else _check_files(ctx, chunk, redo=False)
             plan = _plan(ctx, [checked[f.path][0] for f in chunk], run_id)
             records = {path: r for path, (_, r) in checked.items() if r is not None}
             failure.batch_started(len(chunk))

@@ -221,7 +221,9 @@ def probe(spark: SparkSession, paths: list[str], read: Reader, *,
     """Read ``paths`` once: each readable file's records (and first record), and the files that failed.
 
     The files are read together; only when that fails is each read alone, to name the culprits
-    (a file gone missing since it was listed is ``vanished``, any other failure ``unreadable``).
+    (a file gone missing since it was listed is ``vanished``, any other failure ``unreadable``),
+    and the others are read together again: a record's ``pos`` depends on which files are read
+    together, and the stage finds each file's header by the ``pos`` seen here.
     """
     if not paths:
         return {}, {}
@@ -229,16 +231,16 @@ def probe(spark: SparkSession, paths: list[str], read: Reader, *,
         return _records_per_file(read(paths), paths, with_first=with_first), {}
     except Exception:  # noqa: BLE001 - any failure of the shared read: find the file(s) behind it
         pass
-    records: dict[str, FileRecords] = {}
     failures: dict[str, FileFailure] = {}
     for path in paths:
         try:
-            records.update(_records_per_file(read([path]), [path], with_first=with_first))
+            _records_per_file(read([path]), [path], with_first=False)
         except Exception as exc:  # noqa: BLE001 - whatever Spark raised, the file is not readable
             gone = not stat_files(spark, [path], hash_max_bytes=-1)
             failures[path] = FileFailure("vanished", "the file no longer exists") if gone \
                 else FileFailure("unreadable", error_summary(exc))
-    return records, failures
+    readable = [p for p in paths if p not in failures]
+    return (_records_per_file(read(readable), readable, with_first=with_first) if readable else {}), failures
 
 
 def _records_per_file(lines: DataFrame, paths: list[str], *, with_first: bool) -> dict[str, FileRecords]:
