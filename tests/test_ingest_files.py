@@ -7,7 +7,6 @@ import dataclasses
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
