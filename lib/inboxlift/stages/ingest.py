@@ -50,15 +50,15 @@ planned is not read (its bytes are not the ones planned); it is marked
 A file is new when its (kind, path relative to its root, size, modification
 time) is not in ``ingest_files``: a landing folder moved or reached through
 another path is not read again; a file rewritten in place is (its events then
-count as duplicates). See docs/ingest.md.
+count as duplicates). The file log and batch plans live in :mod:`inboxlift.stages.ingest_plan`,
+file listing, checks and readers in :mod:`inboxlift.stages.ingest_sources`, the lease in
+:mod:`inboxlift.stages.ingest_lease`. See docs/ingest.md.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import datetime as dt
-import functools
 import io
 import secrets
 from dataclasses import dataclass, field
@@ -69,33 +69,33 @@ from urllib.parse import urlparse
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import (
-    IntegerType,
-    LongType,
-    MapType,
-    StringType,
-    StructField,
-    StructType,
-    TimestampType,
-)
+from pyspark.sql.types import IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
 
 from inboxlift.context import RunContext
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
-from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
+from inboxlift.settings import InvoiceLinesImport
 from inboxlift.stages.ingest_lease import ConcurrentIngestError, IngestLease, LeaseLostError, owner_name
+from inboxlift.stages.ingest_plan import (
+    FILES_SCHEMA,
+    FILES_TABLE,
+    IMPORT_SHAPES,
+    LANDING_KINDS,
+    RUNS_TABLE,
+    BatchPlan,
+    LandingFile,
+    check_files,
+    mapping_of,
+    new_files,
+    pending_plans,
+    plan_batch,
+)
 from inboxlift.stages.ingest_sources import (
-    FileFailure,
     FileRecords,
     error_summary,
-    from_micros,
     list_files,
-    probe,
     read_csv_records,
     read_text_lines,
-    relative_path,
-    relative_to,
     root_uri,
-    stat_files,
 )
 from inboxlift.storage import WriteId
 from inboxlift.transforms.imports import (
@@ -129,18 +129,14 @@ from inboxlift.transforms.ingest import (
     with_reference_checks,
 )
 
-__all__ = ["ConcurrentIngestError", "EntityCounts", "FailedFile", "ImportMappingError", "IngestBatchError",
+__all__ = ["FILES_SCHEMA", "FILES_TABLE", "RUNS_TABLE", "ConcurrentIngestError", "EntityCounts", "FailedFile",
+           "ImportMappingError", "IngestBatchError",
            "IngestInterrupted", "IngestReport", "LeaseLostError", "ReconciliationError", "purge_quarantine",
            "run_import", "run_ingest"]
 
-FILES_TABLE = "ingest_files"
-RUNS_TABLE = "ingest_runs"
-LANDING_KINDS = ("users", "products", "events")
-IMPORT_SHAPES = ("invoice_lines", "clickstream")
 # Where a batch may be interrupted by fail_after_files (tests), in the order a batch reaches them.
 STEPS = ("planned", "users_quarantine", "users", "products_quarantine", "products",
          "events_quarantine", "events", "logged")
-PLANNED, FAILED = "planned", "failed"
 
 _SUFFIXES = {
     "users": (".csv", ".csv.gz"),
@@ -149,25 +145,7 @@ _SUFFIXES = {
 }
 _KEYS = {"users": "user_id", "products": "item_id"}
 _QUARANTINE_TABLES = {"users": "users_quarantine", "products": "products_quarantine"}
-_SNAPSHOT_TABLES = ("events", "users", "products")
 
-# New columns come last, so a table written before them gains them by schema evolution.
-FILES_SCHEMA = StructType([
-    StructField("batch", LongType()),
-    StructField("kind", StringType()),
-    StructField("path", StringType()),
-    StructField("size", LongType()),
-    StructField("modification_time", TimestampType()),
-    StructField("run_id", StringType()),
-    StructField("planned_at", TimestampType()),
-    StructField("read_versions", MapType(StringType(), LongType())),
-    StructField("root", StringType()),
-    StructField("rel_path", StringType()),
-    StructField("content_hash", StringType()),
-    StructField("state", StringType()),
-    StructField("reason", StringType()),
-    StructField("detail", StringType()),
-])
 RUNS_SCHEMA = StructType([
     StructField("run_id", StringType()),
     StructField("batch", LongType()),
@@ -279,48 +257,6 @@ class IngestReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class LandingFile:
-    kind: str
-    path: str
-    size: int
-    modification_time: dt.datetime
-    root: str | None = None
-    rel_path: str | None = None
-    content_hash: str | None = None
-    state: str = PLANNED
-    reason: str | None = None
-    detail: str | None = None
-    # The path as ingest_files holds it (it differs from ``path`` when the landing folder moved).
-    logged_path: str | None = None
-
-    @property
-    def is_readable(self) -> bool:
-        return self.state == PLANNED
-
-    def failed(self, failure: FileFailure) -> "LandingFile":
-        return dataclasses.replace(self, state=FAILED, reason=failure.reason, detail=failure.detail)
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    batch: int
-    run_id: str
-    planned_at: dt.datetime
-    files: tuple[LandingFile, ...]
-    read_versions: dict[str, int]
-
-    def files_of(self, kind: str) -> list[str]:
-        """The paths of the kind's files that are read (not failed), in order."""
-        return sorted(f.path for f in self.files if f.kind == kind and f.is_readable)
-
-    def failed_of(self, kind: str) -> list[LandingFile]:
-        return sorted((f for f in self.files if f.kind == kind and not f.is_readable), key=lambda f: f.path)
-
-    def count_of(self, kind: str) -> int:
-        return sum(1 for f in self.files if f.kind == kind)
-
-
 @dataclass
 class _Failure:
     """Raises IngestInterrupted at ``step`` of the batch during which the run reaches ``after_files`` files.
@@ -378,7 +314,7 @@ def run_import(ctx: RunContext, *, shape: str, path: str, fail_after_files: int 
         ImportMappingError: an export lacks a column the mapping names (nothing is written).
         ConcurrentIngestError: another ingest or import holds the lake's lease (nothing was done).
     """
-    _mapping(ctx, shape)
+    mapping_of(ctx, shape)
     root = _import_root(path)
     listing = list_files(ctx.spark, path, root=root, kind=shape, suffixes=None)
     landing = root_uri(ctx.settings.paths.landing_dir)
@@ -408,26 +344,26 @@ def _run(ctx: RunContext, listings: list[DataFrame | None], *, roots: dict[str, 
         failure = _Failure(fail_after_files, fail_at, lease=lease)
         results: list[tuple[BatchPlan, list[EntityCounts]]] = []
         recovered = None
-        for plan, records in _pending_plans(ctx, roots):
+        for plan, records in pending_plans(ctx, roots):
             failure.batch_started(len(plan.files))
             results.append((plan, _process(ctx, plan, records, failure)))
             recovered = plan.batch
-        new_files = _new_files(ctx, [listing for listing in listings if listing is not None], roots)
-        exports = [f for f in new_files if f.kind in IMPORT_SHAPES]
+        fresh = new_files(ctx, [listing for listing in listings if listing is not None], roots)
+        exports = [f for f in fresh if f.kind in IMPORT_SHAPES]
         checked_exports: dict[str, tuple[LandingFile, FileRecords | None]] = {}
         if exports:
             # Every export's header is checked before anything is planned or written.
-            checked_exports = _check_files(ctx, exports, redo=False)
+            checked_exports = check_files(ctx, exports, redo=False)
             _check_export_headers(ctx, checked_exports)
         per_batch = max(1, ctx.settings.ingest.files_per_batch)
-        for start in range(0, len(new_files), per_batch):
-            chunk = new_files[start:start + per_batch]
+        for start in range(0, len(fresh), per_batch):
+            chunk = fresh[start:start + per_batch]
             lease.check()
             # The export check read every export together; a batch holding fewer must be read (and
             # its records numbered) on its own.
             reuse = bool(checked_exports) and {f.path for f in chunk} == set(checked_exports)
-            checked = checked_exports if reuse else _check_files(ctx, chunk, redo=False)
-            plan = _plan(ctx, [checked[f.path][0] for f in chunk], run_id)
+            checked = checked_exports if reuse else check_files(ctx, chunk, redo=False)
+            plan = plan_batch(ctx, [checked[f.path][0] for f in chunk], run_id)
             records = {path: r for path, (_, r) in checked.items() if r is not None}
             failure.batch_started(len(chunk))
             failure.reached("planned")
@@ -450,145 +386,6 @@ def _report(run_id: str, results: list[tuple[BatchPlan, list[EntityCounts]]], re
     took_over = lease.taken_over.describe() if lease.taken_over is not None else None
     return IngestReport(run_id, tuple(plan.batch for plan, _ in results), recovered, tuple(totals.values()), failed,
                         took_over)
-
-
-# ---- files and plans --------------------------------------------------------------------------
-
-def _new_files(ctx: RunContext, listings: list[DataFrame], roots: dict[str, str]) -> list[LandingFile]:
-    """Listed files whose (kind, relative path, size, modification time) is not in the file log, in batch order."""
-    if not listings:
-        return []
-    listed = functools.reduce(DataFrame.unionByName, listings).withColumn(
-        "key", F.coalesce(F.col("rel_path"), F.col("path")))
-    if ctx.lake.exists(FILES_TABLE):
-        logged = ctx.lake.read(FILES_TABLE)
-        # Rows written before rel_path existed hold absolute paths: compared relative to the
-        # current root when they are under it.
-        derived = F.coalesce(*[F.when(F.col("kind") == kind, relative_path(F.col("path"), root))
-                               for kind, root in roots.items()], F.col("path"))
-        stored = F.coalesce(F.col("rel_path"), derived) if "rel_path" in logged.columns else derived
-        known = logged.select("kind", stored.alias("key"), "size", "modification_time")
-        listed = listed.join(known, on=["kind", "key", "size", "modification_time"], how="left_anti")
-    # File metadata (one row per new file), not data.
-    rows = listed.select("kind", "path", "rel_path", "size",
-                         F.unix_micros("modification_time").alias("mtime_us")).collect()
-    order = {kind: i for i, kind in enumerate((*LANDING_KINDS, *IMPORT_SHAPES))}
-    files = [LandingFile(r.kind, r.path, int(r.size), from_micros(r.mtime_us), roots.get(r.kind), r.rel_path)
-             for r in rows]
-    return sorted(files, key=lambda f: (order[f.kind], f.path))
-
-
-def _check_files(ctx: RunContext, files: list[LandingFile], *,
-                 redo: bool) -> dict[str, tuple[LandingFile, FileRecords | None]]:
-    """Each file checked (stat, hash, one read): the file with its state, and its records when readable.
-
-    A new file takes its size, time and hash from now; a redone file must still have the ones it
-    was planned with (else ``changed``), and must still exist (else ``vanished``).
-    """
-    hash_max = ctx.settings.ingest.hash_max_mb * 1024 * 1024
-    stats = stat_files(ctx.spark, [f.path for f in files], hash_max_bytes=hash_max)
-    checked: dict[str, LandingFile] = {}
-    for f in files:
-        now = stats.get(f.path)
-        if now is None:
-            checked[f.path] = f.failed(FileFailure("vanished", "the file no longer exists"))
-        elif not redo:
-            checked[f.path] = dataclasses.replace(f, size=now.size, modification_time=now.modification_time,
-                                                  content_hash=now.content_hash)
-        elif (now.size, now.modification_time) != (f.size, f.modification_time) or (
-                f.content_hash is not None and now.content_hash is not None and now.content_hash != f.content_hash):
-            checked[f.path] = f.failed(FileFailure("changed", (
-                f"planned with {f.size} bytes, modified {f.modification_time:%Y-%m-%d %H:%M:%S}, "
-                f"sha256 {f.content_hash or '-'}; now {now.size} bytes, modified "
-                f"{now.modification_time:%Y-%m-%d %H:%M:%S}, sha256 {now.content_hash or '-'}")))
-        else:
-            checked[f.path] = f
-    records: dict[str, FileRecords] = {}
-    for kind in sorted({f.kind for f in files}):
-        paths = sorted(p for p, f in checked.items() if f.kind == kind and f.is_readable)
-        found, failures = probe(ctx.spark, paths, _reader(ctx, kind), with_first=kind != "events")
-        records.update(found)
-        for path, failure in failures.items():
-            checked[path] = checked[path].failed(failure)
-    return {p: (f, records.get(p)) for p, f in checked.items()}
-
-
-def _reader(ctx: RunContext, kind: str) -> Callable[[list[str]], DataFrame]:
-    if kind == "events":
-        return functools.partial(read_text_lines, ctx.spark)
-    delimiter = _mapping(ctx, kind).delimiter if kind in IMPORT_SHAPES else ","
-    return functools.partial(read_csv_records, ctx.spark, delimiter=delimiter)
-
-
-def _plan(ctx: RunContext, files: list[LandingFile], run_id: str) -> BatchPlan:
-    lake = ctx.lake
-    last = lake.read(FILES_TABLE).agg(F.max("batch")).first()[0] if lake.exists(FILES_TABLE) else None
-    batch = (last or 0) + 1
-    versions = {t: lake.version(t) if lake.exists(t) else -1 for t in _SNAPSHOT_TABLES}
-    plan = BatchPlan(batch, run_id, ctx.clock.now(), tuple(files), versions)
-    rows = [(batch, f.kind, f.path, f.size, f.modification_time, run_id, plan.planned_at, versions, f.root, f.rel_path,
-             f.content_hash, f.state, f.reason, f.detail) for f in files]
-    result = lake.append(FILES_TABLE, ctx.spark.createDataFrame(rows, FILES_SCHEMA),
-                         write_id=WriteId("ingest:plan", batch), merge_schema=True)
-    if result.skipped:
-        raise ConcurrentIngestError(f"batch {batch} was planned by another ingest run meanwhile; run ingest again")
-    return plan
-
-
-def _pending_plans(ctx: RunContext, roots: dict[str, str]) -> list[tuple[BatchPlan, dict[str, FileRecords]]]:
-    """Batches planned in ``ingest_files`` whose counts never reached ``ingest_runs``, re-checked."""
-    lake = ctx.lake
-    if not lake.exists(FILES_TABLE):
-        return []
-    planned = lake.read(FILES_TABLE)
-    if lake.exists(RUNS_TABLE):
-        planned = planned.join(lake.read(RUNS_TABLE).select("batch").distinct(), on="batch", how="left_anti")
-    optional = [F.col(c) if c in planned.columns else F.lit(None).cast(FILES_SCHEMA[c].dataType).alias(c)
-                for c in ("root", "rel_path", "content_hash", "state", "reason", "detail")]
-    # The files of the (at most one) interrupted batch: metadata, bounded by files_per_batch.
-    rows = planned.select(
-        "batch", "kind", "path", "size", F.unix_micros("modification_time").alias("mtime_us"), "run_id",
-        F.unix_micros("planned_at").alias("planned_us"), "read_versions", *optional,
-    ).collect()
-    plans = []
-    for batch in sorted({r.batch for r in rows}):
-        mine = [r for r in rows if r.batch == batch]
-        files = [_logged_file(r, roots) for r in mine]
-        first = mine[0]
-        plan = BatchPlan(int(batch), first.run_id, from_micros(first.planned_us), (),
-                         {k: int(v) for k, v in first.read_versions.items()})
-        checked = _check_files(ctx, [f for f in files if f.is_readable], redo=True)
-        files = [checked[f.path][0] if f.path in checked else f for f in files]
-        plan = dataclasses.replace(plan, files=tuple(sorted(files, key=lambda f: f.path)))
-        newly_failed = [f for f in files if not f.is_readable and f.path in checked]
-        if newly_failed:
-            _record_failures(ctx, plan, newly_failed)
-        plans.append((plan, {p: r for p, (_, r) in checked.items() if r is not None}))
-    return plans
-
-
-def _logged_file(row, roots: dict[str, str]) -> LandingFile:
-    """A file of a pending batch, found where its root is now (a moved landing folder included)."""
-    root_now = roots.get(row.kind)
-    rel = row.rel_path or (relative_to(row.path, row.root) if row.root else None) \
-        or (relative_to(row.path, root_now) if root_now else None)
-    path = f"{root_now}/{rel}" if root_now and rel else row.path
-    return LandingFile(row.kind, path, int(row.size), from_micros(row.mtime_us), row.root or root_now, rel,
-                       row.content_hash, row.state or PLANNED, row.reason, row.detail, logged_path=row.path)
-
-
-def _record_failures(ctx: RunContext, plan: BatchPlan, failed: list[LandingFile]) -> None:
-    """Mark files of a pending batch ``failed`` in ``ingest_files`` (idempotent: the same values again)."""
-    lake = ctx.lake
-    if "state" not in lake.read(FILES_TABLE).columns:
-        # A batch planned before these columns existed: add them first (an empty, schema-evolving append).
-        lake.append(FILES_TABLE, ctx.spark.createDataFrame([], FILES_SCHEMA), merge_schema=True)
-    updates = ctx.spark.createDataFrame(
-        [(plan.batch, f.logged_path or f.path, f.state, f.reason, f.detail) for f in failed],
-        "batch bigint, path string, state string, reason string, detail string")
-    current = lake.read(FILES_TABLE).join(updates.select("batch", "path"), on=["batch", "path"], how="left_semi")
-    source = current.drop("state", "reason", "detail").join(updates, on=["batch", "path"], how="inner")
-    lake.merge(FILES_TABLE, source.select(*lake.read(FILES_TABLE).columns), keys=["batch", "path"])
 
 
 # ---- one batch --------------------------------------------------------------------------------
@@ -679,7 +476,7 @@ def _ingest_landing(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRec
 
 def _ingest_export(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], *, shape: str, rules: Rules,
                    failure: _Failure, cached: list[DataFrame]) -> list[EntityCounts]:
-    mapping = _mapping(ctx, shape)
+    mapping = mapping_of(ctx, shape)
     is_invoice = isinstance(mapping, InvoiceLinesImport)
     parsed = _csv_records(ctx, plan, records, shape, columns=export_columns(mapping), delimiter=mapping.delimiter)
     mapped = (parsed.transform(map_invoice_lines, mapping=mapping) if is_invoice
@@ -821,18 +618,12 @@ def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
 
 # ---- exports ----------------------------------------------------------------------------------
 
-def _mapping(ctx: RunContext, shape: str) -> InvoiceLinesImport | ClickstreamImport:
-    if shape not in IMPORT_SHAPES:
-        raise ValueError(f"unknown export shape {shape!r}; the shapes are {', '.join(IMPORT_SHAPES)}")
-    return getattr(ctx.settings.ingest.imports, shape)
-
-
 def _check_export_headers(ctx: RunContext, checked: dict[str, tuple[LandingFile, FileRecords | None]]) -> None:
     """Refuse an export whose header lacks a mapped column, before anything is planned or written."""
     for path, (landing, records) in sorted(checked.items()):
         if records is None or not records.records:
             continue
-        mapping = _mapping(ctx, landing.kind)
+        mapping = mapping_of(ctx, landing.kind)
         names = _header_names(records.first_line, mapping.delimiter)
         wanted = export_columns(mapping)
         missing = [f"{ours} -> {theirs!r}" for ours, theirs in wanted.items() if theirs.strip().lower() not in names]
