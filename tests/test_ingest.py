@@ -125,6 +125,7 @@ def test_csv_records_are_read_by_each_files_header(spark):
         ("a.csv", 7, "id,name,price"),          # a repeated header, as in concatenated exports
         ("a.csv", 8, "i7,,"),
         ("a.csv", 9, "i8,\x00nul,1"),            # a NUL is just a character to the parser
+        ("a.csv", 16, 'i9,32" screen,1'),        # a bare quote: RFC 4180 wants the field quoted
         ("b.csv", 10, "PRICE, Name ,ID,extra"),  # another order, other case and spacing, a fourth column
         ("b.csv", 11, "7,Lamp,i9,x"),
         ("b.csv", 12, "7,Lamp,i10"),             # three fields where b's header has four
@@ -148,6 +149,7 @@ def test_csv_records_are_read_by_each_files_header(spark):
         ("a.csv", 7, "id,name,price", "repeated_header", None, None, None),
         ("a.csv", 8, "i7,,", None, "i7", None, None),
         ("a.csv", 9, "i8,\x00nul,1", None, "i8", "\x00nul", "1"),
+        ("a.csv", 16, 'i9,32" screen,1', "malformed_csv", None, None, None),
         ("b.csv", 11, "7,Lamp,i9,x", None, "i9", "Lamp", "7"),
         ("b.csv", 12, "7,Lamp,i10", "malformed_csv", None, None, None),
         ("c.csv", 14, "i11,3", "bad_header", None, None, None),
@@ -282,8 +284,9 @@ def test_structural_problems_come_first(spark):
         F.lit('{"event_id": "e3", "event_type": "view", "event_ts": "2026-11-19T10:00:00Z", "user_id": "u'),
         F.unhex(F.lit("FF")).cast("string"), F.lit('", "item_id": "i1"}')).alias("line"))
     out = validate_events(parse_json_lines(lines.unionByName(raw_bytes), fields=EVENTS_LANDING), rules=RULES)
-    assert reasons_by_pos(out) == {0: ["invalid_utf8"], 1: ["invalid_utf8", "malformed_json"], 2: ["blank_line"],
-                                   3: ["invalid_utf8"]}
+    # The undecodable byte is in the user id, which is then no valid id either.
+    assert reasons_by_pos(out) == {0: ["invalid_utf8", "bad_id"], 1: ["invalid_utf8", "malformed_json"],
+                                   2: ["blank_line"], 3: ["invalid_utf8", "bad_id"]}
 
 
 def test_ids_must_match_the_documented_pattern(spark):

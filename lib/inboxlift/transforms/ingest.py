@@ -61,7 +61,7 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "the line holds bytes that are not UTF-8",
     "blank_line": "the line is empty or white space",
     "malformed_json": "the line is not one JSON object",
-    "malformed_csv": "the record has a different number of fields than its file's header, or an open quote",
+    "malformed_csv": "the record has a different number of fields than its file's header, or an unpaired quote",
     "repeated_header": "the record repeats its file's header (as in concatenated exports)",
     "bad_header": "the file's header lacks columns of the landing contract",
     "missing_event_id": "no event_id",
@@ -366,7 +366,7 @@ def parse_csv_records(records: DataFrame, *, headers: DataFrame, columns: Mappin
     Returns ``source_file, pos, line, parse_error, <columns>`` for every record but the headers;
     ``parse_error`` is ``bad_header`` (the file lacks a column), ``repeated_header`` (the header
     again, as in concatenated exports), ``malformed_csv`` (a field count other than the header's,
-    or a quote left open) or null.
+    or an odd number of quotes: one left open, or a bare quote in an unquoted field) or null.
     """
     require_columns(records, LINE_COLUMNS, step="parse_csv_records")
     require_columns(headers, ("source_file", "header_pos", "header_line", "header_fields"),
@@ -375,13 +375,18 @@ def parse_csv_records(records: DataFrame, *, headers: DataFrame, columns: Mappin
                "ignoreTrailingWhiteSpace": "false", "mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"}
     width = F.size(F.col("header_fields"))
     # Spark's CSV parser, against a schema as wide as the record's own header: it flags any other
-    # field count, and an open quote, as a corrupt record. One parse per header width present.
+    # field count as a corrupt record. One parse per header width present.
     parses = {w: F.when(width == w, F.from_csv(F.col("line"), ", ".join(
         [f"_c{i} string" for i in range(w)] + ["_corrupt string"]), options)) for w in sorted(set(widths))}
     fields = F.coalesce(*[F.when(width == w, F.array(*[F.col(f"_p{w}")[f"_c{i}"] for i in range(w)]))
                           for w in parses], F.array().cast("array<string>")) if parses else F.array().cast("array<string>")
-    is_malformed = F.coalesce(*[F.when(width == w, F.col(f"_p{w}")["_corrupt"].isNotNull()) for w in parses],
-                              F.lit(True)) if parses else F.lit(True)
+    wrong_count = F.coalesce(*[F.when(width == w, F.col(f"_p{w}")["_corrupt"].isNotNull()) for w in parses],
+                             F.lit(True)) if parses else F.lit(True)
+    # A quote left open runs to the end of the record (at the end of a file, with the right field
+    # count, the parser would take it as a value). In RFC 4180 CSV every quote is paired: a
+    # quoted field adds two, a quote inside one is doubled. Counted by length, not a pattern.
+    quotes = F.length(F.col("line")) - F.length(F.replace(F.col("line"), F.lit('"'), F.lit("")))
+    is_malformed = wrong_count | (quotes % 2 == 1)
     header = F.col("header_fields")
     positions = {out: F.array_position(header, F.lit(name.strip().lower())) for out, name in columns.items()}
     lacks_column = F.greatest(*[p == 0 for p in positions.values()], F.lit(False)) | header.isNull()
