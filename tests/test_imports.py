@@ -14,6 +14,7 @@ from pyspark.sql import functions as F
 from inboxlift.context import RunContext
 from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
 from inboxlift.stages.ingest import EntityCounts, ImportMappingError, run_import
+from inboxlift.stages.ingest_lease import read_lease
 from inboxlift.transforms.imports import INVOICE_COLUMNS, map_clickstream, map_invoice_lines
 from inboxlift.transforms.ingest import EVENTS_TABLE, PRODUCTS_TABLE, USERS_TABLE
 
@@ -236,6 +237,8 @@ def test_an_export_lacking_a_mapped_column_is_refused_before_anything_is_written
     export.write_text("ts,visitorid,event,itemid,transactionid\n1433221332117,1,view,2,\n", encoding="utf-8")
     with pytest.raises(ImportMappingError, match=r"timestamp -> 'timestamp'.*it has \['ts'"):
         run_import(shop_ctx, shape="clickstream", path=str(export), echo=lambda _: None)
-    assert shop_ctx.lake.table_names() == []
+    # Only the lease was taken (and given back): no data, no plan.
+    assert shop_ctx.lake.table_names() == ["ingest_lease"]
+    assert read_lease(shop_ctx).released_at is not None
     with pytest.raises(ValueError, match="unknown export shape"):
         run_import(shop_ctx, shape="orders", path=str(export), echo=lambda _: None)

@@ -23,8 +23,7 @@ from inboxlift.transforms.ingest import (
     Rules,
     classify_events,
     classify_upserts,
-    drop_header_lines,
-    parse_csv_lines,
+    parse_csv_records,
     parse_json_lines,
     parse_timestamp,
     reasons_array,
@@ -42,7 +41,6 @@ NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 RULES = Rules(now=NOW, shop_opened=dt.datetime(2020, 1, 1, tzinfo=UTC), future_skew_minutes=10,
               max_string_length=40, rating_min=1, rating_max=5)
 LINES = "source_file string, pos bigint, line string"
-HEADERS = "source_file string, header_line string, header_fields array<string>"
 
 
 def ts(text: str) -> dt.datetime:
@@ -111,8 +109,11 @@ def test_parse_json_lines_of_no_lines_is_empty(spark):
     assert out.columns == ["source_file", "pos", "line", "parse_error", *EVENTS_LANDING.fieldNames()]
 
 
-def test_csv_lines_are_read_by_each_files_header(spark):
-    lines = lines_of(
+CSV_HEADERS = "source_file string, header_pos bigint, header_line string, header_fields array<string>"
+
+
+def test_csv_records_are_read_by_each_files_header(spark):
+    records = lines_of(
         spark,
         ("a.csv", 0, "id,name,price"),
         ("a.csv", 1, 'i1,"Pan, cast iron",10'),
@@ -120,39 +121,57 @@ def test_csv_lines_are_read_by_each_files_header(spark):
         ("a.csv", 3, "i3,too few"),
         ("a.csv", 4, "i4,too,many,fields"),
         ("a.csv", 5, 'i5,"open quote,1'),
-        ("a.csv", 6, ""),
+        ("a.csv", 6, 'i6,"two\nlines",2'),       # a quoted newline: one record
         ("a.csv", 7, "id,name,price"),          # a repeated header, as in concatenated exports
-        ("a.csv", 8, "i6,,"),
-        ("b.csv", 9, "PRICE, Name ,ID"),         # another order, other case and spacing
-        ("b.csv", 10, "7,Lamp,i7"),
-        ("c.csv", 11, "id,price"),               # lacks "name"
-        ("c.csv", 12, "i8,3"),
+        ("a.csv", 8, "i7,,"),
+        ("a.csv", 9, "i8,\x00nul,1"),            # a NUL is just a character to the parser
+        ("a.csv", 16, 'i9,32" screen,1'),        # a bare quote: RFC 4180 wants the field quoted
+        ("b.csv", 10, "PRICE, Name ,ID,extra"),  # another order, other case and spacing, a fourth column
+        ("b.csv", 11, "7,Lamp,i9,x"),
+        ("b.csv", 12, "7,Lamp,i10"),             # three fields where b's header has four
+        ("c.csv", 13, "id,price"),               # lacks "name"
+        ("c.csv", 14, "i11,3"),
     )
     headers = spark.createDataFrame([
-        ("a.csv", "id,name,price", ["id", "name", "price"]),
-        ("b.csv", "PRICE, Name ,ID", ["price", "name", "id"]),
-        ("c.csv", "id,price", ["id", "price"]),
-    ], HEADERS)
-    body = drop_header_lines(lines, headers=headers)
-    out = parse_csv_lines(body, headers=headers, columns={"item_id": "ID", "name": "name", "price": "price"}, width=3)
+        ("a.csv", 0, "id,name,price", ["id", "name", "price"]),
+        ("b.csv", 10, "PRICE, Name ,ID,extra", ["price", "name", "id", "extra"]),
+        ("c.csv", 13, "id,price", ["id", "price"]),
+    ], CSV_HEADERS)
+    out = parse_csv_records(records, headers=headers, columns={"item_id": "ID", "name": "name", "price": "price"},
+                            widths=[2, 3, 4])
     expected = spark.createDataFrame([
         ("a.csv", 1, 'i1,"Pan, cast iron",10', None, "i1", "Pan, cast iron", "10"),
         ("a.csv", 2, 'i2,"The ""best"" mat",5', None, "i2", 'The "best" mat', "5"),
         ("a.csv", 3, "i3,too few", "malformed_csv", None, None, None),
         ("a.csv", 4, "i4,too,many,fields", "malformed_csv", None, None, None),
         ("a.csv", 5, 'i5,"open quote,1', "malformed_csv", None, None, None),
-        ("a.csv", 6, "", "blank_line", None, None, None),
-        ("a.csv", 8, "i6,,", None, "i6", None, None),
-        ("b.csv", 10, "7,Lamp,i7", None, "i7", "Lamp", "7"),
-        ("c.csv", 12, "i8,3", "bad_header", None, None, None),
+        ("a.csv", 6, 'i6,"two\nlines",2', None, "i6", "two\nlines", "2"),
+        ("a.csv", 7, "id,name,price", "repeated_header", None, None, None),
+        ("a.csv", 8, "i7,,", None, "i7", None, None),
+        ("a.csv", 9, "i8,\x00nul,1", None, "i8", "\x00nul", "1"),
+        ("a.csv", 16, 'i9,32" screen,1', "malformed_csv", None, None, None),
+        ("b.csv", 11, "7,Lamp,i9,x", None, "i9", "Lamp", "7"),
+        ("b.csv", 12, "7,Lamp,i10", "malformed_csv", None, None, None),
+        ("c.csv", 14, "i11,3", "bad_header", None, None, None),
     ], "source_file string, pos bigint, line string, parse_error string, item_id string, name string, price string")
     assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)
 
 
-def test_csv_parsing_of_no_lines_is_empty(spark):
-    empty_headers = spark.createDataFrame([], HEADERS)
-    body = drop_header_lines(spark.createDataFrame([], LINES), headers=empty_headers)
-    assert parse_csv_lines(body, headers=empty_headers, columns={"a": "a"}, width=1).isEmpty()
+def test_a_long_quoted_field_is_parsed_without_a_regular_expression(spark):
+    # The line-based check this replaced overflowed the JVM's stack at 3,000 characters.
+    long = "x" * 200_000
+    records = lines_of(spark, ("a.csv", 0, "id,name"), ("a.csv", 1, f'i1,"{long}"'), ("a.csv", 2, f'i2,"{long}'))
+    headers = spark.createDataFrame([("a.csv", 0, "id,name", ["id", "name"])], CSV_HEADERS)
+    out = parse_csv_records(records, headers=headers, columns={"id": "id", "name": "name"}, widths=[2])
+    got = {r.pos: (r.parse_error, r.id, len(r.name or "")) for r in out.collect()}
+    assert got == {1: (None, "i1", 200_000), 2: ("malformed_csv", None, 0)}
+
+
+def test_csv_parsing_of_no_records_is_empty(spark):
+    empty_headers = spark.createDataFrame([], CSV_HEADERS)
+    out = parse_csv_records(spark.createDataFrame([], LINES), headers=empty_headers, columns={"a": "a"}, widths=[])
+    assert out.isEmpty()
+    assert out.columns == ["source_file", "pos", "line", "parse_error", "a"]
 
 
 # ---- normalisation ----------------------------------------------------------------------------
@@ -268,8 +287,109 @@ def test_structural_problems_come_first(spark):
         F.lit('{"event_id": "e3", "event_type": "view", "event_ts": "2026-11-19T10:00:00Z", "user_id": "u'),
         F.unhex(F.lit("FF")).cast("string"), F.lit('", "item_id": "i1"}')).alias("line"))
     out = validate_events(parse_json_lines(lines.unionByName(raw_bytes), fields=EVENTS_LANDING), rules=RULES)
-    assert reasons_by_pos(out) == {0: ["invalid_utf8"], 1: ["invalid_utf8", "malformed_json"], 2: ["blank_line"],
-                                   3: ["invalid_utf8"]}
+    # The undecodable byte is in the user id, which is then no valid id either.
+    assert reasons_by_pos(out) == {0: ["invalid_utf8", "bad_id"], 1: ["invalid_utf8", "malformed_json"],
+                                   2: ["blank_line"], 3: ["invalid_utf8", "bad_id"]}
+
+
+def test_ids_must_match_the_documented_pattern(spark):
+    def line(event_id: str, **extra: str) -> str:
+        fields = {"event_type": '"view"', "event_ts": '"2026-11-19T10:00:00Z"', "user_id": '"u1"', "item_id": '"i1"',
+                  **extra}
+        return "{" + ", ".join([f'"event_id": {event_id}'] + [f'"{k}": {v}' for k, v in fields.items()]) + "}"
+
+    lines = lines_of(
+        spark,
+        ("f", 0, line('"e-1_A:b/c@d+e#f=g~h.i"')),        # every allowed punctuation
+        ("f", 1, line("12345")),                          # a JSON integer is a fine id
+        ("f", 2, line('"8f14e45f-ceea-467f-a0e6-000000000001"')),
+        ("f", 3, line('"BANK CHARGES"')),                 # a space inside, as in real stock codes
+        ("f", 4, line(r'"\u8ba2\u53551"')),                  # letters of any script
+        ("f", 5, line('["e5"]')),                         # a JSON array
+        ("f", 6, line('{"id": 1}')),                      # a JSON object
+        ("f", 7, line("NaN")),
+        ("f", 8, line("1e40")),                           # Spark's JSON reader writes it 1.0E40
+        ("f", 9, line("12.5")),
+        ("f", 10, line(r'"e10\r\nBcc: x@evil.example"')),
+        ("f", 11, line(r'"e11\u0000"')),
+        ("f", 12, line(r'"e12\u001b[31m"')),              # an escape sequence
+        ("f", 13, line(r'"e13\u202e"')),                   # a right-to-left override
+        ("f", 14, line('"' + "x" * 129 + '"')),            # longer than 128
+        ("f", 15, line('"-e15"')),                        # must start with a letter, digit or _
+        ("f", 16, line('"e16"', session_id=r'"s\n1"', order_id='"o[1]"', campaign_id='"c<1>"', message_id='"m 1"')),
+        ("f", 17, line('"e17"', user_id='"Infinity"')),
+    )
+    out = validate_events(parse_json_lines(lines, fields=EVENTS_LANDING), rules=RULES)
+    bad = {pos for pos, reasons in reasons_by_pos(out).items() if "bad_id" in reasons}
+    assert bad == {5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17}
+    assert reasons_by_pos(out)[0] == [] and reasons_by_pos(out)[4] == []
+
+
+def test_user_and_product_ids_are_checked_too(spark):
+    users = spark.createDataFrame(
+        [("f", 0, "l", None, "u\x001", None, None, None, None, None, None, None, None, None, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *USERS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    assert reasons_by_pos(validate_users(users, rules=RULES)) == {0: ["bad_id"]}
+    products = spark.createDataFrame(
+        [("f", 0, "l", None, "[1,2]", *[None] * 10, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *PRODUCTS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    assert reasons_by_pos(validate_products(products, rules=RULES)) == {0: ["bad_id"]}
+
+
+def user_records(spark, rows: list[dict]):
+    names = USERS_LANDING.fieldNames()
+    base = {"user_id": "u1", "updated_at": "2024-01-01T00:00:00Z"}
+    data = [("f", i, f"line {i}", None, *[{**base, **r}.get(n) for n in names]) for i, r in enumerate(rows)]
+    return spark.createDataFrame(data, StructType([
+        StructField("source_file", StringType()), StructField("pos", StringType()), StructField("line", StringType()),
+        StructField("parse_error", StringType()), *USERS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+
+
+def test_email_addresses_are_checked_by_email_validator_and_normalised(spark):
+    addresses = {
+        0: ("Ann.Lee@Example.COM", "ann.lee@example.com"),
+        1: ("nul\x00x@example.com", None),         # a NUL: an invalid To: header otherwise
+        2: ("a,b@example.com", None),              # a comma would split the To: header
+        3: ("Bob <bob@example.com>", None),        # a display name is not an address
+        4: ('"a b"@example.com', None),            # quoted local parts are refused
+        5: ("x@[192.0.2.1]", None),                # so are IP-literal domains
+        6: ("x@localhost", None),                  # and domains that are not public
+        7: ("x@shop.test", None),
+        8: ("a..b@example.com", None),
+        9: ("fay@B\u00fccher.de", "fay@xn--bcher-kva.de"),   # an internationalised domain, in ASCII
+        10: ("\u7528\u6237@example.com", None),    # a non-ASCII local part would need SMTPUTF8
+        11: (None, None),                          # no address is no error
+    }
+    out = validate_users(user_records(spark, [{"email": a} for a, _ in addresses.values()]), rules=RULES)
+    got = {r.pos: (r.email, "bad_email" in r.reasons) for r in out.select("pos", "email", "reasons").collect()}
+    assert got == {pos: (want, want is None and given is not None) for pos, (given, want) in addresses.items()}
+
+
+def test_text_that_reaches_headers_loses_control_and_bidi_characters(spark):
+    users = validate_users(user_records(spark, [
+        {"first_name": "Bob\r\nBcc: victim@evil.example"},
+        {"first_name": "\u202eeciL\u202c"},
+        {"first_name": "\u2066Ann\u2069\u200e\u200f\u061c\x85\u2028"},
+        {"first_name": "Zo\u00eb\u200d\t\x07"},        # a ZWJ stays; TAB becomes a space, then trimmed
+        {"first_name": "\u202e"},                         # nothing left: no name
+    ]), rules=RULES)
+    assert {r.pos: r.first_name for r in users.collect()} == {
+        0: "Bob Bcc: victim@evil.example", 1: "eciL", 2: "Ann", 3: "Zo\u00eb\u200d", 4: None}
+    assert all(r.reasons == [] for r in users.collect())
+    products = spark.createDataFrame(
+        [("f", 0, "l", None, "i1", "Pan\u202e\r\n", "Keeps\nits\x07lines", "Home\u2067 > Pans", "Ac\x00me",
+          None, None, None, None, None, None, "2024-01-01")],
+        StructType([StructField("source_file", StringType()), StructField("pos", StringType()),
+                    StructField("line", StringType()), StructField("parse_error", StringType()),
+                    *PRODUCTS_LANDING.fields])).withColumn("pos", F.col("pos").cast("bigint"))
+    row = validate_products(products, rules=RULES).first()
+    # The description reaches no header: it is kept as written (HTML escaping protects the body).
+    assert (row.name, row.description, row.category_path, row.category, row.brand) == (
+        "Pan", "Keeps\nits\x07lines", "Home > Pans", "Home", "Acme")
 
 
 def test_anonymous_and_excluded_items_for_exports(spark):

@@ -210,7 +210,9 @@ def test_every_rejected_record_is_in_quarantine_with_its_line_and_reasons(first)
     }
     lines = {r.reason: (r.line, tuple(r.reasons)) for r in first.table("events_quarantine").collect()}
     assert lines["malformed_json"][0] == "not json at all"
-    assert lines["invalid_utf8"] == (INVALID_UTF8.decode("utf-8", errors="replace"), ("invalid_utf8", "unknown_user"))
+    # The undecodable byte is in the user id, which is then no valid id either.
+    assert lines["invalid_utf8"] == (INVALID_UTF8.decode("utf-8", errors="replace"),
+                                     ("invalid_utf8", "bad_id", "unknown_user"))
     assert lines["string_too_long"][0] == EVENTS_DAY1[14]
     users_q = {(r.record_id, r.reason, r.line) for r in first.table("users_quarantine").collect()}
     assert users_q == {("u3", "bad_email", USERS_CSV.splitlines()[4]),

@@ -203,13 +203,13 @@ class CommandError(Exception):
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
     from inboxlift.campaigns.planning import MissingInputError
-    from inboxlift.stages.ingest import ImportMappingError
+    from inboxlift.stages.ingest import ConcurrentIngestError, ImportMappingError
     from inboxlift.stages.plan import UnknownCampaignError
     from inboxlift.stages.segments import NoChampionError
 
     from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
 
-    return (ImportMappingError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
+    return (ImportMappingError, ConcurrentIngestError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
             UnknownCampaignError, SettingsError, CommandError)
 
 

@@ -145,8 +145,11 @@ def _maintain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_maintain(ctx: RunContext, args: argparse.Namespace) -> list[str]:
-    """Compact small files and vacuum old ones in every table."""
-    lines = []
+    """Delete quarantine rows past ``ingest.quarantine_retention_days``, then compact and vacuum every table."""
+    from inboxlift.stages.ingest import purge_quarantine
+
+    # Before the vacuum, so the files of the deleted rows go with it once they are old enough.
+    lines = purge_quarantine(ctx)
     for name in ctx.lake.table_names():
         ctx.lake.optimize(name)
         removed = ctx.lake.vacuum(name, retention_hours=args.retention_hours)
@@ -173,7 +176,8 @@ STAGES: dict[str, Stage] = {
               _plan_arguments, _run_plan),
         Stage("render", "render one email per planned user with Jinja2 per partition (outbox, render_errors)",
               _render_arguments, _run_render),
-        Stage("maintain", "compact and vacuum every table", _maintain_arguments, _run_maintain),
+        Stage("maintain", "delete expired quarantine rows, compact and vacuum every table", _maintain_arguments,
+              _run_maintain),
     ]
 }
 

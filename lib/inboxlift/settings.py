@@ -181,6 +181,15 @@ class IngestSettings:
     rating_max: int = 5
     # Files committed together (one batch, one Delta commit per table); a crash redoes at most one batch.
     files_per_batch: int = 500
+    # Files up to this size get a SHA-256 of their bytes when planned, so a redo refuses one whose
+    # bytes changed even if its size and modification time did not (larger files: size and time only).
+    hash_max_mb: int = 64
+    # One ingest or import at a time per lake: a run holds the lease this long past its last renewal
+    # (it renews every third of it); the lease of a run that died is taken over once it expires.
+    lease_minutes: int = 30
+    # Quarantine rows (raw lines, which can hold e-mail addresses) older than this are deleted by
+    # `inboxlift run maintain`.
+    quarantine_retention_days: int = 90
     imports: ImportSettings = field(default_factory=ImportSettings)
 
 

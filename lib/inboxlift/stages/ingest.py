@@ -11,22 +11,31 @@ Tables written (besides ``events``, ``users``, ``products``):
 
 - ``ingest_files``: one row per file and batch: ``batch, kind, path, size,
   modification_time, run_id, planned_at, read_versions`` (the versions of
-  ``events``, ``users``, ``products`` when the batch was planned, -1 for none).
+  ``events``, ``users``, ``products`` when the batch was planned, -1 for none),
+  ``root, rel_path`` (the file relative to the landing root or the import's
+  folder: the file's identity), ``content_hash`` (SHA-256, files up to
+  ``ingest.hash_max_mb``), ``state`` (``planned`` or ``failed``), ``reason``
+  and ``detail`` (why it failed: ``unreadable``, ``vanished``, ``changed``).
 - ``ingest_runs``: one row per batch and entity: ``run_id, batch, entity,
   started_at, finished_at, files, read, accepted, duplicates, quarantined,
-  quarantined_by_reason, conflicting_duplicates``. A batch is *committed* when
-  its rows are here; a batch in ``ingest_files`` but not here is pending.
-- ``users_quarantine``, ``products_quarantine``, ``events_quarantine``.
+  quarantined_by_reason, conflicting_duplicates, failed_files``. A batch is
+  *committed* when its rows are here; a batch in ``ingest_files`` but not here is pending.
+- ``users_quarantine``, ``products_quarantine``, ``events_quarantine``: rejected
+  records, and one row per failed file (no line, the file's reason).
+- ``ingest_lease``: who is ingesting into this lake (:mod:`inboxlift.stages.ingest_lease`).
 - ``suppressions`` (:mod:`inboxlift.consent`): merged from the batch's accepted ``unsubscribe``,
-  ``resubscribe``, ``bounce`` and ``complaint`` events after the events append
+  ``resubscribe``, ``preference_change``, ``bounce`` and ``complaint`` events after the events append
   (``WriteId("ingest:suppressions", N)``); the first batch that writes it also takes the opt-outs
   already in ``events`` (a lake from before the table existed), for every campaign.
 
-Exactly once. New files are cut into batches (``ingest.files_per_batch``).
-For each batch, in this order:
+Exactly once. A run first takes the lake's ingest lease (one ingest or import
+at a time; another run stops at once with :class:`ConcurrentIngestError`). New
+files are cut into batches (``ingest.files_per_batch``). For each batch, in this order:
 
-1. *plan*: append the batch's files to ``ingest_files`` with the next batch
-   number ``N``, the run id, the planning time and the current table versions;
+1. *plan*: check the batch's files (size, modification time, hash; read once to
+   count each file's records, which also finds the files Spark cannot read) and
+   append them to ``ingest_files`` with the next batch number ``N``, the run id,
+   the planning time, the current table versions and each file's state;
 2. write the quarantine and data tables, each write carrying the Delta
    transaction id ``WriteId("ingest:<table>", N)``;
 3. append the batch's counts to ``ingest_runs`` (``WriteId("ingest:ingest_runs", N)``).
@@ -38,39 +47,33 @@ were at planning time (time travel to ``read_versions``): its records come out
 exactly as before, the writes that had committed are skipped by their
 transaction ids, and the others happen. Only then are new files planned. A
 batch's outcome therefore does not depend on where, or whether, a run crashed.
-One ingest runs at a time per lake: a concurrent planner of the same batch
-number is detected and refused.
+A redo re-checks each file first: one that vanished or changed since it was
+planned is not read (its bytes are not the ones planned); it is marked
+``failed`` in ``ingest_files`` and quarantined whole, and the rest of the batch goes on.
 
-A file is new when its (path, size, modification time) is not in
-``ingest_files``: a file rewritten in place is read again (its events then
-count as duplicates).
+A file is new when its (kind, path relative to its root, size, modification
+time) is not in ``ingest_files``: a landing folder moved or reached through
+another path is not read again; a file rewritten in place is (its events then
+count as duplicates). The file log and batch plans live in :mod:`inboxlift.stages.ingest_plan`,
+file listing, checks and readers in :mod:`inboxlift.stages.ingest_sources`, the lease in
+:mod:`inboxlift.stages.ingest_lease`. See docs/ingest.md.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
-import functools
-import operator
-import re
+import io
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
+from urllib.parse import urlparse
 
 from pyspark import StorageLevel
-from pyspark.errors import AnalysisException
-from pyspark.sql import DataFrame, Observation, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import (
-    IntegerType,
-    LongType,
-    MapType,
-    StringType,
-    StructField,
-    StructType,
-    TimestampType,
-)
+from pyspark.sql.types import IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
 
 from inboxlift.consent import (
     CHANGED,
@@ -83,7 +86,30 @@ from inboxlift.consent import (
 )
 from inboxlift.context import RunContext
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
-from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
+from inboxlift.settings import InvoiceLinesImport
+from inboxlift.stages.ingest_lease import ConcurrentIngestError, IngestLease, LeaseLostError, owner_name
+from inboxlift.stages.ingest_plan import (
+    FILES_SCHEMA,
+    FILES_TABLE,
+    IMPORT_SHAPES,
+    LANDING_KINDS,
+    RUNS_TABLE,
+    BatchPlan,
+    LandingFile,
+    check_files,
+    mapping_of,
+    new_files,
+    pending_plans,
+    plan_batch,
+)
+from inboxlift.stages.ingest_sources import (
+    FileRecords,
+    error_summary,
+    list_files,
+    read_csv_records,
+    read_text_lines,
+    root_uri,
+)
 from inboxlift.storage import WriteId
 from inboxlift.transforms.imports import (
     IMPORT_EVENT_TYPES,
@@ -97,13 +123,13 @@ from inboxlift.transforms.ingest import (
     ACCEPTED,
     DUPLICATE,
     PRODUCTS_TABLE,
+    QUARANTINE_TABLE,
     QUARANTINED,
     USERS_TABLE,
     Rules,
     classify_events,
     classify_upserts,
-    drop_header_lines,
-    parse_csv_lines,
+    parse_csv_records,
     parse_json_lines,
     resolve_product_upserts,
     resolve_user_upserts,
@@ -116,10 +142,11 @@ from inboxlift.transforms.ingest import (
     with_reference_checks,
 )
 
-FILES_TABLE = "ingest_files"
-RUNS_TABLE = "ingest_runs"
-LANDING_KINDS = ("users", "products", "events")
-IMPORT_SHAPES = ("invoice_lines", "clickstream")
+__all__ = ["FILES_SCHEMA", "FILES_TABLE", "RUNS_TABLE", "ConcurrentIngestError", "EntityCounts", "FailedFile",
+           "ImportMappingError", "IngestBatchError",
+           "IngestInterrupted", "IngestReport", "LeaseLostError", "ReconciliationError", "purge_quarantine",
+           "run_import", "run_ingest"]
+
 # Where a batch may be interrupted by fail_after_files (tests), in the order a batch reaches them.
 STEPS = ("planned", "users_quarantine", "users", "products_quarantine", "products",
          "events_quarantine", "events", "suppressions", "logged")
@@ -130,18 +157,8 @@ _SUFFIXES = {
     "events": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz"),
 }
 _KEYS = {"users": "user_id", "products": "item_id"}
-_SNAPSHOT_TABLES = ("events", "users", "products")
+_QUARANTINE_TABLES = {"users": "users_quarantine", "products": "products_quarantine"}
 
-FILES_SCHEMA = StructType([
-    StructField("batch", LongType()),
-    StructField("kind", StringType()),
-    StructField("path", StringType()),
-    StructField("size", LongType()),
-    StructField("modification_time", TimestampType()),
-    StructField("run_id", StringType()),
-    StructField("planned_at", TimestampType()),
-    StructField("read_versions", MapType(StringType(), LongType())),
-])
 RUNS_SCHEMA = StructType([
     StructField("run_id", StringType()),
     StructField("batch", LongType()),
@@ -155,6 +172,7 @@ RUNS_SCHEMA = StructType([
     StructField("quarantined", LongType()),
     StructField("quarantined_by_reason", MapType(StringType(), LongType())),
     StructField("conflicting_duplicates", LongType()),
+    StructField("failed_files", IntegerType()),
 ])
 
 
@@ -166,17 +184,21 @@ class ReconciliationError(RuntimeError):
     """Records were lost or invented: read != accepted + duplicates + quarantined."""
 
 
-class ConcurrentIngestError(RuntimeError):
-    """Another ingest planned the same batch number first."""
-
-
 class ImportMappingError(ValueError):
     """An export lacks columns its mapping in ``ingest.imports`` names."""
 
 
+class IngestBatchError(RuntimeError):
+    """Spark failed on a batch in a way no file check foresaw; the message names the batch's files."""
+
+
 @dataclass(frozen=True)
 class EntityCounts:
-    """What one entity's records became; ``read == accepted + duplicates + quarantined``."""
+    """What one entity's records became; ``read == accepted + duplicates + quarantined``.
+
+    ``failed_files`` are files of this entity that were not read at all (each has one quarantine
+    row naming it; their records are in no count).
+    """
 
     entity: str
     files: int = 0
@@ -186,6 +208,7 @@ class EntityCounts:
     quarantined: int = 0
     quarantined_by_reason: dict[str, int] = field(default_factory=dict)
     conflicting_duplicates: int = 0
+    failed_files: int = 0
 
     def __add__(self, other: "EntityCounts") -> "EntityCounts":
         reasons = dict(self.quarantined_by_reason)
@@ -194,8 +217,17 @@ class EntityCounts:
         return EntityCounts(
             self.entity, self.files + other.files, self.read + other.read, self.accepted + other.accepted,
             self.duplicates + other.duplicates, self.quarantined + other.quarantined, dict(sorted(reasons.items())),
-            self.conflicting_duplicates + other.conflicting_duplicates,
+            self.conflicting_duplicates + other.conflicting_duplicates, self.failed_files + other.failed_files,
         )
+
+
+@dataclass(frozen=True)
+class FailedFile:
+    batch: int
+    kind: str
+    path: str
+    reason: str
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -206,6 +238,9 @@ class IngestReport:
     batches: tuple[int, ...]
     recovered_batch: int | None
     entities: tuple[EntityCounts, ...]
+    failed_files: tuple[FailedFile, ...] = ()
+    # The holder of an expired lease this run took over (a run that died), if any.
+    took_over_from: str | None = None
 
     def counts(self, entity: str) -> EntityCounts:
         for counts in self.entities:
@@ -214,54 +249,45 @@ class IngestReport:
         return EntityCounts(entity)
 
     def summary(self) -> str:
+        took_over = [f"took over the expired ingest lease of {self.took_over_from}"] if self.took_over_from else []
         if not self.batches:
-            return f"ingest {self.run_id}: no new files"
+            return "\n".join([f"ingest {self.run_id}: no new files", *took_over])
         recovered = f" (batch {self.recovered_batch} redone after an interrupted run)" if self.recovered_batch else ""
-        lines = [f"ingest {self.run_id}: batches {', '.join(map(str, self.batches))}{recovered}",
-                 f"{'entity':<24}{'files':>7}{'read':>12}{'accepted':>12}{'duplicates':>12}{'quarantined':>13}"]
+        lines = [f"ingest {self.run_id}: batches {', '.join(map(str, self.batches))}{recovered}", *took_over,
+                 f"{'entity':<24}{'files':>7}{'read':>12}{'accepted':>12}{'duplicates':>12}{'quarantined':>13}"
+                 f"{'failed files':>14}"]
         for c in self.entities:
-            lines.append(f"{c.entity:<24}{c.files:>7}{c.read:>12}{c.accepted:>12}{c.duplicates:>12}{c.quarantined:>13}")
+            lines.append(f"{c.entity:<24}{c.files:>7}{c.read:>12}{c.accepted:>12}{c.duplicates:>12}"
+                         f"{c.quarantined:>13}{c.failed_files:>14}")
         for c in self.entities:
             if c.quarantined_by_reason:
                 reasons = ", ".join(f"{r}={n}" for r, n in sorted(c.quarantined_by_reason.items(), key=lambda x: -x[1]))
                 lines.append(f"  {c.entity} quarantined by reason: {reasons}")
             if c.conflicting_duplicates:
                 lines.append(f"  {c.entity}: {c.conflicting_duplicates} duplicates differ from the copy kept")
+        for f in self.failed_files:
+            lines.append(f"  failed file (batch {f.batch}, {f.kind}) {f.path}: {f.reason}: {f.detail}")
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class LandingFile:
-    kind: str
-    path: str
-    size: int
-    modification_time: dt.datetime
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    batch: int
-    run_id: str
-    planned_at: dt.datetime
-    files: tuple[LandingFile, ...]
-    read_versions: dict[str, int]
-
-    def files_of(self, kind: str) -> list[str]:
-        return [f.path for f in self.files if f.kind == kind]
 
 
 @dataclass
 class _Failure:
-    """Raises IngestInterrupted at ``step`` of the batch during which the run reaches ``after_files`` files."""
+    """Raises IngestInterrupted at ``step`` of the batch during which the run reaches ``after_files`` files.
+
+    Every step also checks the lease: a run whose lease was taken over stops before its next write.
+    """
 
     after_files: int | None
     step: str
+    lease: IngestLease | None = None
     files_seen: int = 0
 
     def batch_started(self, files: int) -> None:
         self.files_seen += files
 
     def reached(self, step: str) -> None:
+        if self.lease is not None:
+            self.lease.check()
         if self.after_files is not None and step == self.step and self.files_seen >= self.after_files:
             raise IngestInterrupted(f"injected failure at step {step!r} after {self.files_seen} files")
 
@@ -277,10 +303,16 @@ def run_ingest(ctx: RunContext, *, landing_dir: str | None = None, fail_after_fi
         fail_after_files: for tests: raise :class:`IngestInterrupted` at step ``fail_at`` (one of
             :data:`STEPS`) of the batch in which this many files have been taken up.
         echo: where the summary goes.
+
+    Raises:
+        ConcurrentIngestError: another ingest or import holds the lake's lease (nothing was done).
     """
-    root = (landing_dir or ctx.settings.paths.landing_dir).rstrip("/")
-    listings = [_list_files(ctx.spark, f"{root}/{kind}", kind=kind, suffixes=_SUFFIXES[kind]) for kind in LANDING_KINDS]
-    return _run(ctx, listings, fail_after_files=fail_after_files, fail_at=fail_at, echo=echo)
+    folder = (landing_dir or ctx.settings.paths.landing_dir).rstrip("/")
+    root = root_uri(folder)
+    listings = [list_files(ctx.spark, f"{folder}/{kind}", root=root, kind=kind, suffixes=_SUFFIXES[kind])
+                for kind in LANDING_KINDS]
+    return _run(ctx, listings, roots={kind: root for kind in LANDING_KINDS},
+                fail_after_files=fail_after_files, fail_at=fail_at, echo=echo)
 
 
 def run_import(ctx: RunContext, *, shape: str, path: str, fail_after_files: int | None = None,
@@ -293,133 +325,85 @@ def run_import(ctx: RunContext, *, shape: str, path: str, fail_after_files: int 
 
     Raises:
         ImportMappingError: an export lacks a column the mapping names (nothing is written).
+        ConcurrentIngestError: another ingest or import holds the lake's lease (nothing was done).
     """
-    _mapping(ctx, shape)
-    listing = _list_files(ctx.spark, path, kind=shape, suffixes=None)
-    return _run(ctx, [listing], fail_after_files=fail_after_files, fail_at=fail_at, echo=echo)
+    mapping_of(ctx, shape)
+    root = _import_root(path)
+    listing = list_files(ctx.spark, path, root=root, kind=shape, suffixes=None)
+    landing = root_uri(ctx.settings.paths.landing_dir)
+    roots = {**{kind: landing for kind in LANDING_KINDS}, shape: root}
+    return _run(ctx, [listing], roots=roots, fail_after_files=fail_after_files, fail_at=fail_at, echo=echo)
 
 
-def _run(ctx: RunContext, listings: list[DataFrame | None], *, fail_after_files: int | None, fail_at: str,
-         echo: Callable[[str], None]) -> IngestReport:
+def _import_root(path: str) -> str:
+    """The folder an export's files are keyed relative to: the path itself, or a file's folder."""
+    uri = root_uri(path)
+    parsed = urlparse(path)
+    local = parsed.scheme in ("", "file") and not path.startswith("dbfs:")
+    if local and Path(parsed.path if parsed.scheme else path).is_file():
+        return uri.rsplit("/", 1)[0]
+    return uri
+
+
+def _run(ctx: RunContext, listings: list[DataFrame | None], *, roots: dict[str, str], fail_after_files: int | None,
+         fail_at: str, echo: Callable[[str], None]) -> IngestReport:
     if fail_at not in STEPS:
         raise ValueError(f"fail_at must be one of {STEPS}, got {fail_at!r}")
     run_id = f"ingest-{ctx.clock.now():%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-    failure = _Failure(fail_after_files, fail_at)
-    results: list[tuple[int, list[EntityCounts]]] = []
-    recovered = None
-    for plan in _pending_plans(ctx):
-        failure.batch_started(len(plan.files))
-        results.append((plan.batch, _process(ctx, plan, failure)))
-        recovered = plan.batch
-    new_files = _new_files(ctx, [listing for listing in listings if listing is not None])
-    for shape in sorted({f.kind for f in new_files} & set(IMPORT_SHAPES)):
-        _check_export_headers(ctx, [f.path for f in new_files if f.kind == shape], _mapping(ctx, shape))
-    per_batch = max(1, ctx.settings.ingest.files_per_batch)
-    for start in range(0, len(new_files), per_batch):
-        chunk = new_files[start:start + per_batch]
-        plan = _plan(ctx, chunk, run_id)
-        failure.batch_started(len(chunk))
-        failure.reached("planned")
-        results.append((plan.batch, _process(ctx, plan, failure)))
-    report = _report(run_id, results, recovered)
+    # Before anything is read: a second ingest must not even look at a batch the first is working on.
+    lease = IngestLease.acquire(ctx, owner=owner_name(run_id))
+    try:
+        lease.start_heartbeat()
+        failure = _Failure(fail_after_files, fail_at, lease=lease)
+        results: list[tuple[BatchPlan, list[EntityCounts]]] = []
+        recovered = None
+        for plan, records in pending_plans(ctx, roots):
+            failure.batch_started(len(plan.files))
+            results.append((plan, _process(ctx, plan, records, failure)))
+            recovered = plan.batch
+        fresh = new_files(ctx, [listing for listing in listings if listing is not None], roots)
+        exports = [f for f in fresh if f.kind in IMPORT_SHAPES]
+        checked_exports: dict[str, tuple[LandingFile, FileRecords | None]] = {}
+        if exports:
+            # Every export's header is checked before anything is planned or written.
+            checked_exports = check_files(ctx, exports, redo=False)
+            _check_export_headers(ctx, checked_exports)
+        per_batch = max(1, ctx.settings.ingest.files_per_batch)
+        for start in range(0, len(fresh), per_batch):
+            chunk = fresh[start:start + per_batch]
+            lease.check()
+            # The export check read every export together; a batch holding fewer must be read (and
+            # its records numbered) on its own.
+            reuse = bool(checked_exports) and {f.path for f in chunk} == set(checked_exports)
+            checked = checked_exports if reuse else check_files(ctx, chunk, redo=False)
+            plan = plan_batch(ctx, [checked[f.path][0] for f in chunk], run_id)
+            records = {path: r for path, (_, r) in checked.items() if r is not None}
+            failure.batch_started(len(chunk))
+            failure.reached("planned")
+            results.append((plan, _process(ctx, plan, records, failure)))
+    finally:
+        lease.release()
+    report = _report(run_id, results, recovered, lease)
     echo(report.summary())
     return report
 
 
-def _report(run_id: str, results: list[tuple[int, list[EntityCounts]]], recovered: int | None) -> IngestReport:
+def _report(run_id: str, results: list[tuple[BatchPlan, list[EntityCounts]]], recovered: int | None,
+            lease: IngestLease) -> IngestReport:
     totals: dict[str, EntityCounts] = {}
     for _, counts in results:
         for c in counts:
             totals[c.entity] = totals[c.entity] + c if c.entity in totals else c
-    return IngestReport(run_id, tuple(b for b, _ in results), recovered, tuple(totals.values()))
-
-
-# ---- files and plans --------------------------------------------------------------------------
-
-def _list_files(spark: SparkSession, root: str, *, kind: str, suffixes: tuple[str, ...] | None) -> DataFrame | None:
-    """``kind, path, size, modification_time`` of the files under ``root`` (a folder or one file).
-
-    Spark's file listing works on every file system Spark reads (local, DBFS, volumes, object
-    stores), and it skips hidden files and ``_``-prefixed markers like ``_SUCCESS``.
-    """
-    if "://" not in root and not root.startswith("dbfs:") and not Path(root).exists():
-        return None
-    try:
-        # binaryFile reads file contents only when the content column is selected.
-        listing = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(root)
-    except AnalysisException as exc:
-        if exc.getCondition() == "PATH_NOT_FOUND":
-            return None
-        raise
-    files = listing.select(
-        F.lit(kind).alias("kind"), "path", F.col("length").alias("size"),
-        F.col("modificationTime").alias("modification_time"),
-    )
-    if suffixes:
-        files = files.where(functools.reduce(operator.or_, [F.lower("path").endswith(s) for s in suffixes]))
-    return files
-
-
-def _new_files(ctx: RunContext, listings: list[DataFrame]) -> list[LandingFile]:
-    """Listed files whose (path, size, modification time) is not in the file log, in batch order."""
-    if not listings:
-        return []
-    listed = functools.reduce(DataFrame.unionByName, listings)
-    if ctx.lake.exists(FILES_TABLE):
-        logged = ctx.lake.read(FILES_TABLE).select("path", "size", "modification_time")
-        listed = listed.join(logged, on=["path", "size", "modification_time"], how="left_anti")
-    # File metadata (one row per new file), not data.
-    rows = listed.select("kind", "path", "size", F.unix_micros("modification_time").alias("mtime_us")).collect()
-    order = {kind: i for i, kind in enumerate((*LANDING_KINDS, *IMPORT_SHAPES))}
-    files = [LandingFile(r.kind, r.path, int(r.size), _from_micros(r.mtime_us)) for r in rows]
-    return sorted(files, key=lambda f: (order[f.kind], f.path))
-
-
-def _from_micros(us: int) -> dt.datetime:
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=int(us))
-
-
-def _plan(ctx: RunContext, files: list[LandingFile], run_id: str) -> BatchPlan:
-    lake = ctx.lake
-    last = lake.read(FILES_TABLE).agg(F.max("batch")).first()[0] if lake.exists(FILES_TABLE) else None
-    batch = (last or 0) + 1
-    versions = {t: lake.version(t) if lake.exists(t) else -1 for t in _SNAPSHOT_TABLES}
-    plan = BatchPlan(batch, run_id, ctx.clock.now(), tuple(files), versions)
-    rows = [(batch, f.kind, f.path, f.size, f.modification_time, run_id, plan.planned_at, versions) for f in files]
-    result = lake.append(FILES_TABLE, ctx.spark.createDataFrame(rows, FILES_SCHEMA),
-                         write_id=WriteId("ingest:plan", batch))
-    if result.skipped:
-        raise ConcurrentIngestError(f"batch {batch} was planned by another ingest run meanwhile; run ingest again")
-    return plan
-
-
-def _pending_plans(ctx: RunContext) -> list[BatchPlan]:
-    """Batches planned in ``ingest_files`` whose counts never reached ``ingest_runs``."""
-    lake = ctx.lake
-    if not lake.exists(FILES_TABLE):
-        return []
-    planned = lake.read(FILES_TABLE)
-    if lake.exists(RUNS_TABLE):
-        planned = planned.join(lake.read(RUNS_TABLE).select("batch").distinct(), on="batch", how="left_anti")
-    # The files of the (at most one) interrupted batch: metadata, bounded by files_per_batch.
-    rows = planned.select(
-        "batch", "kind", "path", "size", F.unix_micros("modification_time").alias("mtime_us"), "run_id",
-        F.unix_micros("planned_at").alias("planned_us"), "read_versions",
-    ).collect()
-    plans = []
-    for batch in sorted({r.batch for r in rows}):
-        mine = [r for r in rows if r.batch == batch]
-        files = sorted((LandingFile(r.kind, r.path, int(r.size), _from_micros(r.mtime_us)) for r in mine),
-                       key=lambda f: f.path)
-        first = mine[0]
-        plans.append(BatchPlan(int(batch), first.run_id, _from_micros(first.planned_us), tuple(files),
-                               {k: int(v) for k, v in first.read_versions.items()}))
-    return plans
+    failed = tuple(FailedFile(plan.batch, f.kind, f.path, f.reason or "", f.detail or "")
+                   for plan, _ in results for f in plan.files if not f.is_readable)
+    took_over = lease.taken_over.describe() if lease.taken_over is not None else None
+    return IngestReport(run_id, tuple(plan.batch for plan, _ in results), recovered, tuple(totals.values()), failed,
+                        took_over)
 
 
 # ---- one batch --------------------------------------------------------------------------------
 
-def _process(ctx: RunContext, plan: BatchPlan, failure: _Failure) -> list[EntityCounts]:
+def _process(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], failure: _Failure) -> list[EntityCounts]:
     rules = Rules.from_settings(ctx.settings.ingest, now=plan.planned_at)
     cached: list[DataFrame] = []
     try:
@@ -428,64 +412,89 @@ def _process(ctx: RunContext, plan: BatchPlan, failure: _Failure) -> list[Entity
         if shapes:
             counts = []
             for shape in shapes:
-                counts += _ingest_export(ctx, plan, shape=shape, rules=rules, failure=failure, cached=cached)
+                counts += _ingest_export(ctx, plan, records, shape=shape, rules=rules, failure=failure, cached=cached)
         else:
-            counts = _ingest_landing(ctx, plan, kinds=kinds, rules=rules, failure=failure, cached=cached)
+            counts = _ingest_landing(ctx, plan, records, kinds=kinds, rules=rules, failure=failure, cached=cached)
         _log_batch(ctx, plan, counts)
         failure.reached("logged")
         return counts
+    except (IngestInterrupted, ConcurrentIngestError, ReconciliationError, ImportMappingError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - any other failure becomes one message naming the files
+        paths = [f.path for f in plan.files]
+        shown = ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+        raise IngestBatchError(
+            f"ingest batch {plan.batch} failed: {error_summary(exc)}. Its files: {shown}. The batch stays "
+            f"pending; the next run redoes it (a file that changed or vanished meanwhile is then refused)."
+        ) from exc
     finally:
         for frame in cached:
             frame.unpersist()
 
 
-def _ingest_landing(ctx: RunContext, plan: BatchPlan, *, kinds: set[str], rules: Rules, failure: _Failure,
-                    cached: list[DataFrame]) -> list[EntityCounts]:
+def _read_count(plan: BatchPlan, records: dict[str, FileRecords], kind: str, *, has_header: bool) -> int:
+    """Records of the kind's readable files, as the plan-time read counted them (headers excluded)."""
+    found = [records[p] for p in plan.files_of(kind)]
+    return sum(r.records - (1 if has_header and r.records else 0) for r in found)
+
+
+def _headers(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], kind: str,
+             delimiter: str) -> tuple[DataFrame, list[int]]:
+    """Each readable file's header record (its first): ``source_file, header_pos, header_line, header_fields``."""
+    rows = [(p, records[p].first_pos, records[p].first_line, _header_names(records[p].first_line, delimiter))
+            for p in plan.files_of(kind) if records[p].records]
+    schema = "source_file string, header_pos bigint, header_line string, header_fields array<string>"
+    return ctx.spark.createDataFrame(rows, schema), sorted({len(r[3]) for r in rows})
+
+
+def _header_names(header_line: str | None, delimiter: str) -> list[str]:
+    text = (header_line or "").lstrip("\ufeff")
+    fields = next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
+    return [name.strip().lstrip("\ufeff").lower() for name in fields]
+
+
+def _csv_records(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], kind: str, *,
+                 columns: dict[str, str], delimiter: str) -> DataFrame:
+    headers, widths = _headers(ctx, plan, records, kind, delimiter)
+    lines = read_csv_records(ctx.spark, plan.files_of(kind), delimiter=delimiter)
+    return lines.transform(parse_csv_records, headers=headers, columns=columns, widths=widths, delimiter=delimiter)
+
+
+def _ingest_landing(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], *, kinds: set[str],
+                    rules: Rules, failure: _Failure, cached: list[DataFrame]) -> list[EntityCounts]:
     counts: list[EntityCounts] = []
     batch_ids: dict[str, DataFrame | None] = {"users": None, "products": None}
     for kind, landing, validate in (("users", USERS_LANDING, validate_users),
                                     ("products", PRODUCTS_LANDING, validate_products)):
         if kind not in kinds:
             continue
-        lines = _read_lines(ctx.spark, plan.files_of(kind))
-        headers, width = _csv_headers(ctx.spark, lines, delimiter=",")
-        observation = Observation()
-        body = lines.transform(drop_header_lines, headers=headers).observe(
-            observation, F.count(F.lit(1)).alias("lines"))
-        records = body.transform(parse_csv_lines, headers=headers, columns={n: n for n in landing.fieldNames()},
-                                 width=width)
-        classified = _cache(records.transform(validate, rules=rules).transform(classify_upserts, key=_KEYS[kind]),
+        parsed = _csv_records(ctx, plan, records, kind, columns={n: n for n in landing.fieldNames()}, delimiter=",")
+        classified = _cache(parsed.transform(validate, rules=rules).transform(classify_upserts, key=_KEYS[kind]),
                             cached)
-        entity_counts = _count(classified, observation, entity=kind, files=len(plan.files_of(kind)))
+        entity_counts = _count(classified, _read_count(plan, records, kind, has_header=True), entity=kind,
+                               files=plan.count_of(kind), failed_files=len(plan.failed_of(kind)))
         counts.append(entity_counts)
         batch_ids[kind] = _upsert(ctx, plan, classified, kind=kind, entity=kind, counts=entity_counts,
-                                  failure=failure)
+                                  failed=plan.failed_of(kind), failure=failure)
     if "events" in kinds:
-        lines = _read_lines(ctx.spark, plan.files_of("events"))
-        observation = Observation()
-        body = lines.observe(observation, F.count(F.lit(1)).alias("lines"))
+        lines = read_text_lines(ctx.spark, plan.files_of("events"))
         # campaign_type rides along (not an events column) to scope the batch's suppressions.
-        validated = body.transform(parse_json_lines, fields=EVENTS_LANDING).transform(
+        validated = lines.transform(parse_json_lines, fields=EVENTS_LANDING).transform(
             validate_events, rules=rules, event_types=EVENT_TYPES, carry=("campaign_type",))
-        counts.append(_append_events(ctx, plan, validated, entity="events", observation=observation,
-                                     files=len(plan.files_of("events")), batch_ids=batch_ids,
-                                     failure=failure, cached=cached))
+        counts.append(_append_events(ctx, plan, validated, entity="events",
+                                     read=_read_count(plan, records, "events", has_header=False),
+                                     files=plan.count_of("events"), failed=plan.failed_of("events"),
+                                     batch_ids=batch_ids, failure=failure, cached=cached))
     return counts
 
 
-def _ingest_export(ctx: RunContext, plan: BatchPlan, *, shape: str, rules: Rules, failure: _Failure,
-                   cached: list[DataFrame]) -> list[EntityCounts]:
-    mapping = _mapping(ctx, shape)
+def _ingest_export(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], *, shape: str, rules: Rules,
+                   failure: _Failure, cached: list[DataFrame]) -> list[EntityCounts]:
+    mapping = mapping_of(ctx, shape)
     is_invoice = isinstance(mapping, InvoiceLinesImport)
-    paths = plan.files_of(shape)
-    lines = _read_lines(ctx.spark, paths)
-    headers, width = _csv_headers(ctx.spark, lines, delimiter=mapping.delimiter)
-    observation = Observation()
-    body = lines.transform(drop_header_lines, headers=headers).observe(observation, F.count(F.lit(1)).alias("lines"))
-    records = body.transform(parse_csv_lines, headers=headers, columns=export_columns(mapping), width=width,
-                             delimiter=mapping.delimiter)
-    mapped = (records.transform(map_invoice_lines, mapping=mapping) if is_invoice
-              else records.transform(map_clickstream, mapping=mapping))
+    parsed = _csv_records(ctx, plan, records, shape, columns=export_columns(mapping), delimiter=mapping.delimiter)
+    mapped = (parsed.transform(map_invoice_lines, mapping=mapping) if is_invoice
+              else parsed.transform(map_clickstream, mapping=mapping))
     carry = ("country", "description") if is_invoice else ()
     validated = _cache(mapped.transform(
         validate_events, rules=rules, event_types=(*EVENT_TYPES, *IMPORT_EVENT_TYPES),
@@ -502,21 +511,24 @@ def _ingest_export(ctx: RunContext, plan: BatchPlan, *, shape: str, rules: Rules
     for kind, records_of_kind in derived.items():
         classified = _cache(records_of_kind.transform(classify_upserts, key=_KEYS[kind]), cached)
         entity = f"{shape}/{kind}"
-        entity_counts = _count(classified, None, entity=entity, files=0)
+        entity_counts = _count(classified, None, entity=entity, files=0, failed_files=0)
         counts.append(entity_counts)
-        batch_ids[kind] = _upsert(ctx, plan, classified, kind=kind, entity=entity, counts=entity_counts,
+        batch_ids[kind] = _upsert(ctx, plan, classified, kind=kind, entity=entity, counts=entity_counts, failed=[],
                                   failure=failure)
     events = validated.drop(*carry)
-    counts.insert(0, _append_events(ctx, plan, events, entity=shape, observation=observation, files=len(paths),
+    counts.insert(0, _append_events(ctx, plan, events, entity=shape,
+                                    read=_read_count(plan, records, shape, has_header=True),
+                                    files=plan.count_of(shape), failed=plan.failed_of(shape),
                                     batch_ids=batch_ids, failure=failure, cached=cached))
     return counts
 
 
 def _upsert(ctx: RunContext, plan: BatchPlan, classified: DataFrame, *, kind: str, entity: str,
-            counts: EntityCounts, failure: _Failure) -> DataFrame:
-    """Quarantine the rejects, merge the accepted records; return the batch's ids of this kind."""
+            counts: EntityCounts, failed: list[LandingFile], failure: _Failure) -> DataFrame:
+    """Quarantine the rejects (and failed files), merge the accepted records; return the batch's ids of this kind."""
     lake, key = ctx.lake, _KEYS[kind]
-    _quarantine(ctx, plan, classified, table=f"{kind}_quarantine", entity=entity, id_column=key, counts=counts)
+    _quarantine(ctx, plan, classified, table=_QUARANTINE_TABLES[kind], entity=entity, id_column=key, counts=counts,
+                failed=failed)
     failure.reached(f"{kind}_quarantine")
     accepted = classified.where(F.col("outcome") == ACCEPTED)
     if counts.accepted:
@@ -529,9 +541,9 @@ def _upsert(ctx: RunContext, plan: BatchPlan, classified: DataFrame, *, kind: st
     return accepted.select(key)
 
 
-def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, entity: str,
-                   observation: Observation, files: int, batch_ids: dict[str, DataFrame | None],
-                   failure: _Failure, cached: list[DataFrame]) -> EntityCounts:
+def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, entity: str, read: int, files: int,
+                   failed: list[LandingFile], batch_ids: dict[str, DataFrame | None], failure: _Failure,
+                   cached: list[DataFrame]) -> EntityCounts:
     """Reference checks against the tables as planned plus this batch; dedupe; quarantine; append."""
     known_users = _known(ctx, plan, "users", "user_id", batch_ids.get("users"))
     known_items = _known(ctx, plan, "products", "item_id", batch_ids.get("products"))
@@ -541,8 +553,9 @@ def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, en
         .transform(classify_events, existing_ids=existing),
         cached,
     )
-    counts = _count(classified, observation, entity=entity, files=files)
-    _quarantine(ctx, plan, classified, table="events_quarantine", entity=entity, id_column="event_id", counts=counts)
+    counts = _count(classified, read, entity=entity, files=files, failed_files=len(failed))
+    _quarantine(ctx, plan, classified, table="events_quarantine", entity=entity, id_column="event_id", counts=counts,
+                failed=failed)
     failure.reached("events_quarantine")
     if counts.accepted:
         rows = classified.where(F.col("outcome") == ACCEPTED).transform(to_events_table, ingested_at=plan.planned_at)
@@ -584,12 +597,18 @@ def _update_suppressions(ctx: RunContext, plan: BatchPlan, accepted: DataFrame) 
 
 
 def _quarantine(ctx: RunContext, plan: BatchPlan, classified: DataFrame, *, table: str, entity: str,
-                id_column: str, counts: EntityCounts) -> None:
-    if not counts.quarantined:
+                id_column: str, counts: EntityCounts, failed: list[LandingFile]) -> None:
+    """Rejected records, and one row per failed file (no line; the file's reason), in one write."""
+    if not counts.quarantined and not failed:
         return
-    rows = classified.where(F.col("outcome") == QUARANTINED).transform(
-        to_quarantine, entity=entity, id_column=id_column, batch=plan.batch, run_id=plan.run_id,
-        quarantined_at=plan.planned_at)
+    file_rows = ctx.spark.createDataFrame(
+        [(entity, f.path, None, None, [f.reason], f.reason, plan.batch, plan.run_id, plan.planned_at) for f in failed],
+        QUARANTINE_TABLE)
+    rows = file_rows
+    if counts.quarantined:
+        rows = classified.where(F.col("outcome") == QUARANTINED).transform(
+            to_quarantine, entity=entity, id_column=id_column, batch=plan.batch, run_id=plan.run_id,
+            quarantined_at=plan.planned_at).unionByName(file_rows)
     ctx.lake.append(table, rows, write_id=WriteId(f"ingest:{table}", plan.batch))
 
 
@@ -609,26 +628,27 @@ def _known(ctx: RunContext, plan: BatchPlan, table: str, key: str, batch_ids: Da
 def _log_batch(ctx: RunContext, plan: BatchPlan, counts: list[EntityCounts]) -> None:
     finished = ctx.clock.now()
     rows = [(plan.run_id, plan.batch, c.entity, plan.planned_at, finished, c.files, c.read, c.accepted,
-             c.duplicates, c.quarantined, c.quarantined_by_reason, c.conflicting_duplicates) for c in counts]
+             c.duplicates, c.quarantined, c.quarantined_by_reason, c.conflicting_duplicates, c.failed_files)
+            for c in counts]
     ctx.lake.append(RUNS_TABLE, ctx.spark.createDataFrame(rows, RUNS_SCHEMA),
-                    write_id=WriteId("ingest:ingest_runs", plan.batch))
+                    write_id=WriteId("ingest:ingest_runs", plan.batch), merge_schema=True)
 
 
-def _count(classified: DataFrame, observation: Observation | None, *, entity: str, files: int) -> EntityCounts:
-    """Counts per outcome; ``read`` is the independent count of lines observed before parsing."""
+def _count(classified: DataFrame, read: int | None, *, entity: str, files: int, failed_files: int) -> EntityCounts:
+    """Counts per outcome; ``read`` is the independent count of records taken when the files were checked."""
     # A handful of rows: outcome x first reason.
     rows = summarise_outcomes(classified).collect()
     by = {outcome: sum(r.records for r in rows if r.outcome == outcome) for outcome in (ACCEPTED, DUPLICATE, QUARANTINED)}
     reasons = {r.reason: int(r.records) for r in rows if r.outcome == QUARANTINED}
     total = sum(by.values())
-    read = int(observation.get["lines"]) if observation is not None else total
+    read = total if read is None else read
     if read != total or sum(reasons.values()) != by[QUARANTINED]:
         raise ReconciliationError(
-            f"{entity}: read {read} lines but accepted {by[ACCEPTED]} + duplicates {by[DUPLICATE]} "
+            f"{entity}: read {read} records but accepted {by[ACCEPTED]} + duplicates {by[DUPLICATE]} "
             f"+ quarantined {by[QUARANTINED]} = {total} (by reason: {reasons})"
         )
     return EntityCounts(entity, files, read, by[ACCEPTED], by[DUPLICATE], by[QUARANTINED], dict(sorted(reasons.items())),
-                        sum(int(r.conflicting) for r in rows))
+                        sum(int(r.conflicting) for r in rows), failed_files)
 
 
 def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
@@ -638,58 +658,48 @@ def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
     return frame
 
 
-# ---- reading ----------------------------------------------------------------------------------
+# ---- exports ----------------------------------------------------------------------------------
 
-_GLOB = re.compile(r"([\[\]{}*?\\])")
-
-
-def _read_lines(spark: SparkSession, paths: Iterable[str]) -> DataFrame:
-    """``source_file, pos, line``: one row per line, ``.gz`` decompressed, invalid UTF-8 as U+FFFD."""
-    # Spark reads paths as glob patterns; a file name may hold [, {, * or ?.
-    escaped = [_GLOB.sub(r"\\\1", p) for p in paths]
-    return spark.read.text(escaped).select(
-        F.col("_metadata.file_path").alias("source_file"),
-        # Numbered before any shuffle: increases with the position in each file.
-        F.monotonically_increasing_id().alias("pos"),
-        F.col("value").alias("line"),
-    )
-
-
-def _csv_headers(spark: SparkSession, lines: DataFrame, *, delimiter: str) -> tuple[DataFrame, int]:
-    """Each file's first line, and its field names (lower case): ``source_file, header_line, header_fields``."""
-    # One row per file (its first line): metadata, not data.
-    firsts = lines.groupBy("source_file").agg(F.min_by("line", "pos").alias("header_line")).collect()
-    rows = [(r.source_file, r.header_line, _header_names(r.header_line, delimiter)) for r in firsts]
-    width = max((len(names) for _, _, names in rows), default=1)
-    schema = "source_file string, header_line string, header_fields array<string>"
-    return spark.createDataFrame(rows, schema), width
-
-
-def _header_names(header_line: str | None, delimiter: str) -> list[str]:
-    text = (header_line or "").lstrip("\ufeff")
-    fields = next(csv.reader([text], delimiter=delimiter), [])
-    return [name.strip().lower() for name in fields]
-
-
-def _mapping(ctx: RunContext, shape: str) -> InvoiceLinesImport | ClickstreamImport:
-    if shape not in IMPORT_SHAPES:
-        raise ValueError(f"unknown export shape {shape!r}; the shapes are {', '.join(IMPORT_SHAPES)}")
-    return getattr(ctx.settings.ingest.imports, shape)
-
-
-def _check_export_headers(ctx: RunContext, paths: list[str], mapping: InvoiceLinesImport | ClickstreamImport) -> None:
+def _check_export_headers(ctx: RunContext, checked: dict[str, tuple[LandingFile, FileRecords | None]]) -> None:
     """Refuse an export whose header lacks a mapped column, before anything is planned or written."""
-    if not paths:
-        return
-    lines = _read_lines(ctx.spark, paths)
-    # One row per file (its first line).
-    firsts = lines.groupBy("source_file").agg(F.min_by("line", "pos").alias("header_line")).collect()
-    wanted = export_columns(mapping)
-    for row in firsts:
-        names = _header_names(row.header_line, mapping.delimiter)
+    for path, (landing, records) in sorted(checked.items()):
+        if records is None or not records.records:
+            continue
+        mapping = mapping_of(ctx, landing.kind)
+        names = _header_names(records.first_line, mapping.delimiter)
+        wanted = export_columns(mapping)
         missing = [f"{ours} -> {theirs!r}" for ours, theirs in wanted.items() if theirs.strip().lower() not in names]
         if missing:
             raise ImportMappingError(
-                f"{row.source_file}: the header lacks mapped columns {missing}; it has {names}. "
+                f"{path}: the header lacks mapped columns {missing}; it has {names}. "
                 f"Set the column names under ingest.imports in the settings."
             )
+
+
+# ---- retention --------------------------------------------------------------------------------
+
+def purge_quarantine(ctx: RunContext) -> list[str]:
+    """Delete quarantine rows older than ``ingest.quarantine_retention_days`` (their raw lines hold addresses).
+
+    Every ``*_quarantine`` table with a ``quarantined_at`` column is purged; the deleted rows'
+    files leave the disk when ``maintain`` vacuums the table afterwards.
+    """
+    days = ctx.settings.ingest.quarantine_retention_days
+    cutoff = ctx.clock.now() - dt.timedelta(days=days)
+    # With its offset, the literal is one instant whatever the session time zone.
+    predicate = f"quarantined_at < TIMESTAMP '{cutoff.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S.%f}+00:00'"
+    lines = []
+    for name in ctx.lake.table_names():
+        if not name.endswith("_quarantine"):
+            continue
+        table = ctx.lake.read(name)
+        if "quarantined_at" not in table.columns:
+            continue
+        # Counting what goes: a number for the log line, not data.
+        old = table.where(predicate).count()
+        if old:
+            ctx.lake.overwrite(name, ctx.spark.createDataFrame([], table.schema), where=predicate)
+        lines.append(f"{name}: {old} rows quarantined before {cutoff:%Y-%m-%d} deleted "
+                     f"(ingest.quarantine_retention_days = {days})")
+    return lines
+

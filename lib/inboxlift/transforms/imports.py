@@ -30,6 +30,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.schemas import EVENTS_LANDING
 from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
+from inboxlift.transforms.fields import strip_unsafe_text
 from inboxlift.transforms.ingest import (
     PRODUCT_FIELDS,
     RECORD_COLUMNS,
@@ -92,7 +93,8 @@ def map_invoice_lines(records: DataFrame, *, mapping: InvoiceLinesImport) -> Dat
             currency=F.when(parsed, F.lit(mapping.currency)),
         ),
         value["country"].alias("country"),
-        value["description"].alias("description"),
+        # The description becomes the product's name, which reaches subjects: no control or bidi characters.
+        clean_text(strip_unsafe_text(F.col("description"))).alias("description"),
     )
 
 

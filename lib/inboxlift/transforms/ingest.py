@@ -1,12 +1,14 @@
-"""Pure steps of ingest: parse landing lines, validate and normalise records, deduplicate, classify.
+"""Pure steps of ingest: parse landing records, validate and normalise them, deduplicate, classify.
 
 The parsers take a *lines* frame: ``source_file``, ``pos`` and ``line``. ``pos``
-orders the lines of one file (it is not a line number: Spark numbers rows per
-read partition, and a file's rows come in order); ``line`` is the raw text as
-Spark's text reader hands it over: bytes that are not UTF-8 are kept as they are.
+orders the records of one file (it is not a line number: Spark numbers rows per
+read partition, and a file's rows come in order). For JSON lines, ``line`` is the
+raw text as Spark's text reader hands it over (bytes that are not UTF-8 are kept
+as they are); for CSV it is one record as Spark's CSV reader found it, quoted
+newlines included (invalid UTF-8 arrives as U+FFFD).
 
-Every line that is a record (CSV header lines are not) leaves these steps with
-exactly one ``outcome``:
+Every record (CSV header records are not) leaves these steps with exactly one
+``outcome``:
 
 - ``quarantined``: ``reasons`` holds one or more codes of :data:`REASONS`, in
   that table's order, so the first (``reason``) is the most basic problem;
@@ -16,12 +18,13 @@ exactly one ``outcome``:
 - ``accepted``: everything else.
 
 So read = accepted + duplicates + quarantined, for any input. The stage checks
-that against an independent count of the lines it read.
+that against an independent count of the records it read.
 
 Normalisation: strings are trimmed (an empty string is null), event types are
-lower-case snake_case, currencies upper-case ISO codes, e-mail addresses
-lower-case, timestamps UTC instants, money ``decimal(12,2)``, counts ``int``,
-flags ``boolean``.
+lower-case snake_case, currencies upper-case ISO codes, e-mail addresses as
+``email-validator`` normalises them, then lower-case (:mod:`inboxlift.transforms.fields`),
+names and brands without control or bidi characters, timestamps UTC instants,
+money ``decimal(12,2)``, counts ``int``, flags ``boolean``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from pyspark.sql.types import (
 
 from inboxlift.schemas import EVENT_TYPES
 from inboxlift.settings import IngestSettings
+from inboxlift.transforms.fields import HEADER_TEXT_COLUMNS, ID_COLUMNS, is_bad_id, normalise_email, strip_unsafe_text
 
 ACCEPTED = "accepted"
 DUPLICATE = "duplicate"
@@ -58,11 +62,14 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "the line holds bytes that are not UTF-8",
     "blank_line": "the line is empty or white space",
     "malformed_json": "the line is not one JSON object",
-    "malformed_csv": "the line has a different number of fields than its file's header, or an open quote",
+    "malformed_csv": "the record has a different number of fields than its file's header, or an unpaired quote",
+    "repeated_header": "the record repeats its file's header (as in concatenated exports)",
     "bad_header": "the file's header lacks columns of the landing contract",
     "missing_event_id": "no event_id",
     "missing_user_id": "no user_id",
     "missing_item_id": "no item_id (item events) or stock code",
+    "bad_id": "an id that does not match the id pattern (transforms/fields.py): a JSON array, object or "
+              "fraction, NaN, control characters...",
     "missing_event_type": "no event_type",
     "unknown_event_type": "an event type outside the accepted list",
     "missing_timestamp": "no event_ts (events) or updated_at (users, products)",
@@ -79,7 +86,7 @@ REASONS: dict[str, str] = {
     "bad_stock": "a stock level that is not a whole number >= 0",
     "bad_date": "a date that does not parse, or a birthday in the future",
     "bad_boolean": "a flag that is not true/false/yes/no/1/0",
-    "bad_email": "an e-mail address that is not name@domain.tld",
+    "bad_email": "an e-mail address that email-validator rejects (syntax, or a domain that is not public)",
     "string_too_long": "a field longer than ingest.max_string_length",
     "excluded_item": "an export line for a non-product code (postage, fees, adjustments)",
     "unknown_user": "a user_id in neither the users table nor this batch's users",
@@ -164,7 +171,6 @@ QUARANTINE_TABLE = StructType([
 
 _TRIMMED = " \t\n\r\x0b\x0c\u00a0\ufeff"
 _NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
-_EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 _SECONDS_PER_DAY = 86_400
 _TRUE = ("true", "t", "yes", "y", "1")
 _FALSE = ("false", "f", "no", "n", "0")
@@ -293,15 +299,31 @@ def _base_checks(records: DataFrame) -> dict[str, Column]:
         "blank_line": parse_error == "blank_line",
         "malformed_json": parse_error == "malformed_json",
         "malformed_csv": parse_error == "malformed_csv",
+        "repeated_header": parse_error == "repeated_header",
         "bad_header": parse_error == "bad_header",
     }
 
 
 def _text_fields(records: DataFrame, names: Iterable[str]) -> DataFrame:
-    """Cleaned text of the named fields, null for lines that did not parse."""
+    """Cleaned text of the named fields, null for lines that did not parse.
+
+    Fields that reach a header or a subject (:data:`HEADER_TEXT_COLUMNS`) also lose their control
+    and bidi/format characters (:func:`strip_unsafe_text`).
+    """
     parsed = F.col("parse_error").isNull()
+    names = list(names)
+
+    def cleaned(name: str) -> Column:
+        text = F.col(name)
+        return clean_text(strip_unsafe_text(text) if name in HEADER_TEXT_COLUMNS else text)
+
     return records.select(*RECORD_COLUMNS, *[c for c in records.columns if c not in RECORD_COLUMNS and c not in names],
-                          *[F.when(parsed, clean_text(F.col(n))).alias(n) for n in names])
+                          *[F.when(parsed, cleaned(n)).alias(n) for n in names])
+
+
+def _bad_ids(names: Iterable[str]) -> Column:
+    """Any of the named (cleaned) id columns present but not a valid id."""
+    return F.greatest(*[F.coalesce(is_bad_id(F.col(n)), F.lit(False)) for n in names], F.lit(False))
 
 
 # ---- parsing ----------------------------------------------------------------------------------
@@ -333,61 +355,61 @@ def parse_json_lines(lines: DataFrame, *, fields: StructType) -> DataFrame:
     )
 
 
-def drop_header_lines(lines: DataFrame, *, headers: DataFrame) -> DataFrame:
-    """Lines without their file's header line (nor its repeats, as in concatenated exports).
+def parse_csv_records(records: DataFrame, *, headers: DataFrame, columns: Mapping[str, str], widths: Sequence[int],
+                      delimiter: str = ",") -> DataFrame:
+    """CSV records -> the named columns as text, found by each file's own header.
 
     Args:
-        headers: ``source_file, header_line, header_fields``: one row per file.
-    """
-    require_columns(lines, LINE_COLUMNS, step="drop_header_lines")
-    require_columns(headers, ("source_file", "header_line"), step="drop_header_lines (headers)")
-    # One row per file on the right: the join cannot multiply lines.
-    with_header = lines.join(F.broadcast(headers.select("source_file", "header_line")), on="source_file", how="left")
-    is_header = F.coalesce(F.col("line") == F.col("header_line"), F.lit(False))
-    return with_header.where(~is_header).select(*LINE_COLUMNS)
-
-
-def parse_csv_lines(lines: DataFrame, *, headers: DataFrame, columns: Mapping[str, str], width: int,
-                    delimiter: str = ",") -> DataFrame:
-    """CSV lines (header lines removed) -> the named columns as text, found by each file's header.
-
-    Args:
-        headers: ``source_file, header_line, header_fields`` (lower-case names), one row per file.
+        records: ``source_file, pos, line``, one row per CSV record as Spark's CSV reader found it
+            (quoted newlines inside), each file's header record included.
+        headers: ``source_file, header_pos, header_line, header_fields`` (names lower-case,
+            trimmed, without a BOM), one row per file.
         columns: output column -> header name (matched case-insensitively).
-        width: at least the number of fields of the widest header.
+        widths: the distinct numbers of fields of the headers.
         delimiter: one character.
 
-    Returns ``source_file, pos, line, parse_error, <columns>``; ``parse_error`` is ``blank_line``,
-    ``bad_header`` (the file lacks a column), ``malformed_csv`` (field count differs from the
-    header's, or a quote is left open) or null.
+    Returns ``source_file, pos, line, parse_error, <columns>`` for every record but the headers;
+    ``parse_error`` is ``bad_header`` (the file lacks a column), ``repeated_header`` (the header
+    again, as in concatenated exports), ``malformed_csv`` (a field count other than the header's,
+    or an odd number of quotes: one left open, or a bare quote in an unquoted field) or null.
     """
-    require_columns(lines, LINE_COLUMNS, step="parse_csv_lines")
-    require_columns(headers, ("source_file", "header_fields"), step="parse_csv_lines (headers)")
-    if len(delimiter) != 1:
-        raise ValueError(f"parse_csv_lines: the delimiter must be one character, got {delimiter!r}")
-    schema = StructType([StructField(f"_c{i}", StringType()) for i in range(max(width, 1))])
-    options = {"sep": delimiter, "quote": '"', "escape": '"', "mode": "PERMISSIVE"}
-    fields = F.from_csv(F.col("line"), schema.simpleString(), options)
-    as_array = F.array(*[fields[f"_c{i}"] for i in range(max(width, 1))])
+    require_columns(records, LINE_COLUMNS, step="parse_csv_records")
+    require_columns(headers, ("source_file", "header_pos", "header_line", "header_fields"),
+                    step="parse_csv_records (headers)")
+    options = {"sep": delimiter, "quote": '"', "escape": '"', "ignoreLeadingWhiteSpace": "false",
+               "ignoreTrailingWhiteSpace": "false", "mode": "PERMISSIVE", "columnNameOfCorruptRecord": "_corrupt"}
+    width = F.size(F.col("header_fields"))
+    # Spark's CSV parser, against a schema as wide as the record's own header: it flags any other
+    # field count as a corrupt record. One parse per header width present.
+    parses = {w: F.when(width == w, F.from_csv(F.col("line"), ", ".join(
+        [f"_c{i} string" for i in range(w)] + ["_corrupt string"]), options)) for w in sorted(set(widths))}
+    fields = F.coalesce(*[F.when(width == w, F.array(*[F.col(f"_p{w}")[f"_c{i}"] for i in range(w)]))
+                          for w in parses], F.array().cast("array<string>")) if parses else F.array().cast("array<string>")
+    wrong_count = F.coalesce(*[F.when(width == w, F.col(f"_p{w}")["_corrupt"].isNotNull()) for w in parses],
+                             F.lit(True)) if parses else F.lit(True)
+    # A quote left open runs to the end of the record (at the end of a file, with the right field
+    # count, the parser would take it as a value). In RFC 4180 CSV every quote is paired: a
+    # quoted field adds two, a quote inside one is doubled. Counted by length, not a pattern.
+    quotes = F.length(F.col("line")) - F.length(F.replace(F.col("line"), F.lit('"'), F.lit("")))
+    is_malformed = wrong_count | (quotes % 2 == 1)
     header = F.col("header_fields")
     positions = {out: F.array_position(header, F.lit(name.strip().lower())) for out, name in columns.items()}
-
-    # Quoted sections may hold the delimiter; drop them before counting fields.
-    unquoted = F.regexp_replace(F.col("line"), r'"([^"]|"")*"', "")
-    field_count = F.size(F.split(unquoted, "\\Q" + delimiter + "\\E", -1))
-    quote_count = F.length(F.col("line")) - F.length(F.replace(F.col("line"), F.lit('"'), F.lit("")))
-    is_blank = F.coalesce(F.col("line"), F.lit("")).rlike(r"^\s*$")
     lacks_column = F.greatest(*[p == 0 for p in positions.values()], F.lit(False)) | header.isNull()
-    is_malformed = (field_count != F.size(header)) | (quote_count % 2 == 1)
-    parse_error = (F.when(is_blank, F.lit("blank_line"))
-                   .when(lacks_column, F.lit("bad_header"))
+    parse_error = (F.when(lacks_column, F.lit("bad_header"))
+                   .when(F.col("line") == F.col("header_line"), F.lit("repeated_header"))
                    .when(is_malformed, F.lit("malformed_csv")))
-    # One row per file on the right: the join cannot multiply lines.
-    with_header = lines.join(F.broadcast(headers.select("source_file", "header_fields")), on="source_file", how="left")
-    return with_header.select("*", parse_error.alias("parse_error"), as_array.alias("_fields")).select(
-        *RECORD_COLUMNS,
-        *[F.when(F.col("parse_error").isNull() & (p > 0), F.try_element_at(F.col("_fields"), p.cast("int"))).alias(out)
-          for out, p in positions.items()],
+    # One row per file on the right: the join cannot multiply records.
+    body = records.join(F.broadcast(headers.select("source_file", "header_pos", "header_line", "header_fields")),
+                        on="source_file", how="left").where(~F.coalesce(F.col("pos") == F.col("header_pos"),
+                                                                         F.lit(False)))
+    # Each step reads the previous one's columns, so each record is parsed once.
+    return (
+        body.select(*LINE_COLUMNS, "header_line", "header_fields", *[p.alias(f"_p{w}") for w, p in parses.items()])
+        .select(*LINE_COLUMNS, "header_fields", parse_error.alias("parse_error"), fields.alias("_fields"))
+        .select(*RECORD_COLUMNS,
+                *[F.when(F.col("parse_error").isNull() & (p > 0),
+                         F.try_element_at(F.col("_fields"), p.cast("int"))).alias(out)
+                  for out, p in positions.items()])
     )
 
 
@@ -430,6 +452,7 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         is_number(price_text).alias("_is_price_number"),
         _number(quantity_text).alias("_quantity_number"), _number(rating_text).alias("_rating_number"),
         _too_long([*text_names, *carry], rules.max_string_length).alias("_is_too_long"),
+        _bad_ids(ID_COLUMNS).alias("_has_bad_id"),
     )
     typed = parsed.withColumns({
         "event_date": utc_date(F.col("event_ts")),
@@ -443,6 +466,7 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         "missing_event_id": present & F.col("event_id").isNull(),
         "missing_user_id": present & F.col("user_id").isNull() & F.lit(not allow_anonymous),
         "missing_item_id": present & F.col("event_type").isin(*ITEM_EVENT_TYPES) & F.col("item_id").isNull(),
+        "bad_id": F.col("_has_bad_id"),
         "missing_event_type": present & F.col("_type_text").isNull(),
         "unknown_event_type": F.col("_type_text").isNotNull() & ~F.col("event_type").isin(*event_types),
         "missing_timestamp": present & F.col("_ts_text").isNull(),
@@ -481,11 +505,12 @@ def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
     """
     text_names = [f.name for f in USER_FIELDS.fields]
     require_columns(records, [*RECORD_COLUMNS, *text_names], step="validate_users")
-    text = _text_fields(records, text_names)
+    # The one Python step of validation, on its own column so it runs once per record.
+    text = _text_fields(records, text_names).withColumn("_email", normalise_email(F.col("email")))
     raw = {n: F.col(n) for n in text_names}
     typed = {
         "user_id": raw["user_id"],
-        "email": F.lower(raw["email"]),
+        "email": F.col("_email"),
         "first_name": raw["first_name"],
         "locale": raw["locale"],
         "timezone": raw["timezone"],
@@ -506,13 +531,14 @@ def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
     checks = {
         **_base_checks(text),
         "missing_user_id": present & raw["user_id"].isNull(),
+        "bad_id": _bad_ids(["user_id"]),
         "missing_timestamp": present & raw["updated_at"].isNull(),
         "bad_timestamp": unparsed("signup_ts") | unparsed("consent_ts") | unparsed("updated_at"),
         # A future updated_at would win every later merge: it is as wrong as a future event.
         "future_timestamp": F.greatest(typed["updated_at"], typed["consent_ts"], typed["signup_ts"]) > latest,
         "bad_date": unparsed("birthday") | (typed["birthday"] > F.lit(rules.now.date())),
         "bad_boolean": unparsed("email_consent"),
-        "bad_email": raw["email"].isNotNull() & ~typed["email"].rlike(_EMAIL),
+        "bad_email": raw["email"].isNotNull() & typed["email"].isNull(),
         "string_too_long": _too_long(text_names, rules.max_string_length),
     }
     return text.select(
@@ -553,6 +579,7 @@ def validate_products(records: DataFrame, *, rules: Rules) -> DataFrame:
     checks = {
         **_base_checks(text),
         "missing_item_id": present & raw["item_id"].isNull(),
+        "bad_id": _bad_ids(["item_id"]),
         "missing_timestamp": present & raw["updated_at"].isNull(),
         "bad_timestamp": raw["updated_at"].isNotNull() & typed["updated_at"].isNull(),
         "future_timestamp": typed["updated_at"] > F.lit(rules.latest_allowed),
