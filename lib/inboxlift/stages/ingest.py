@@ -563,7 +563,9 @@ def _append_events(ctx: RunContext, plan: BatchPlan, validated: DataFrame, *, en
         # REBALANCE by date gathers each date's rows (adaptive execution still splits a skewed day
         # and coalesces small ones), so a batch writes about one file per date.
         rows = rows.hint("rebalance", "event_date")
-        ctx.lake.append("events", rows, partition_by=["event_date"], write_id=WriteId("ingest:events", plan.batch))
+        # merge_schema: an events table from before a new landing column (properties) gains it.
+        ctx.lake.append("events", rows, partition_by=["event_date"], write_id=WriteId("ingest:events", plan.batch),
+                        merge_schema=True)
     failure.reached("events")
     _update_suppressions(ctx, plan, classified.where(F.col("outcome") == ACCEPTED))
     failure.reached("suppressions")
