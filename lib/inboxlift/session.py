@@ -106,6 +106,9 @@ def local_conf(settings: SparkSettings, *, environ: Mapping[str, str], delta_jar
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
         "spark.sql.warehouse.dir": str(Path(settings.checkpoint_dir).absolute().parent / "warehouse"),
+        # Spark >= 4.0 reads its checkpoint directory from the conf (Spark Connect too): ALS checkpoints
+        # there every recommend.checkpoint_interval iterations. No sparkContext call needed.
+        "spark.checkpoint.dir": str(Path(settings.checkpoint_dir).absolute()),
         "spark.driver.extraJavaOptions": " ".join([
             "-Dderby.system.home=" + str(Path(settings.checkpoint_dir).absolute().parent),
             "-Dlog4j2.configurationFile=" + str(Path(__file__).with_name("log4j2.properties")),
@@ -148,6 +151,5 @@ def build_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(settings.log_level)
     Path(settings.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    spark.sparkContext.setCheckpointDir(str(Path(settings.checkpoint_dir).absolute()))
     return SessionInfo(spark, is_local=True, is_databricks=False,
                        has_delta_jars=bool(delta_jars) and delta_classes_loaded(spark))

@@ -1,0 +1,136 @@
+"""The ALS search on the validation window: a rank-scaled grid, sampled to a budget, by successive halving.
+
+**Grid.** ``ranks x reg_params x alphas x confidence weight sets``. ``reg_params`` are regParam at
+rank ``reg_reference_rank``; at rank r each is multiplied by ``r / reg_reference_rank``, so a larger
+rank (more freedom per user and item) meets proportionally more regularisation.
+
+**Successive halving** (Jamieson and Talwalkar, 2016; the inner loop of Hyperband) with ALS
+iterations as the resource: every candidate is fitted with few iterations and scored by NDCG@k on
+validation, the best third goes on with three times the iterations, and so on until one candidate
+is left at ``max_iter``. ``tuning_budget`` caps the iterations of the whole search: when the grid is
+larger than the budget affords, a seeded random sample of it enters the first round. Details and
+measurements: docs/recommend.md#tuning.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from inboxlift.models.recommend.als import AlsParams
+from inboxlift.settings import RecommendSettings
+
+# Survivors per round: one in ETA goes on, with ETA times the iterations (Hyperband's usual 3).
+ETA = 3
+# Fewest iterations a round fits with: after one iteration implicit ALS has seen each side once.
+MIN_ROUND_ITER = 2
+
+
+@dataclass(frozen=True)
+class Round:
+    """One round of successive halving: how many candidates are fitted, with how many iterations."""
+
+    candidates: int
+    iterations: int
+
+
+@dataclass(frozen=True)
+class TuningPoint:
+    """One fit of the search: the candidate (``max_iter`` = the round's iterations) and its score."""
+
+    params: AlsParams
+    round: int
+    ndcg: float
+    seconds: float
+
+
+def param_grid(settings: RecommendSettings, *, default_weights: Sequence[float]) -> list[AlsParams]:
+    """Every point of the grid at ``max_iter``, in settings order (the first wins ties)."""
+    weight_sets = [tuple(float(x) for x in w) for w in settings.confidence_weights] or [
+        tuple(float(x) for x in default_weights)]
+    return [AlsParams(rank=r, reg_param=scaled_reg(float(reg), rank=r, reference=settings.reg_reference_rank),
+                      alpha=float(a), weights=w, max_iter=settings.max_iter, seed=settings.seed)
+            for w, r, reg, a in itertools.product(weight_sets, settings.ranks, settings.reg_params, settings.alphas)]
+
+
+def scaled_reg(reg: float, *, rank: int, reference: int) -> float:
+    """regParam at ``rank`` for a value given at rank ``reference``: proportional to the rank."""
+    return float(f"{reg * rank / reference:.6g}")   # 0.05 * 32 / 16 is 0.1, not 0.1000000000001
+
+
+def schedule(candidates: int, max_iter: int) -> list[Round]:
+    """The rounds of successive halving for ``candidates``: the last fits one candidate with ``max_iter``.
+
+    Round j of R fits with ``ceil(max_iter / ETA ** (R - j))`` iterations (at least
+    ``MIN_ROUND_ITER``) and keeps ``candidates / f ** j`` of them, f = ``candidates ** (1 / R)``
+    (ETA itself when there are enough distinct iteration counts). R is as many rounds as halving by
+    ETA needs, but never more than there are distinct iteration counts: refitting survivors with the
+    iterations they were scored with would give the same scores again.
+    """
+    if candidates <= 1:
+        return [Round(candidates=1, iterations=max_iter)]
+
+    def iterations(rounds: int, j: int) -> int:
+        return min(max_iter, max(MIN_ROUND_ITER, math.ceil(max_iter / ETA ** (rounds - j))))
+
+    rounds = math.ceil(math.log(candidates, ETA) - 1e-9)
+    while rounds > 1 and len({iterations(rounds, j) for j in range(rounds + 1)}) < rounds + 1:
+        rounds -= 1
+    factor = candidates ** (1.0 / rounds)
+    return [Round(candidates=max(1, math.ceil(candidates / factor ** j - 1e-9)), iterations=iterations(rounds, j))
+            for j in range(rounds + 1)]
+
+
+def cost(rounds: Sequence[Round]) -> int:
+    """ALS iterations a schedule fits in all."""
+    return sum(r.candidates * r.iterations for r in rounds)
+
+
+def plan(grid: Sequence[AlsParams], *, budget: int, seed: int) -> tuple[list[AlsParams], list[Round]]:
+    """The candidates entering the first round and the schedule, within ``budget`` iterations.
+
+    The whole grid when its schedule fits the budget; otherwise the largest seeded sample of it that
+    does (kept in grid order, so ties still go to the point listed first). At least one candidate.
+    """
+    if not grid:
+        raise ValueError("tuning: the grid is empty")
+    max_iter = grid[0].max_iter
+    n = len(grid)
+    while n > 1 and cost(schedule(n, max_iter)) > budget:
+        n -= 1
+    if n == len(grid):
+        chosen = list(grid)
+    else:
+        picked = sorted(random.Random(seed).sample(range(len(grid)), n))
+        chosen = [grid[i] for i in picked]
+    return chosen, schedule(n, max_iter)
+
+
+def successive_halving(candidates: Sequence[AlsParams], rounds: Sequence[Round],
+                       score: Callable[[AlsParams], tuple[float, float]]) -> tuple[AlsParams, list[TuningPoint]]:
+    """Run every round but the last; return the candidate left for it (at full iterations) and the points.
+
+    ``score(params)`` fits ``params`` on the validation training data and returns (NDCG@k, seconds).
+    The last round's single fit is the caller's: it keeps that model (hybrid blending, test). Ties go
+    to the candidate listed first.
+    """
+    alive = list(candidates)
+    points: list[TuningPoint] = []
+    for number, this_round in enumerate(rounds[:-1]):
+        scored = []
+        for params in alive:
+            fitted = replace(params, max_iter=this_round.iterations)
+            ndcg, seconds = score(fitted)
+            points.append(TuningPoint(params=fitted, round=number, ndcg=ndcg, seconds=seconds))
+            scored.append((ndcg, params))
+        keep = rounds[number + 1].candidates
+        order = sorted(range(len(scored)), key=lambda i: (-_finite(scored[i][0]), i))
+        alive = [scored[i][1] for i in sorted(order[:keep])]
+    return alive[0], points
+
+
+def _finite(value: float) -> float:
+    return -math.inf if math.isnan(value) else value
