@@ -47,13 +47,15 @@ def test_settings_are_checked_on_load():
     from inboxlift.settings import Settings, SettingsError
 
     settings = Settings().with_overrides({"recommend.ranks": [8, 32], "recommend.reg_params": [0.01, 0.05],
-                                          "recommend.reg_reference_rank": 16,
+                                          "recommend.alphas": [1, 10], "recommend.reference_rank": 16,
                                           "recommend.confidence_weights": [[1, 2, 4]]})
     grid = param_grid(settings.recommend, default_weights=(1, 3, 8))
-    # 2 ranks x 2 reg_params x the default 2 alphas x 1 weight set, in settings order; regParam scales
-    # with the rank: 0.01 at rank 16 is 0.005 at rank 8 and 0.02 at rank 32.
-    assert len(grid) == 8 and (grid[0].rank, grid[0].reg_param, grid[0].alpha) == (8, 0.005, 1.0)
-    assert sorted({(p.rank, p.reg_param) for p in grid}) == [(8, 0.005), (8, 0.025), (32, 0.02), (32, 0.1)]
+    # 2 ranks x 2 reg_params x 2 alphas x 1 weight set, in settings order; regParam and alpha scale with
+    # the rank: 0.01 and 1 at rank 16 are 0.005 and 0.5 at rank 8, 0.02 and 2 at rank 32.
+    assert len(grid) == 8 and (grid[0].rank, grid[0].reg_param, grid[0].alpha) == (8, 0.005, 0.5)
+    assert sorted({(p.rank, p.reg_param, p.alpha) for p in grid}) == [
+        (8, 0.005, 0.5), (8, 0.005, 5.0), (8, 0.025, 0.5), (8, 0.025, 5.0),
+        (32, 0.02, 2.0), (32, 0.02, 20.0), (32, 0.1, 2.0), (32, 0.1, 20.0)]
     assert {p.weights for p in grid} == {(1.0, 2.0, 4.0)}
     for override, key in [({"recommend.content_slots": 10}, "content_slots"),
                           ({"recommend.confidence_weights": [[1, 2]]}, "confidence_weights"),
@@ -250,7 +252,7 @@ def write_planted_shop(ctx, spark) -> None:
 
 def planted_ctx(ctx, **changes):
     settings = RecommendSettings(
-        k=3, test_days=6, validation_days=6, ranks=[4], reg_params=[0.05], reg_reference_rank=4, alphas=[5.0],
+        k=3, test_days=6, validation_days=6, ranks=[4], reg_params=[0.05], reference_rank=4, alphas=[5.0],
         max_iter=6, checkpoint_interval=2, popularity_days=45, top_n=4, content_slots=1, similar_items=2,
         content_similar_items=3, user_block_size=5, item_block_size=4, hybrid_weights=[0.5],
         itemcf_basket_items=10, itemcf_neighbours=5, itemcf_min_support=2,
@@ -392,7 +394,7 @@ def test_recommenders_beat_both_baselines_on_a_generated_shop(spark, tmp_path, c
     item_map = new_id_rows(categories.select("item_id").unionByName(events.select("item_id")), existing=None,
                            id_col="item_id", idx_col="item_idx").persist()
     settings = RecommendSettings(k=10, test_days=14, validation_days=14, ranks=[8], reg_params=[0.1],
-                                 reg_reference_rank=8, alphas=[10.0], max_iter=8, popularity_days=30)
+                                 reference_rank=8, alphas=[10.0], max_iter=8, popularity_days=30)
     training = RecommenderTraining(events=events.persist(), item_categories=categories, user_map=user_map,
                                    item_map=item_map, settings=settings, cutoff=CUTOFF, default_weights=(1, 3, 8),
                                    half_life_days=30.0)
@@ -408,7 +410,8 @@ def test_recommenders_beat_both_baselines_on_a_generated_shop(spark, tmp_path, c
     ndcg = {name: m.ndcg for name, m in evaluation.metrics.items()}
     assert evaluation.users_evaluated >= 100
     assert set(ndcg) == {"als", "itemcf", "hybrid w=0.5", "popular_in_category", "popular"}
-    # Clearly: measured MEASURED
-    assert ndcg["als"] > 2.0 * ndcg["popular"]
-    assert ndcg["als"] > 1.4 * ndcg["popular_in_category"]
-    assert ndcg["itemcf"] > ndcg["popular_in_category"]
+    # Clearly: measured ALS 0.38, item-CF 0.42, the hybrid 0.42 against 0.23 (popular_in_category) and
+    # 0.17 (popular)
+    for recommender in ("als", "itemcf", "hybrid w=0.5"):
+        assert ndcg[recommender] > 2.0 * ndcg["popular"]
+        assert ndcg[recommender] > 1.4 * ndcg["popular_in_category"]

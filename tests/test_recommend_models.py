@@ -121,7 +121,7 @@ def test_ratings_are_prepared_once_per_weight_set(spark):
 
 A, B, C, D, E = 1, 2, 3, 4, 5
 T0 = dt.datetime(2026, 11, 1)
-BASKET_SCHEMA = "user_idx int, item_idx int, confidence double, last_ts timestamp"
+BASKET_SCHEMA = "user_idx int, item_idx int, last_ts timestamp"
 
 
 def hand_pairs(spark):
@@ -129,12 +129,12 @@ def hand_pairs(spark):
         return T0 + dt.timedelta(days=day)
 
     return spark.createDataFrame([
-        (1, A, 1.0, at(1)), (1, B, 1.0, at(2)), (1, C, 1.0, at(3)),
-        (2, A, 1.0, at(1)), (2, B, 1.0, at(2)),
-        (3, B, 1.0, at(1)), (3, C, 3.0, at(2)),
-        (4, A, 2.0, at(1)), (4, D, 1.0, at(2)),
-        (5, E, 1.0, at(1)), (5, A, 1.0, at(2)), (5, B, 1.0, at(3)), (5, C, 1.0, at(4)),  # E the oldest
-        (6, None, 1.0, at(1)),                                                            # a null item
+        (1, A, at(1)), (1, B, at(2)), (1, C, at(3)),
+        (2, A, at(1)), (2, B, at(2)),
+        (3, B, at(1)), (3, C, at(2)),
+        (4, A, at(1)), (4, D, at(2)),
+        (5, E, at(1)), (5, A, at(2)), (5, B, at(3)), (5, C, at(4)),  # E the oldest
+        (6, None, at(1)),                                             # a null item
     ], BASKET_SCHEMA)
 
 
@@ -155,13 +155,13 @@ def test_item_cf_similarities_and_scores_by_hand(spark):
                     (B, 1): (C, pytest.approx(bc)), (B, 2): (A, pytest.approx(ab)),
                     (C, 1): (B, pytest.approx(bc)), (C, 2): (A, pytest.approx(ac))}
 
-    # Scores: sum over basket items of confidence x similarity, seen items excluded.
-    # user 2 (A, B): C = ac + bc; user 3 (B 1, C 3): A = ab + 3 ac; user 4 (A 2, D): B = 2 ab, C = 2 ac.
+    # Scores: sum over basket items of the similarity, seen items excluded.
+    # user 2 (A, B): C = ac + bc; user 3 (B, C): A = ab + ac; user 4 (A, D): B = ab, C = ac.
     seen = pairs.select("user_idx", "item_idx")
     top = {(r["user_idx"], r["rank"]): (r["item_idx"], r["score"])
            for r in itemcf_top_k(baskets, similar, k=2, exclusions=seen).collect()}
-    assert top == {(2, 1): (C, pytest.approx(ac + bc)), (3, 1): (A, pytest.approx(ab + 3 * ac)),
-                   (4, 1): (B, pytest.approx(2 * ab)), (4, 2): (C, pytest.approx(2 * ac))}
+    assert top == {(2, 1): (C, pytest.approx(ac + bc)), (3, 1): (A, pytest.approx(ab + ac)),
+                   (4, 1): (B, pytest.approx(ab)), (4, 2): (C, pytest.approx(ac))}
     # Only some items may be recommended, only some users scored
     allowed = spark.createDataFrame([(A,), (B,), (D,)], "item_idx int")
     only = itemcf_top_k(baskets, similar, k=2, exclusions=seen, candidate_items=allowed,

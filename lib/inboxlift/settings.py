@@ -342,14 +342,14 @@ class RecommendSettings:
     validation_days: int = 14
     # What counts as relevant in a window: any view, cart or purchase ("interaction"), or purchases only.
     relevance: Literal["interaction", "purchase"] = "interaction"
-    # The ALS grid: ranks x reg_params x alphas x confidence weight sets. reg_params are regParam at rank
-    # reg_reference_rank; at rank r each is multiplied by r / reg_reference_rank (more factors, more
-    # regularisation). The search (successive halving on validation NDCG@k) spends at most tuning_budget ALS
-    # iterations in all; a larger grid is sampled (seeded) to fit the budget.
+    # The ALS grid: ranks x reg_params x alphas x confidence weight sets. reg_params and alphas are the values at
+    # rank reference_rank; at rank r both are multiplied by r / reference_rank (more factors: more regularisation,
+    # and observed pairs weighed up to match; docs/recommend.md#tuning). The search (successive halving on
+    # validation NDCG@k) spends at most tuning_budget ALS iterations in all; a larger grid is sampled (seeded).
     ranks: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    reg_params: list[float] = field(default_factory=lambda: [0.02, 0.1])
-    reg_reference_rank: int = 16
+    reg_params: list[float] = field(default_factory=lambda: [0.1, 0.5])
     alphas: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    reference_rank: int = 16
     # Confidence weights [view, cart, purchase] to try; empty means the features' weights only.
     confidence_weights: list[list[float]] = field(default_factory=list)
     tuning_budget: int = 100
@@ -430,7 +430,7 @@ class RecommendSettings:
                       f"not all 0; got {self.content_weights}")
         if self.checkpoint_interval < 1:
             raise bad("checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
-        for key in ("reg_reference_rank", "tuning_budget", "itemcf_basket_items", "itemcf_neighbours",
+        for key in ("reference_rank", "tuning_budget", "itemcf_basket_items", "itemcf_neighbours",
                     "itemcf_min_support", "als_min_pairs_per_block"):
             if getattr(self, key) <= 0:
                 raise bad(key, f"must be positive, got {getattr(self, key)}")

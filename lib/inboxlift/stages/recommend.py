@@ -51,7 +51,6 @@ from inboxlift.models.recommend.data import (
     decayed_pairs,
     new_id_rows,
     to_indexes,
-    with_confidence,
 )
 from inboxlift.models.recommend.evaluate import metric_name
 from inboxlift.models.recommend.itemcf import (
@@ -478,11 +477,10 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
     try:
         baskets = None
         if choice.kind != ALS_KIND or choice.similar_items_source == ITEMCF_KIND:
-            # Item-based CF needs no training: its baskets are today's, with the features' confidence.
+            # Item-based CF needs no training: its baskets are today's latest items.
             pairs = to_indexes(decayed_pairs(events, cutoff=cutoff, half_life_days=fs.half_life_days),
                                user_map=user_map, item_map=item_map)
-            confident = with_confidence(pairs, weights=(fs.view_weight, fs.cart_weight, fs.purchase_weight))
-            baskets = recent_baskets(confident, basket_items=choice.itemcf.basket_items).persist()
+            baskets = recent_baskets(pairs, basket_items=choice.itemcf.basket_items).persist()
             persisted.append(baskets)
         primary = served_rows(choice, model=model, baskets=baskets, users=users, exclusions=exclusions,
                               in_stock=in_stock, k=s.top_n, block_size=s.user_block_size,

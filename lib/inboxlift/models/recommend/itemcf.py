@@ -9,8 +9,8 @@ then bought". The cap bounds the pairs a user adds to ``basket_items * (basket_i
 baskets are dropped. Pairs are made by a self-join of baskets on the user, in Spark SQL: never an
 items x items cross join. Each item keeps its ``neighbours`` most similar items.
 
-**Scores.** A user's score for item j is ``sum over basket items i of confidence(u, i) * sim(i, j)``;
-items the user has seen are excluded. **Hybrid**: ALS's and item-CF's top lists, each divided by the
+**Scores.** A user's score for item j is ``sum over basket items i of sim(i, j)``, each basket item
+counting once; items the user has seen are excluded. **Hybrid**: ALS's and item-CF's top lists, each divided by the
 user's best score of that source, blended ``w * als + (1 - w) * itemcf``. Why cosine, and the
 measurements: docs/recommend.md#item-based-cf.
 """
@@ -24,7 +24,7 @@ from typing import Mapping
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from inboxlift.models.recommend.data import CONFIDENCE, ITEM_IDX, LAST_TS, USER_IDX
+from inboxlift.models.recommend.data import ITEM_IDX, LAST_TS, USER_IDX
 from inboxlift.transforms.features_common import require_columns
 
 SIMILAR_ITEM_IDX = "similar_item_idx"
@@ -56,16 +56,16 @@ class ItemCfParams:
 
 
 def recent_baskets(pairs: DataFrame, *, basket_items: int) -> DataFrame:
-    """Each user's ``basket_items`` latest pairs: ``user_idx, item_idx, confidence``.
+    """Each user's ``basket_items`` latest pairs: ``user_idx, item_idx``.
 
     Args:
-        pairs: ``user_idx, item_idx, confidence, last_ts`` (one row per pair).
+        pairs: ``user_idx, item_idx, last_ts`` (one row per pair, e.g. from ``data.decayed_pairs``).
     """
-    require_columns(pairs, [USER_IDX, ITEM_IDX, CONFIDENCE, LAST_TS], step="recent_baskets")
+    require_columns(pairs, [USER_IDX, ITEM_IDX, LAST_TS], step="recent_baskets")
     latest = Window.partitionBy(USER_IDX).orderBy(F.col(LAST_TS).desc(), F.col(ITEM_IDX))
     return (pairs.where(F.col(USER_IDX).isNotNull() & F.col(ITEM_IDX).isNotNull())
             .withColumn("_recent", F.row_number().over(latest)).where(F.col("_recent") <= basket_items)
-            .select(USER_IDX, ITEM_IDX, F.col(CONFIDENCE).cast("double").alias(CONFIDENCE)))
+            .select(USER_IDX, ITEM_IDX))
 
 
 def item_similarities(baskets: DataFrame, *, params: ItemCfParams,
@@ -114,7 +114,7 @@ def itemcf_top_k(baskets: DataFrame, similarities: DataFrame, *, k: int, exclusi
     Returns:
         ``user_idx, rank, item_idx, score``; a user whose basket items have no neighbours gets no rows.
     """
-    anchors = baskets.select(USER_IDX, F.col(ITEM_IDX).alias("_anchor"), F.col(CONFIDENCE).alias("_w"))
+    anchors = baskets.select(USER_IDX, F.col(ITEM_IDX).alias("_anchor"))
     if users is not None:
         anchors = anchors.join(users.select(USER_IDX).distinct(), on=USER_IDX, how="inner")
     neighbours = similarities.select(F.col(ITEM_IDX).alias("_anchor"), F.col(SIMILAR_ITEM_IDX).alias(ITEM_IDX),
@@ -122,8 +122,7 @@ def itemcf_top_k(baskets: DataFrame, similarities: DataFrame, *, k: int, exclusi
     if candidate_items is not None:
         neighbours = neighbours.join(candidate_items.select(ITEM_IDX).distinct(), on=ITEM_IDX, how="inner")
     scores = (anchors.join(neighbours, on="_anchor", how="inner")
-              .groupBy(USER_IDX, ITEM_IDX).agg(F.round(F.sum(F.col("_w") * F.col("_sim")), _SCORE_DIGITS)
-                                               .alias("score")))
+              .groupBy(USER_IDX, ITEM_IDX).agg(F.round(F.sum("_sim"), _SCORE_DIGITS).alias("score")))
     if exclusions is not None:
         scores = scores.join(exclusions.select(USER_IDX, ITEM_IDX), on=[USER_IDX, ITEM_IDX], how="left_anti")
     return _ranked(scores, k=k)

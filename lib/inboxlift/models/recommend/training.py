@@ -160,7 +160,7 @@ class RecommenderTraining:
         item_categories: ``item_id, category``, one row per item.
         user_map, item_map: the id maps, covering every user and item of ``events``.
         cutoff: the end of the data used; the test window ends here.
-        default_weights, half_life_days: the features' confidence weights (also item-CF's) and decay.
+        default_weights, half_life_days: the features' confidence weights and decay.
     """
 
     def __init__(self, *, events: DataFrame, item_categories: DataFrame, user_map: DataFrame, item_map: DataFrame,
@@ -231,8 +231,7 @@ class RecommenderTraining:
                          exclusions=data.pairs.select(USER_IDX, ITEM_IDX))
 
     def itemcf_ranking(self, data: SplitData, params: ItemCfParams, *, k: int) -> DataFrame:
-        confident = with_confidence(data.pairs, weights=self.default_weights)
-        baskets = recent_baskets(confident, basket_items=params.basket_items)
+        baskets = recent_baskets(data.pairs, basket_items=params.basket_items)
         return itemcf_top_k(baskets, item_similarities(baskets, params=params), k=k, users=data.users,
                             exclusions=data.pairs.select(USER_IDX, ITEM_IDX))
 

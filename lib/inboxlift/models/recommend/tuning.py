@@ -1,8 +1,9 @@
 """The ALS search on the validation window: a rank-scaled grid, sampled to a budget, by successive halving.
 
-**Grid.** ``ranks x reg_params x alphas x confidence weight sets``. ``reg_params`` are regParam at
-rank ``reg_reference_rank``; at rank r each is multiplied by ``r / reg_reference_rank``, so a larger
-rank (more freedom per user and item) meets proportionally more regularisation.
+**Grid.** ``ranks x reg_params x alphas x confidence weight sets``. ``reg_params`` and ``alphas`` are
+the values at rank ``reference_rank``; at rank r both are multiplied by ``r / reference_rank``: a
+larger rank (more freedom per user and item) meets proportionally more regularisation, and the
+observed pairs' confidence grows with it, so regParam / alpha stays what was chosen at the reference.
 
 **Successive halving** (Jamieson and Talwalkar, 2016; the inner loop of Hyperband) with ALS
 iterations as the resource: every candidate is fitted with few iterations and scored by NDCG@k on
@@ -51,14 +52,15 @@ def param_grid(settings: RecommendSettings, *, default_weights: Sequence[float])
     """Every point of the grid at ``max_iter``, in settings order (the first wins ties)."""
     weight_sets = [tuple(float(x) for x in w) for w in settings.confidence_weights] or [
         tuple(float(x) for x in default_weights)]
-    return [AlsParams(rank=r, reg_param=scaled_reg(float(reg), rank=r, reference=settings.reg_reference_rank),
-                      alpha=float(a), weights=w, max_iter=settings.max_iter, seed=settings.seed)
+    return [AlsParams(rank=r, reg_param=scaled(float(reg), rank=r, reference=settings.reference_rank),
+                      alpha=scaled(float(a), rank=r, reference=settings.reference_rank), weights=w,
+                      max_iter=settings.max_iter, seed=settings.seed)
             for w, r, reg, a in itertools.product(weight_sets, settings.ranks, settings.reg_params, settings.alphas)]
 
 
-def scaled_reg(reg: float, *, rank: int, reference: int) -> float:
-    """regParam at ``rank`` for a value given at rank ``reference``: proportional to the rank."""
-    return float(f"{reg * rank / reference:.6g}")   # 0.05 * 32 / 16 is 0.1, not 0.1000000000001
+def scaled(value: float, *, rank: int, reference: int) -> float:
+    """regParam or alpha at ``rank`` for a value given at rank ``reference``: proportional to the rank."""
+    return float(f"{value * rank / reference:.6g}")   # 0.05 * 32 / 16 is 0.1, not 0.1000000000001
 
 
 def schedule(candidates: int, max_iter: int) -> list[Round]:
