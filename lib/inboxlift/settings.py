@@ -360,8 +360,9 @@ class RecommendSettings:
     recommenders: list[Literal["als", "itemcf", "hybrid"]] = field(default_factory=lambda: ["als", "itemcf", "hybrid"])
     hybrid_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     # Item-based CF: each user's basket is their itemcf_basket_items latest items (the cap bounds the pairs a
-    # user adds); items keep itemcf_neighbours neighbours; pairs in fewer baskets than itemcf_min_support drop.
-    itemcf_basket_items: int = 30
+    # user adds: at most n (n - 1)); items keep itemcf_neighbours neighbours; pairs in fewer baskets than
+    # itemcf_min_support are dropped. Measured choices: docs/recommend.md#item-based-cf.
+    itemcf_basket_items: int = 10
     itemcf_neighbours: int = 30
     itemcf_min_support: int = 2
     # Spark ALS blocks; 0 sizes them to the cluster (its task slots) and the data (at least

@@ -40,7 +40,7 @@ _SCORE_DIGITS = 9
 class ItemCfParams:
     """Item-based CF: basket cap per user, neighbours kept per item, least co-occurrence counted."""
 
-    basket_items: int = 30
+    basket_items: int = 10
     neighbours: int = 30
     min_support: int = 2
 
