@@ -228,26 +228,32 @@ def test_the_hybrid_weight_is_chosen_on_validation(spark):
 
 def test_successive_halving_schedule_budget_and_survivors():
     assert schedule(1, 10) == [Round(1, 10)]
-    # 9 candidates: 2 iterations each, the best 3 with 4, the best one with 10: 18 + 12 + 10 iterations
-    assert schedule(9, 10) == [Round(9, 2), Round(3, 4), Round(1, 10)] and cost(schedule(9, 10)) == 40
-    # Never two rounds with the same iterations (they would score the same fits again)
-    assert schedule(27, 10) == [Round(27, 2), Round(6, 4), Round(1, 10)]
+    # 9 candidates with 4 iterations each (the fewest), the best 3 with 10: 36 + 30 iterations. Between 4
+    # and 10 there is no third iteration count, so two rounds, the last keeping the best of three.
+    assert schedule(9, 10) == [Round(9, 4), Round(3, 10)] and cost(schedule(9, 10)) == 66
+    assert schedule(3, 10) == [Round(3, 4), Round(1, 10)]
+    # With 20 iterations three rounds fit: 4, 7 and 20 iterations, a third kept each time
+    assert schedule(27, 20) == [Round(27, 4), Round(9, 7), Round(3, 20)]
+    # Fewer iterations than a round's least: one round, every candidate at max_iter
+    assert schedule(5, 3) == [Round(5, 3)]
 
     grid = [AlsParams(rank=r, reg_param=0.1, alpha=a, weights=(1.0, 1.0, 1.0), max_iter=10)
             for r in (8, 16, 32) for a in (1.0, 10.0, 40.0)]
-    everything, rounds = plan(grid, budget=40, seed=1)
+    everything, rounds = plan(grid, budget=66, seed=1)
     assert everything == grid and rounds == schedule(9, 10)
-    sampled, rounds = plan(grid, budget=26, seed=1)   # 9 cost 40, 5 cost 32, 4 cost 26
-    assert len(sampled) == 4 and rounds == schedule(4, 10) and cost(rounds) <= 26
-    assert sampled == sorted(sampled, key=grid.index) and plan(grid, budget=26, seed=1)[0] == sampled
+    sampled, rounds = plan(grid, budget=40, seed=1)   # 9 cost 66, 7 cost 58, 5 cost 40
+    assert len(sampled) == 5 and rounds == schedule(5, 10) == [Round(5, 4), Round(2, 10)]
+    assert sampled == sorted(sampled, key=grid.index) and plan(grid, budget=40, seed=1)[0] == sampled
     alone, rounds = plan(grid, budget=1, seed=1)   # less than one full fit: one sampled candidate, no halving
     assert len(alone) == 1 and alone[0] in grid and rounds == [Round(1, 10)]
 
-    # A score that prefers rank 16 and alpha 10, whatever the iterations; fits are recorded by round
+    # A score that prefers rank 16 and alpha 10, more so with more iterations; each fit's "model" is its
+    # params, so the model kept is the winner's own
     def score(params):
-        return 1.0 - abs(params.rank - 16) / 100 - abs(params.alpha - 10) / 1000, 0.0
+        value = 1.0 - abs(params.rank - 16) / 100 - abs(params.alpha - 10) / 1000 + params.max_iter / 10_000
+        return value, 0.0, params
 
-    winner, points = successive_halving(grid, schedule(9, 10), score)
-    assert (winner.rank, winner.alpha, winner.max_iter) == (16, 10.0, 10)
-    assert [(p.round, p.params.max_iter) for p in points] == [(0, 2)] * 9 + [(1, 4)] * 3
+    winner, model, points = successive_halving(grid, schedule(9, 10), score)
+    assert (winner.rank, winner.alpha, winner.max_iter) == (16, 10.0, 10) and model == winner
+    assert [(p.round, p.params.max_iter) for p in points] == [(0, 4)] * 9 + [(1, 10)] * 3
     assert {(p.params.rank, p.params.alpha) for p in points if p.round == 1} == {(16, 1.0), (16, 10.0), (16, 40.0)}

@@ -352,7 +352,7 @@ class RecommendSettings:
     reference_rank: int = 16
     # Confidence weights [view, cart, purchase] to try; empty means the features' weights only.
     confidence_weights: list[list[float]] = field(default_factory=list)
-    tuning_budget: int = 100
+    tuning_budget: int = 130
     max_iter: int = 10
     seed: int = 42
     # Recommenders chosen between on validation (ALS is always trained: it is the registered model). The hybrid

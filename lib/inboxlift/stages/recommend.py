@@ -136,9 +136,8 @@ class RecommendTrainReport:
         if t.tuning:
             k = next(iter(t.test.metrics.values())).k
             lines.append(f"  validation NDCG@{k} (ALS by successive halving: round, iterations):")
-            last = max(p.round for p in t.tuning)
             for point in t.tuning:
-                mark = " <-" if point.round == last else ""
+                mark = " <-" if point.params == t.choice.als else ""
                 lines.append(f"    {point.round + 1}  {point.params.label:<68}{point.ndcg:>8.4f}{mark}")
             for name, value in t.validation.items():
                 if name != ALS_KIND:

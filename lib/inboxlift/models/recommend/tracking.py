@@ -74,9 +74,9 @@ def plot_validation_curve(trained: TrainedRecommender, *, k: int):
         iterations = points[0].params.max_iter
         ax.scatter([p.params.rank for p in points], [p.ndcg for p in points], s=28, alpha=0.8,
                    label=f"ALS, round {number + 1} ({iterations} iterations, {len(points)} fits)")
-    last = [p for p in trained.tuning if p.round == rounds[-1]] if rounds else []
-    if last:
-        ax.scatter([last[0].params.rank], [last[0].ndcg], s=160, facecolors="none", edgecolors="black",
+    chosen = [p for p in trained.tuning if p.params == trained.choice.als]
+    if chosen:
+        ax.scatter([chosen[-1].params.rank], [chosen[-1].ndcg], s=160, facecolors="none", edgecolors="black",
                    label=f"chosen ALS: {trained.choice.als.label}")
     styles = iter(["--", ":", "-.", (0, (5, 1)), (0, (1, 3))])
     for name, value in trained.validation.items():

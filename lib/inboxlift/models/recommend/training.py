@@ -307,24 +307,23 @@ class RecommenderTraining:
             return choice, [], {}
         data = self.split("validation", train_cutoff=self.validation_start, end=self.test_start)
         try:
-            def fit_and_score(params: AlsParams) -> tuple[float, float]:
+            def fit_and_score(params: AlsParams) -> tuple[float, float, ALSModel]:
                 started = time.perf_counter()
-                ranking = self.als_ranking(self.fit(data, params), data, k=s.k)
-                return self.score(ranking, data, metrics=("ndcg",)).ndcg, time.perf_counter() - started
+                model = self.fit(data, params)
+                ndcg = self.score(self.als_ranking(model, data, k=s.k), data, metrics=("ndcg",)).ndcg
+                return ndcg, time.perf_counter() - started, model
 
-            winner, points = successive_halving(candidates, rounds, fit_and_score)
-            started = time.perf_counter()
-            model = self.fit(data, winner)
+            winner, model, points = successive_halving(candidates, rounds, fit_and_score)
             use_itemcf = bool(kinds & {ITEMCF_KIND, HYBRID_KIND})
             weights = list(s.hybrid_weights) if HYBRID_KIND in kinds else []
             ranked = self.rankings(data, model=model, itemcf=self.itemcf_params if use_itemcf else None,
                                    weights=weights)
             try:
-                scores = {name: self.score(ranking, data, metrics=("ndcg",)).ndcg for name, ranking in ranked.items()}
+                scores = {name: self.score(ranking, data, metrics=("ndcg",)).ndcg for name, ranking in ranked.items()
+                          if name != ALS_KIND}
             finally:
                 release_rankings(ranked)
-            points.append(TuningPoint(params=winner, round=len(rounds) - 1, ndcg=scores[ALS_KIND],
-                                      seconds=time.perf_counter() - started))
+            scores[ALS_KIND] = next(p.ndcg for p in reversed(points) if p.params == winner)
         finally:
             data.release()
         choice = choose_recommender(winner, scores, kinds=kinds, hybrid_weights=s.hybrid_weights,

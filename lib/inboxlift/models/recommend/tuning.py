@@ -7,10 +7,10 @@ observed pairs' confidence grows with it, so regParam / alpha stays what was cho
 
 **Successive halving** (Jamieson and Talwalkar, 2016; the inner loop of Hyperband) with ALS
 iterations as the resource: every candidate is fitted with few iterations and scored by NDCG@k on
-validation, the best third goes on with three times the iterations, and so on until one candidate
-is left at ``max_iter``. ``tuning_budget`` caps the iterations of the whole search: when the grid is
-larger than the budget affords, a seeded random sample of it enters the first round. Details and
-measurements: docs/recommend.md#tuning.
+validation, the best third goes on with three times the iterations, and so on; the last round fits
+its candidates with ``max_iter`` and the best of them is chosen. ``tuning_budget`` caps the
+iterations of the whole search: when the grid is larger than the budget affords, a seeded random
+sample of it enters the first round. Details and measurements: docs/recommend.md#tuning.
 """
 
 from __future__ import annotations
@@ -19,15 +19,18 @@ import itertools
 import math
 import random
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from inboxlift.models.recommend.als import AlsParams
 from inboxlift.settings import RecommendSettings
 
 # Survivors per round: one in ETA goes on, with ETA times the iterations (Hyperband's usual 3).
 ETA = 3
-# Fewest iterations a round fits with: after one iteration implicit ALS has seen each side once.
-MIN_ROUND_ITER = 2
+# Fewest iterations a round fits with. On the generated shop the ranking of 16 candidates after 2
+# iterations agreed poorly with their ranking after 10 (Spearman 0.74; the best at 10 was 7th at 2, out
+# of the best third), after 4 closely (0.97; the best at 10 was first): docs/recommend.md#tuning.
+MIN_ROUND_ITER = 4
+Model = TypeVar("Model")
 
 
 @dataclass(frozen=True)
@@ -64,13 +67,13 @@ def scaled(value: float, *, rank: int, reference: int) -> float:
 
 
 def schedule(candidates: int, max_iter: int) -> list[Round]:
-    """The rounds of successive halving for ``candidates``: the last fits one candidate with ``max_iter``.
+    """The rounds of successive halving for ``candidates``; the last fits with ``max_iter``.
 
-    Round j of R fits with ``ceil(max_iter / ETA ** (R - j))`` iterations (at least
-    ``MIN_ROUND_ITER``) and keeps ``candidates / f ** j`` of them, f = ``candidates ** (1 / R)``
-    (ETA itself when there are enough distinct iteration counts). R is as many rounds as halving by
-    ETA needs, but never more than there are distinct iteration counts: refitting survivors with the
-    iterations they were scored with would give the same scores again.
+    Round j of R fits ``ceil(candidates / ETA ** j)`` candidates with ``ceil(max_iter / ETA ** (R - j))``
+    iterations, at least ``MIN_ROUND_ITER``. R is as many rounds as halving down to one candidate
+    needs, but never more than there are distinct iteration counts between ``MIN_ROUND_ITER`` and
+    ``max_iter`` (refitting survivors with the iterations they were scored with would score them
+    again for nothing): then the last round fits more than one candidate and keeps the best.
     """
     if candidates <= 1:
         return [Round(candidates=1, iterations=max_iter)]
@@ -79,10 +82,9 @@ def schedule(candidates: int, max_iter: int) -> list[Round]:
         return min(max_iter, max(MIN_ROUND_ITER, math.ceil(max_iter / ETA ** (rounds - j))))
 
     rounds = math.ceil(math.log(candidates, ETA) - 1e-9)
-    while rounds > 1 and len({iterations(rounds, j) for j in range(rounds + 1)}) < rounds + 1:
+    while rounds > 0 and len({iterations(rounds, j) for j in range(rounds + 1)}) < rounds + 1:
         rounds -= 1
-    factor = candidates ** (1.0 / rounds)
-    return [Round(candidates=max(1, math.ceil(candidates / factor ** j - 1e-9)), iterations=iterations(rounds, j))
+    return [Round(candidates=max(1, math.ceil(candidates / ETA ** j - 1e-9)), iterations=iterations(rounds, j))
             for j in range(rounds + 1)]
 
 
@@ -112,26 +114,34 @@ def plan(grid: Sequence[AlsParams], *, budget: int, seed: int) -> tuple[list[Als
 
 
 def successive_halving(candidates: Sequence[AlsParams], rounds: Sequence[Round],
-                       score: Callable[[AlsParams], tuple[float, float]]) -> tuple[AlsParams, list[TuningPoint]]:
-    """Run every round but the last; return the candidate left for it (at full iterations) and the points.
+                       score: Callable[[AlsParams], tuple[float, float, Model]],
+                       ) -> tuple[AlsParams, Model, list[TuningPoint]]:
+    """Run the rounds; return the chosen candidate (at the last round's iterations), its model and every fit.
 
-    ``score(params)`` fits ``params`` on the validation training data and returns (NDCG@k, seconds).
-    The last round's single fit is the caller's: it keeps that model (hybrid blending, test). Ties go
-    to the candidate listed first.
+    ``score(params)`` fits ``params`` on the validation training data and returns (NDCG@k, seconds,
+    the model). Only the best model of the last round is kept (for the hybrid and item-CF against
+    it). Ties go to the candidate listed first.
     """
     alive = list(candidates)
     points: list[TuningPoint] = []
-    for number, this_round in enumerate(rounds[:-1]):
+    best: tuple[float, int, AlsParams, Model] | None = None
+    for number, this_round in enumerate(rounds):
+        last = number == len(rounds) - 1
         scored = []
-        for params in alive:
+        for position, params in enumerate(alive):
             fitted = replace(params, max_iter=this_round.iterations)
-            ndcg, seconds = score(fitted)
+            ndcg, seconds, model = score(fitted)
             points.append(TuningPoint(params=fitted, round=number, ndcg=ndcg, seconds=seconds))
             scored.append((ndcg, params))
-        keep = rounds[number + 1].candidates
-        order = sorted(range(len(scored)), key=lambda i: (-_finite(scored[i][0]), i))
-        alive = [scored[i][1] for i in sorted(order[:keep])]
-    return alive[0], points
+            if last and (best is None or _finite(ndcg) > best[0]):
+                best = (_finite(ndcg), position, fitted, model)
+            del model
+        if not last:
+            keep = rounds[number + 1].candidates
+            order = sorted(range(len(scored)), key=lambda i: (-_finite(scored[i][0]), i))
+            alive = [scored[i][1] for i in sorted(order[:keep])]
+    assert best is not None
+    return best[2], best[3], points
 
 
 def _finite(value: float) -> float:
