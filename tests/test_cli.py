@@ -98,3 +98,14 @@ def test_bundle_task_entry_point_exists_and_accepts_its_arguments(task):
     args = build_parser({}).parse_args(["run", module.STAGE, *_substitute(task["spark_python_task"]["parameters"])])
     assert args.env == "dev" and args.stage == module.STAGE
     assert (ROOT / "conf" / f"{args.env}.yml").is_file()
+
+
+def test_bundle_checkpoint_dir_is_each_targets_setting():
+    # ALS checkpoints where the cluster's spark.checkpoint.dir says; each target's value is the
+    # spark.checkpoint_dir of its settings file, so the two cannot drift apart.
+    bundle = yaml.safe_load(BUNDLE.read_text())
+    spark_conf = bundle["resources"]["jobs"]["inboxlift_pipeline"]["job_clusters"][0]["new_cluster"]["spark_conf"]
+    assert spark_conf["spark.checkpoint.dir"] == "${var.checkpoint_dir}"
+    for target, spec in bundle["targets"].items():
+        settings = yaml.safe_load((ROOT / "conf" / f"{target}.yml").read_text())
+        assert spec["variables"]["checkpoint_dir"] == settings["spark"]["checkpoint_dir"]

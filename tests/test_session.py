@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from inboxlift.session import build_session, find_delta_jars, local_conf
 from inboxlift.settings import SparkSettings
@@ -17,6 +18,8 @@ def test_local_conf_sizes_and_settles_the_session():
     assert conf["spark.pyspark.python"] == sys.executable
     assert conf["spark.ui.enabled"] == "true"
     assert "spark.sql.extensions" not in conf
+    # ALS's checkpoint directory comes from the conf (Spark >= 4.0), not from a sparkContext call
+    assert conf["spark.checkpoint.dir"] == str((Path("var/checkpoints")).absolute())
 
 
 def test_ui_is_off_under_ci_and_delta_is_wired_when_jars_exist():

@@ -360,22 +360,42 @@ class RecommendSettings:
     validation_days: int = 14
     # What counts as relevant in a window: any view, cart or purchase ("interaction"), or purchases only.
     relevance: Literal["interaction", "purchase"] = "interaction"
-    # The tuning grid: every (rank, reg_param, alpha, confidence weights) is scored by NDCG@k on validation.
-    ranks: list[int] = field(default_factory=lambda: [16, 32])
-    reg_params: list[float] = field(default_factory=lambda: [0.01, 0.1])
+    # The ALS grid: ranks x reg_params x alphas x confidence weight sets. reg_params and alphas are the values at
+    # rank reference_rank; at rank r both are multiplied by r / reference_rank (more factors: more regularisation,
+    # and observed pairs weighed up to match; docs/recommend.md#tuning). The search (successive halving on
+    # validation NDCG@k) spends at most tuning_budget ALS iterations in all; a larger grid is sampled (seeded).
+    ranks: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    reg_params: list[float] = field(default_factory=lambda: [0.1, 0.5])
     alphas: list[float] = field(default_factory=lambda: [1.0, 10.0])
+    reference_rank: int = 16
     # Confidence weights [view, cart, purchase] to try; empty means the features' weights only.
     confidence_weights: list[list[float]] = field(default_factory=list)
+    tuning_budget: int = 130
     max_iter: int = 10
     seed: int = 42
-    # ALS checkpoints every this many iterations (where a checkpoint directory is set), so lineage stays short.
-    checkpoint_interval: int = 5
-    # ALS blocks (partitions of users and items while fitting); 0 means spark.sql.shuffle.partitions.
+    # Recommenders chosen between on validation (ALS is always trained: it is the registered model). The hybrid
+    # blends ALS and item-CF scores with each ALS weight of hybrid_weights.
+    recommenders: list[Literal["als", "itemcf", "hybrid"]] = field(default_factory=lambda: ["als", "itemcf", "hybrid"])
+    hybrid_weights: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    # Item-based CF: each user's basket is their itemcf_basket_items latest items (the cap bounds the pairs a
+    # user adds: at most n (n - 1)); items keep itemcf_neighbours neighbours; pairs in fewer baskets than
+    # itemcf_min_support are dropped. Measured choices: docs/recommend.md#item-based-cf.
+    itemcf_basket_items: int = 10
+    itemcf_neighbours: int = 30
+    itemcf_min_support: int = 2
+    # Spark ALS blocks; 0 sizes them to the cluster (its task slots) and the data (at least
+    # als_min_pairs_per_block ratings per block).
     num_user_blocks: int = 0
     num_item_blocks: int = 0
-    # "collective": inboxlift's one-job ALS (models/als.py: the same equations, users kept in their task);
-    # "spark": Spark ML's ALS (needed on Spark Connect; used anyway for catalogues too large to sum per task).
-    als_solver: Literal["collective", "spark"] = "collective"
+    als_min_pairs_per_block: int = 200_000
+    # Storage levels of ALS's intermediate RDDs (rating blocks, factors between iterations) and final factors.
+    intermediate_storage_level: Literal["MEMORY_AND_DISK", "MEMORY_AND_DISK_SER", "MEMORY_ONLY", "DISK_ONLY"] = \
+        "MEMORY_AND_DISK"
+    final_storage_level: Literal["MEMORY_AND_DISK", "MEMORY_AND_DISK_SER", "MEMORY_ONLY", "DISK_ONLY"] = \
+        "MEMORY_AND_DISK"
+    # ALS checkpoints its item factors every this many iterations when the session has a checkpoint directory
+    # (spark.checkpoint.dir), so lineage and shuffle files stay short on long fits.
+    checkpoint_interval: int = 10
     # Popular = most distinct users interacting in the last `popularity_days` before the cut-off.
     popularity_days: int = 30
     # popular_in_category uses the user's this many top categories (by summed interaction confidence).
@@ -429,6 +449,19 @@ class RecommendSettings:
                       f"not all 0; got {self.content_weights}")
         if self.checkpoint_interval < 1:
             raise bad("checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
+        for key in ("reference_rank", "tuning_budget", "itemcf_basket_items", "itemcf_neighbours",
+                    "itemcf_min_support", "als_min_pairs_per_block"):
+            if getattr(self, key) <= 0:
+                raise bad(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("num_user_blocks", "num_item_blocks"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be 0 (sized to the cluster) or more, got {getattr(self, key)}")
+        if "als" not in self.recommenders or len(set(self.recommenders)) != len(self.recommenders):
+            raise bad("recommenders", f"must list 'als' (the registered model) and each recommender once, "
+                      f"got {self.recommenders}")
+        if any(not 0 < w < 1 for w in self.hybrid_weights) or ("hybrid" in self.recommenders and not self.hybrid_weights):
+            raise bad("hybrid_weights", f"must be ALS weights strictly between 0 and 1 (1 is ALS, 0 item-CF), and "
+                      f"not empty while 'hybrid' is in recommenders; got {self.hybrid_weights}")
 
 
 @dataclass(frozen=True)

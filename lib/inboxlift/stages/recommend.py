@@ -1,67 +1,76 @@
 """The recommend stages: ``recommend-train`` (tune, evaluate, log, register, promote) and ``recommend`` (score).
 
-``run_recommend_train`` extends the id maps, then (:class:`~inboxlift.models.recommend.RecommenderTraining`)
-tunes ALS on the validation window, evaluates the chosen parameters on the test window beside the
-``popular`` and ``popular_in_category`` baselines, fits on all events before the cut-off and logs
-everything in one MLflow run. The model is registered under ``recommend.registered_model``; it takes
-the alias ``champion`` only if its test NDCG@k beats the champion's *on the same split* (the
-champion's parameters retrained on the same training data and scored on the same test window),
-otherwise ``challenger``.
+``run_recommend_train`` extends the id maps, then (:class:`~inboxlift.models.recommend.training.RecommenderTraining`)
+searches ALS on the validation window, scores item-based CF and the hybrid there and chooses the
+recommender to serve, evaluates every recommender on the test window beside the ``popular`` and
+``popular_in_category`` baselines, fits ALS on all events before the cut-off and logs everything in
+one MLflow run. The ALS model is registered under ``recommend.registered_model`` with the choice in
+its run's params; it takes the alias ``champion`` only if the served recommender's test NDCG@k beats
+the champion's *on the same split* (the champion's choice retrained on the same training data and
+scored on the same test window), otherwise ``challenger``.
 
-``run_recommend`` loads the ``champion`` and writes, replacing each table:
+``run_recommend`` loads the ``champion`` and its choice and writes, replacing each table:
 
 - ``recommendations``: ``user_id, rank, item_id, score, source, model_version, run_id, scored_at``,
   ``top_n`` rows per user of ``user_features`` (fewer only when the catalogue runs out);
-- ``similar_items``: ``item_id, rank, similar_item_id, score, model_version, run_id`` — cosine of ALS
-  item factors, in-stock neighbours only;
+- ``similar_items``: ``item_id, rank, similar_item_id, score, source, model_version, run_id`` — by cosine
+  of ALS item factors or by co-occurrence (item-based CF), whichever won on validation; in-stock only;
 - ``content_similar_items``: ``item_id, rank, similar_item_id, score`` — content similarity within
   the top-level category, in-stock neighbours only.
 
-A user's list is filled in this order: ALS (users the model knows), up to ``content_slots`` new
-arrivals (in-stock items the model has no factors for) most similar by content to the user's
-strongest interactions, then ``popular_in_category`` and ``popular``. Every source skips items the
-user bought (except ``consumable_categories``), reviewed negatively, or that are out of stock.
+A user's list is filled in this order: the served recommender (``als``, ``hybrid`` or ``itemcf``), up to
+``content_slots`` new arrivals (in-stock items the model has no factors for) most similar by content
+to the user's strongest interactions, then ``popular_in_category`` and ``popular``. Every source skips
+items the user bought (except ``consumable_categories``), reviewed negatively, or that are out of stock.
 The id maps ``id_map_users`` (``user_id, user_idx``) and ``id_map_items`` (``item_id, item_idx``)
 only grow: an id keeps its index for ever.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import mlflow
 from mlflow import MlflowClient
+from pyspark.ml.recommendation import ALSModel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from inboxlift.context import RunContext
 from inboxlift.models import registry
-from inboxlift.models.als import release_factors
-from inboxlift.models.recommend import (
+from inboxlift.models.recommend.als import als_top_k, checkpoint_dir
+from inboxlift.models.recommend.baselines import item_popularity, popularity_candidates, user_top_categories
+from inboxlift.models.recommend.data import (
     CONFIDENCE,
     INTERACTION_TYPES,
     ITEM_ID,
     ITEM_IDX,
-    MODEL_ARTIFACT,
-    SOURCE_PRIORITY,
-    SOURCES,
     USER_ID,
     USER_IDX,
-    AlsParams,
+    decayed_pairs,
+    new_id_rows,
+    to_indexes,
+)
+from inboxlift.models.recommend.evaluate import metric_name
+from inboxlift.models.recommend.itemcf import (
+    CANDIDATE_FACTOR,
+    SIMILAR_ITEM_IDX,
+    blend,
+    item_similarities,
+    itemcf_top_k,
+    recent_baskets,
+)
+from inboxlift.models.recommend.tracking import CHOSEN, MODEL_ARTIFACT, load_als, log_recommender, log_scoring
+from inboxlift.models.recommend.training import (
+    ALS_KIND,
+    HYBRID_KIND,
+    ITEMCF_KIND,
+    RecommenderChoice,
     RecommenderTraining,
     TrainedRecommender,
-    als_top_k,
-    blas_implementation,
-    item_popularity,
-    load_als,
-    log_recommender,
-    metric_name,
-    new_id_rows,
-    param_grid,
-    popularity_candidates,
-    to_indexes,
-    user_top_categories,
 )
+from inboxlift.models.recommend.tuning import param_grid
 from inboxlift.models.similar import (
     FEATURES,
     GROUP,
@@ -80,9 +89,12 @@ USER_FEATURES, ITEM_FEATURES, INTERACTIONS, REVIEW_SENTIMENT = (
 USER_MAP, ITEM_MAP = "id_map_users", "id_map_items"
 RECOMMENDATIONS, SIMILAR_ITEMS, CONTENT_SIMILAR_ITEMS = "recommendations", "similar_items", "content_similar_items"
 RECOMMENDATION_COLUMNS = ["user_id", "rank", "item_id", "score", "source", "model_version", "run_id", "scored_at"]
-SIMILAR_COLUMNS = ["item_id", "rank", "similar_item_id", "score", "model_version", "run_id"]
+SIMILAR_COLUMNS = ["item_id", "rank", "similar_item_id", "score", "source", "model_version", "run_id"]
 CONTENT_SIMILAR_COLUMNS = ["item_id", "rank", "similar_item_id", "score"]
-CHOSEN = "chosen"
+# Sources of recommendation rows. A user's list starts with the served recommender's rows (one of the
+# first three: its kind, or "itemcf" for a hybrid's user unknown to ALS), then content, then fallbacks.
+SOURCES = (ALS_KIND, HYBRID_KIND, ITEMCF_KIND, "content", "popular_in_category", "popular")
+SOURCE_PRIORITY = {ALS_KIND: 0, HYBRID_KIND: 0, ITEMCF_KIND: 0, "content": 1, "popular_in_category": 2, "popular": 3}
 
 
 class NoChampionError(RuntimeError):
@@ -90,7 +102,8 @@ class NoChampionError(RuntimeError):
 
 
 def promotion_metric(k: int) -> str:
-    return f"promotion/test_als_{metric_name('ndcg', k)}_same_split"
+    """The served recommender's test NDCG@k, the champion's retrained on the same split beside it."""
+    return f"promotion/test_served_{metric_name('ndcg', k)}_same_split"
 
 
 @dataclass(frozen=True)
@@ -111,18 +124,24 @@ class RecommendTrainReport:
 
     def lines(self) -> list[str]:
         t = self.trained
+        fit = t.fit
         lines = [f"recommend-train: run {self.run_id}, {self.model_name} version {self.version} -> "
                  f"{self.promotion.alias}",
                  f"  {self.promotion.reason}",
-                 f"  chosen {t.params.label}; fit on {t.training_pairs} pairs ({t.training_users} users, "
-                 f"{t.training_items} items) in {t.fit_seconds:.1f}s"]
+                 f"  serves {t.choice.label}; similar_items from {t.choice.similar_items_source}",
+                 f"  ALS fit on {t.training_pairs} pairs ({t.training_users} users, {t.training_items} items) in "
+                 f"{t.fit_seconds:.1f}s ({fit.num_user_blocks}x{fit.num_item_blocks} blocks)"]
         for m in self.id_maps:
             lines.append(f"  {m.table}: {m.added} new ids (table version {m.version})")
-        if len(t.tuning) > 1:
-            lines.append(f"  validation NDCG@{t.test.metrics['als'].k}:")
+        if t.tuning:
+            k = next(iter(t.test.metrics.values())).k
+            lines.append(f"  validation NDCG@{k} (ALS by successive halving: round, iterations):")
             for point in t.tuning:
-                mark = " <-" if point.params == t.params else ""
-                lines.append(f"    {point.params.label:<48}{point.ndcg:>8.4f}{mark}")
+                mark = " <-" if point.params == t.choice.als else ""
+                lines.append(f"    {point.round + 1}  {point.params.label:<68}{point.ndcg:>8.4f}{mark}")
+            for name, value in t.validation.items():
+                if name != ALS_KIND:
+                    lines.append(f"       {name:<68}{value:>8.4f}")
         lines.append(f"  test window ({t.cutoffs.get('test_start', '?')} .. {t.cutoffs.get('cutoff', '?')}):")
         lines += ["  " + line for line in t.test.table()]
         return lines
@@ -214,7 +233,7 @@ def _maps(ctx: RunContext, updates: tuple[IdMapUpdate, IdMapUpdate]) -> tuple[Da
 # ---- training ----------------------------------------------------------------------------------
 
 def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
-    """Tune, evaluate against the baselines, log and register ALS; promote it if it beats the champion."""
+    """Choose, evaluate against the baselines, log and register the recommender; promote it if it beats the champion."""
     s, fs = ctx.settings.recommend, ctx.settings.features
     events, item_features = _read(ctx, EVENTS), _read(ctx, ITEM_FEATURES)
     cutoff = cutoff_of(ctx.clock.today())
@@ -231,7 +250,7 @@ def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
     grid = param_grid(s, default_weights=weights)
     data = {"events_version": ctx.lake.version(EVENTS), "item_features_version": ctx.lake.version(ITEM_FEATURES),
             "id_map_users_version": id_maps[0].version, "id_map_items_version": id_maps[1].version,
-            "as_of": ctx.clock.today().isoformat()}
+            "as_of": ctx.clock.today().isoformat(), "checkpoint_dir": checkpoint_dir(ctx.spark) or "(none)"}
     run_name = f"recommend-train {ctx.clock.now():%Y-%m-%dT%H:%MZ}"
     metric = promotion_metric(s.k)
     with tracked_run(ctx.settings.mlflow, run_name=run_name, tags={"inboxlift.stage": "recommend-train"}) as run:
@@ -239,35 +258,31 @@ def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
         try:
             examples = example_recommendations(trained, user_map=user_map, item_map=item_map, n_users=s.example_users,
                                                k=s.k, block_size=s.user_block_size, chunk_size=s.item_block_size)
-            log_recommender(trained, data=data, settings=s, examples=examples, blas=blas_implementation(ctx.spark))
+            log_recommender(trained, data=data, settings=s, examples=examples)
             client = MlflowClient(tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri())
             version = registry.register_model_version(
                 client, name=s.registered_model, run_id=run.info.run_id, artifact_path=MODEL_ARTIFACT,
-                tags={"params": trained.params.label, "id_map_users_version": str(id_maps[0].version),
+                tags={"recommender": trained.choice.kind, "params": trained.choice.label,
+                      "id_map_users_version": str(id_maps[0].version),
                       "id_map_items_version": str(id_maps[1].version)},
-                description=f"implicit ALS, {trained.params.label}")
-            score = trained.test.metrics["als"].ndcg
+                description=f"implicit ALS serving {trained.choice.label}")
 
             def champion_score(champion_version) -> float | None:
-                # The champion's own parameters, retrained on this split's training data and scored on
-                # this test window: a model trained on later data would otherwise have seen the test window.
-                params = AlsParams.from_params(client.get_run(champion_version.run_id).data.params, CHOSEN)
-                if params is None:
+                # The champion's own choice, retrained on this split's training data and scored on this
+                # test window: a model trained on later data would otherwise have seen the test window.
+                choice = RecommenderChoice.from_params(client.get_run(champion_version.run_id).data.params, CHOSEN)
+                if choice is None:
                     return None
-                if params == trained.params:
-                    return score
-                champion_model = training.fit(test.pairs, params)
-                try:
-                    return training.evaluate(champion_model, test, params, baselines=False).metrics["als"].ndcg
-                finally:
-                    release_factors(champion_model)   # a collective fit's user-factor folder
+                if choice == trained.choice:
+                    return trained.score
+                return training.score_choice(test, choice)
 
-            promotion = registry.promote(client, s.registered_model, str(version.version), score=score,
+            promotion = registry.promote(client, s.registered_model, str(version.version), score=trained.score,
                                          metric=metric, higher_is_better=True, champion_score_fn=champion_score)
         finally:
             test.release()
         registry.log_promotion(
-            promotion, champion_metric=f"promotion/champion_test_als_{metric_name('ndcg', s.k)}_same_split")
+            promotion, champion_metric=f"promotion/champion_test_served_{metric_name('ndcg', s.k)}_same_split")
     return RecommendTrainReport(run_id=run.info.run_id, model_name=s.registered_model, version=str(version.version),
                                 promotion=promotion, trained=trained, id_maps=id_maps)
 
@@ -360,25 +375,27 @@ def content_rows(*, anchors: DataFrame, new_items: DataFrame, vectors: DataFrame
             .select(USER_IDX, ITEM_IDX, F.col("score").cast("double").alias("score"), "position"))
 
 
-def assemble_recommendations(*, users: DataFrame, als: DataFrame, content: DataFrame, fallback_for,
+def assemble_recommendations(*, users: DataFrame, primary: DataFrame, content: DataFrame, fallback_for,
                              top_n: int) -> DataFrame:
     """Merge the sources into one list per user of at most ``top_n`` rows.
 
-    Content rows keep their (at most ``content_slots``) places; ALS fills the rest, then
+    Content rows keep their (at most ``content_slots``) places; the served recommender's rows
+    (``primary``: ``user_idx, rank, item_idx, score, source``) fill the rest, then
     ``fallback_for(needs, chosen)`` (which gets ``user_idx, need`` and the pairs already chosen)
     returns ``popular_in_category`` / ``popular`` rows. Ranks follow the source order
-    ``als, content, popular_in_category, popular``, then each source's own order.
+    (recommender, content, popular_in_category, popular), then each source's own order.
 
     Returns ``user_idx, rank, item_idx, score, source``.
     """
     content_count = content.groupBy(USER_IDX).agg(F.count(F.lit(1)).alias("_content"))
-    als_kept = (als.join(content.select(USER_IDX, ITEM_IDX), on=[USER_IDX, ITEM_IDX], how="left_anti")
-                .join(content_count, on=USER_IDX, how="left")
-                .withColumn("_keep", F.row_number().over(Window.partitionBy(USER_IDX).orderBy("rank", ITEM_IDX)))
-                .where(F.col("_keep") <= F.lit(top_n) - F.coalesce(F.col("_content"), F.lit(0)))
-                .select(USER_IDX, ITEM_IDX, "score", F.lit("als").alias("source"), F.col("_keep").alias("position")))
-    chosen = als_kept.unionByName(content.select(USER_IDX, ITEM_IDX, "score", F.lit("content").alias("source"),
-                                                 "position"))
+    primary_kept = (
+        primary.join(content.select(USER_IDX, ITEM_IDX), on=[USER_IDX, ITEM_IDX], how="left_anti")
+        .join(content_count, on=USER_IDX, how="left")
+        .withColumn("_keep", F.row_number().over(Window.partitionBy(USER_IDX).orderBy("rank", ITEM_IDX)))
+        .where(F.col("_keep") <= F.lit(top_n) - F.coalesce(F.col("_content"), F.lit(0)))
+        .select(USER_IDX, ITEM_IDX, "score", "source", F.col("_keep").alias("position")))
+    chosen = primary_kept.unionByName(content.select(USER_IDX, ITEM_IDX, "score", F.lit("content").alias("source"),
+                                                     "position"))
     chosen_count = chosen.groupBy(USER_IDX).agg(F.count(F.lit(1)).alias("_chosen"))
     needs = (users.select(USER_IDX).distinct().join(chosen_count, on=USER_IDX, how="left")
              .select(USER_IDX, (F.lit(top_n) - F.coalesce(F.col("_chosen"), F.lit(0))).alias("need"))
@@ -392,6 +409,42 @@ def assemble_recommendations(*, users: DataFrame, als: DataFrame, content: DataF
                        F.col("score").cast("double").alias("score"), "source")
 
 
+def served_rows(choice: RecommenderChoice, *, model: ALSModel, baskets: DataFrame | None, users: DataFrame,
+                exclusions: DataFrame, in_stock: DataFrame, k: int, block_size: int, chunk_size: int) -> DataFrame:
+    """The served recommender's top ``k`` per user: ``user_idx, rank, item_idx, score, source``.
+
+    ALS and item-CF rows are labelled by their kind; a hybrid's rows are ``hybrid`` for users ALS
+    knows and ``itemcf`` for the others (their list is item-CF's alone).
+    """
+    def als_rows(depth: int) -> DataFrame:
+        return als_top_k(model, users, k=depth, block_size=block_size, chunk_size=chunk_size,
+                         exclusions=exclusions, candidate_items=in_stock)
+
+    def itemcf_rows(depth: int) -> DataFrame:
+        similarities = item_similarities(baskets, params=choice.itemcf)
+        return itemcf_top_k(baskets, similarities, k=depth, users=users, exclusions=exclusions,
+                            candidate_items=in_stock)
+
+    if choice.kind == ALS_KIND:
+        return als_rows(k).withColumn("source", F.lit(ALS_KIND))
+    if choice.kind == ITEMCF_KIND:
+        return itemcf_rows(k).withColumn("source", F.lit(ITEMCF_KIND))
+    depth = CANDIDATE_FACTOR * k
+    blended = blend(als_rows(depth), itemcf_rows(depth), als_weight=choice.als_weight, k=k)
+    return blended.select(USER_IDX, "rank", ITEM_IDX, "score",
+                          F.when(F.col("has_als"), F.lit(HYBRID_KIND)).otherwise(F.lit(ITEMCF_KIND)).alias("source"))
+
+
+def served_choice(client: MlflowClient, champion) -> RecommenderChoice:
+    """The champion's choice from its run; a run logged before item-CF existed serves ALS."""
+    params = client.get_run(champion.run_id).data.params
+    choice = RecommenderChoice.from_params(params, CHOSEN)
+    if choice is None:
+        raise NoChampionError(f"champion version {champion.version} (run {champion.run_id}) has no '{CHOSEN}.*' "
+                              f"parameters: run recommend-train again")
+    return choice
+
+
 def run_recommend(ctx: RunContext) -> RecommendReport:
     """Score every user of ``user_features`` with the champion; replace the three recommendation tables."""
     s, fs = ctx.settings.recommend, ctx.settings.features
@@ -401,7 +454,9 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
     if champion is None:
         raise NoChampionError(f"no version of model {name!r} has the alias 'champion': run recommend-train first")
     model = load_als(f"models:/{name}/{champion.version}")
+    choice = served_choice(client, champion)
     model_version, run_id = str(champion.version), champion.run_id
+    cutoff = cutoff_of(ctx.clock.today())
 
     user_features, item_features = _read(ctx, USER_FEATURES), _read(ctx, ITEM_FEATURES)
     interactions, products, events = _read(ctx, INTERACTIONS), _read(ctx, PRODUCTS), _read(ctx, EVENTS)
@@ -419,8 +474,16 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
         user_map=user_map, item_map=item_map).persist()
     persisted = [users, in_stock, exclusions]
     try:
-        als = als_top_k(model, users, k=s.top_n, block_size=s.user_block_size, chunk_size=s.item_block_size,
-                        exclusions=exclusions, candidate_items=in_stock)
+        baskets = None
+        if choice.kind != ALS_KIND or choice.similar_items_source == ITEMCF_KIND:
+            # Item-based CF needs no training: its baskets are today's latest items.
+            pairs = to_indexes(decayed_pairs(events, cutoff=cutoff, half_life_days=fs.half_life_days),
+                               user_map=user_map, item_map=item_map)
+            baskets = recent_baskets(pairs, basket_items=choice.itemcf.basket_items).persist()
+            persisted.append(baskets)
+        primary = served_rows(choice, model=model, baskets=baskets, users=users, exclusions=exclusions,
+                              in_stock=in_stock, k=s.top_n, block_size=s.user_block_size,
+                              chunk_size=s.item_block_size)
 
         products_latest = latest_row_per_key(products, key=ITEM_ID, order_by="updated_at",
                                              columns=["name", "description", "category_path", "brand", "price"])
@@ -444,7 +507,7 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
                                slots=s.content_slots, neighbours=s.content_similar_items,
                                block_size=s.user_block_size, chunk_size=s.item_block_size)
 
-        popularity = item_popularity(events, item_categories=item_categories, end=cutoff_of(ctx.clock.today()),
+        popularity = item_popularity(events, item_categories=item_categories, end=cutoff,
                                      days=s.popularity_days, item_map=item_map, candidate_items=in_stock).persist()
         categories_idx = to_indexes(item_categories, item_map=item_map)
         user_categories = user_top_categories(interactions_idx, item_categories=categories_idx,
@@ -455,7 +518,7 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
             return popularity_candidates(needs, popularity=popularity, user_categories=user_categories,
                                          exclusions=exclusions.unionByName(chosen).distinct())
 
-        ranked = assemble_recommendations(users=users, als=als, content=content, fallback_for=fallback_for,
+        ranked = assemble_recommendations(users=users, primary=primary, content=content, fallback_for=fallback_for,
                                           top_n=s.top_n)
         scored_at = F.lit(ctx.clock.now()).cast("timestamp")
         recommendations = (ranked.join(user_map, on=USER_IDX, how="inner").join(item_map, on=ITEM_IDX, how="inner")
@@ -464,10 +527,17 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
                                    scored_at.alias("scored_at")))
         ctx.lake.overwrite(RECOMMENDATIONS, recommendations.select(*RECOMMENDATION_COLUMNS), overwrite_schema=True)
 
-        similar = similar_items(model.itemFactors, k=s.similar_items, block_size=s.user_block_size,
-                                chunk_size=s.item_block_size, candidate_ids=in_stock.select(F.col(ITEM_IDX).alias(ID)))
+        candidate_ids = in_stock.select(F.col(ITEM_IDX).alias(ID))
+        if choice.similar_items_source == ITEMCF_KIND:
+            similar = item_similarities(baskets, params=dataclasses.replace(choice.itemcf, neighbours=s.similar_items),
+                                        candidate_items=in_stock).withColumnRenamed(SIMILAR_ITEM_IDX,
+                                                                                    "similar_item_idx")
+        else:
+            similar = similar_items(model.itemFactors, k=s.similar_items, block_size=s.user_block_size,
+                                    chunk_size=s.item_block_size, candidate_ids=candidate_ids)
         similar_written = ctx.lake.overwrite(SIMILAR_ITEMS, _with_item_ids(similar, item_map).select(
             "item_id", "rank", "similar_item_id", F.col("score").cast("double").alias("score"),
+            F.lit(choice.similar_items_source).alias("source"),
             F.lit(model_version).alias("model_version"), F.lit(run_id).alias("run_id")), overwrite_schema=True)
         content_written = ctx.lake.overwrite(
             CONTENT_SIMILAR_ITEMS, _with_item_ids(content_similar_rows, item_map).select(
@@ -481,14 +551,15 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
                            written={SIMILAR_ITEMS: similar_written.rows_written,
                                     CONTENT_SIMILAR_ITEMS: content_written.rows_written})
     with tracked_run(ctx.settings.mlflow, run_name=f"recommend {ctx.clock.now():%Y-%m-%dT%H:%MZ}",
-                     tags={"inboxlift.stage": "recommend", "model_version": model_version, "model_run_id": run_id}):
+                     tags={"inboxlift.stage": "recommend", "model_version": model_version, "model_run_id": run_id,
+                           "recommender": choice.kind}):
         metrics = {"users": float(report.users), "rows": float(report.rows),
                    "users_without_rows": float(report.users_without_rows)}
         for source in SOURCES:
             metrics[f"rows/{source}"] = float(report.rows_by_source.get(source, 0))
             metrics[f"users_share_first_source/{source}"] = (
                 report.users_by_first_source.get(source, 0) / report.users if report.users else 0.0)
-        mlflow.log_metrics(metrics)
+        log_scoring(metrics)
     return report
 
 
