@@ -155,7 +155,7 @@ def sklearn_search(features, params, *, silhouette_rows: int, seed: int) -> dict
             scoring += time.perf_counter() - started
             if best is None or score > best[0]:
                 best = (score, algorithm, k)
-    return {"load": load, "fits": fits, "silhouette": scoring, "choice": best}
+    return {"load": load, "fits": fits, "silhouette": scoring, "silhouette_rows": len(pick), "choice": best}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if sklearn:
         score, algorithm, k = sklearn["choice"]
         print(f"scikit-learn (information): same search fitting every k on all users in memory: fits "
-              f"{sklearn['fits']:.1f} s, silhouette on {args.sklearn_silhouette_rows:,} users {sklearn['silhouette']:.1f} s, "
+              f"{sklearn['fits']:.1f} s, silhouette on {sklearn['silhouette_rows']:,} users {sklearn['silhouette']:.1f} s, "
               f"loading and scaling {sklearn['load']:.1f} s; chose {algorithm} k={k} at {score:.4f}")
     ratio = best["sample"][0] / best["all users"][0]
     same = ((best["sample"][1].choice.algorithm, best["sample"][1].choice.k)

@@ -273,7 +273,7 @@ def test_a_champion_whose_pipeline_no_longer_loads_cannot_score(trained, tmp_pat
     monkeypatch.delitem(sys.modules, "gone_clusterer")
     (tmp_path / "gone_clusterer.py").unlink()
     client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
-    version = client.get_latest_versions(name)[0]
+    version = client.get_model_version(name, "1")
     sample = silhouette_sample(features, rows=50, seed=1)
     assert champion_scorer(name, sample=sample, space=report.model.pipeline)(version) is None
     # A version that loads is measured.
