@@ -115,7 +115,8 @@ def test_secrets_come_from_the_environment_or_databricks_only():
 def test_render_and_segment_limits_are_checked(tmp_path):
     with pytest.raises(SettingsError, match="render.task_catalogue_max_items' must be 0 or more, got -1"):
         load_settings("local", conf_dir=write_conf(tmp_path, "render:\n  task_catalogue_max_items: -1\n"))
-    with pytest.raises(SettingsError, match="segments.kmeans_solver' must be one of 'collective', 'row', 'block', 'auto'"):
-        load_settings("local", conf_dir=write_conf(tmp_path, "segments:\n  kmeans_solver: fast\n"))
+    # The collective K-means is gone: a configuration that still asks for it is told what there is.
+    with pytest.raises(SettingsError, match="segments.kmeans_solver' must be one of 'row', 'block', 'auto', got 'collective'"):
+        load_settings("local", conf_dir=write_conf(tmp_path, "segments:\n  kmeans_solver: collective\n"))
     zero = load_settings("local", conf_dir=write_conf(tmp_path, "render:\n  task_catalogue_max_items: 0\n"))
-    assert zero.render.task_catalogue_max_items == 0 and zero.segments.kmeans_solver == "collective"
+    assert zero.render.task_catalogue_max_items == 0 and zero.segments.kmeans_solver == "block"

@@ -122,11 +122,6 @@ def local_conf(settings: SparkSettings, *, environ: Mapping[str, str], delta_jar
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.pyspark.fallback.enabled": "false",
         "spark.sql.session.timeZone": "UTC",
-        # HotSpot never compiles a method of more than 8,000 bytes of bytecode; a wider generated
-        # method runs interpreted, ~8x slower (a 8-centre x 20-feature K-means assignment: 4.2 s
-        # against 0.8 s on 1M rows). Spark's documentation suggests 8000 on HotSpot: the bigger
-        # plans fall back to per-operator code, which Spark splits into small methods.
-        "spark.sql.codegen.hugeMethodLimit": "8000",
         "spark.ui.enabled": "false" if in_ci or not settings.ui_enabled else "true",
         "spark.ui.showConsoleProgress": "false",
         # Both are static settings read when the context starts (Spark 4), so they need no

@@ -282,6 +282,8 @@ class FeatureSettings:
 class SegmentNaming:
     """Thresholds of the segment naming rules (``docs/segments.md``); ratios compare a segment with all users."""
 
+    # A segment in which at least this share of users has no order is named "prospects".
+    prospect_min_share: float = 0.9
     vip_monetary_ratio: float = 2.0
     vip_frequency_ratio: float = 1.5
     big_spender_monetary_ratio: float = 1.5
@@ -326,19 +328,24 @@ class SegmentSettings:
     k_max: int = 8
     max_iter: int = 20
     tol: float = 1e-4
-    # Rounds of the k-means|| initialisation (Spark's default is 2; the k-means|| paper uses 5). With
-    # 2, 2 of 6 seeds left planted groups of unequal size merged on the benchmark's matrix; with 5, none.
+    # Rounds of the k-means|| initialisation (Spark's default is 2; the k-means|| paper uses 5): with 2,
+    # planted groups were left merged more often, and the fits took longer (docs/segments.md).
     init_steps: int = 5
-    # "collective": inboxlift's K-means, the data read once into the Python workers of one barrier
-    # job (models/kmeans.py; classic Spark, executors able to reach the driver). "row", "block",
-    # "auto": Spark ML's KMeans with that solver ("auto" first spends a whole pass measuring sparsity).
-    kmeans_solver: Literal["collective", "row", "block", "auto"] = "collective"
+    # Spark ML's KMeans solver: "block" (rows stacked into matrices, distances by matrix products),
+    # "row", or "auto" (Spark's default: a pass measuring the data, then one of them). On dense user
+    # features "block" is the fastest (docs/segments.md).
+    kmeans_solver: Literal["row", "block", "auto"] = "block"
     seed: int = 42
-    # The chosen (algorithm, k) is refitted with these seeds too; their agreement (adjusted Rand index) is reported.
+    # Every (algorithm, k) of the search is also fitted with these seeds (the lowest cost is kept); their
+    # agreement (adjusted Rand index) on the chosen one is reported as its stability.
     stability_seeds: list[int] = field(default_factory=lambda: [7, 11])
     # Below this mean agreement between seeds, the run is tagged stability_ok=false.
     min_stability_ari: float = 0.8
-    # Silhouette is measured on at most this many users (the same hash-picked users in every run).
+    # The k search (every algorithm and k, and the stability seeds) fits on a cached sample of about this
+    # many users (all users when fewer; the same hash-picked users in every run); the chosen
+    # (algorithm, k) is then fitted once on all users.
+    search_sample_rows: int = 200000
+    # Silhouette is measured on at most this many users of that sample (the same hash-picked users in every run).
     silhouette_sample_rows: int = 50000
     top_categories: int = 3
     # The MLflow registered model; scoring uses its version with alias "champion".

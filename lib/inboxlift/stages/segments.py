@@ -17,12 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import mlflow
 import mlflow.spark
 from mlflow import MlflowClient
 from pyspark.ml import PipelineModel
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from inboxlift.context import RunContext
@@ -68,11 +69,14 @@ class SegmentTrainReport:
             f"segment-train: run {self.run_id}, {self.model_name} version {self.version} -> {self.promotion.alias}",
             f"  {self.promotion.reason}",
             f"  {m.choice.reason}",
+            f"  k searched on {m.search_rows} of {m.training_rows} users"
+            + (f"; {m.choice.algorithm} k={m.choice.k} refitted on all users in {m.refit_seconds:.1f} s"
+               if m.search_rows < m.training_rows else ""),
             f"  stability over seeds {list(m.stability.seeds)}: adjusted Rand index mean {m.stability.mean:.3f}, "
             f"min {m.stability.minimum:.3f}"
             + ("" if m.stability.mean >= m.params.min_stability_ari
                else f" (below {m.params.min_stability_ari}: the segments depend on the seed)"),
-            f"  {'algorithm':<18}{'k':>3}{'found':>7}{'silhouette':>12}{'cost':>14}",
+            f"  {'algorithm':<18}{'k':>3}{'found':>7}{'silhouette':>12}{'sample cost':>14}",
         ]
         for c in m.candidates:
             mark = " <-" if (c.algorithm, c.k) == (m.choice.algorithm, m.choice.k) else ""
@@ -129,14 +133,10 @@ def run_segment_train(ctx: RunContext) -> SegmentTrainReport:
         sample = silhouette_sample(features, rows=params.silhouette_sample_rows, seed=params.seed).persist()
         try:
             score = pipeline_silhouette(sample, labels_from=model.pipeline, space=model.pipeline)
-
-            def champion_score(champion_version) -> float | None:
-                champion_pipeline = _load_pipeline(params.registered_model, champion_version.version)
-                return pipeline_silhouette(sample, labels_from=champion_pipeline, space=model.pipeline)
-
-            promotion = registry.promote(client, params.registered_model, str(version.version),
-                                         score=float("nan") if score is None else score, metric=PROMOTION_METRIC,
-                                         higher_is_better=True, champion_score_fn=champion_score)
+            promotion = registry.promote(
+                client, params.registered_model, str(version.version),
+                score=float("nan") if score is None else score, metric=PROMOTION_METRIC, higher_is_better=True,
+                champion_score_fn=champion_scorer(params.registered_model, sample=sample, space=model.pipeline))
         finally:
             sample.unpersist()
         registry.log_promotion(promotion, champion_metric=f"promotion/champion_{SILHOUETTE}_same_data")
@@ -146,6 +146,22 @@ def run_segment_train(ctx: RunContext) -> SegmentTrainReport:
 
 def _load_pipeline(name: str, version: str) -> PipelineModel:
     return mlflow.spark.load_model(f"models:/{name}/{version}")
+
+
+def champion_scorer(name: str, *, sample: DataFrame, space: PipelineModel) -> Callable[[Any], float | None]:
+    """The silhouette of a registered version's segments on ``sample`` in ``space``; None when it cannot score.
+
+    A version whose pipeline no longer loads cannot score: one saved with a clusterer class this
+    release no longer has (inboxlift's collective K-means, before Spark ML became the one solver).
+    """
+    def score(version: Any) -> float | None:
+        try:
+            pipeline = _load_pipeline(name, version.version)
+        except ImportError:
+            return None
+        return pipeline_silhouette(sample, labels_from=pipeline, space=space)
+
+    return score
 
 
 def run_segment(ctx: RunContext) -> SegmentScoreReport:

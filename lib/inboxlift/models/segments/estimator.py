@@ -1,0 +1,129 @@
+"""The segmentation estimator: search k on a cached sample, refit the choice on all users, profile and name.
+
+:class:`SegmentSearch` is configured from ``settings.segments`` and returns a :class:`SegmentModel`;
+it reads no table and logs nothing (``stages/segments.py`` does). The recipe is in ``docs/segments.md``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.sql import DataFrame
+
+from inboxlift.models.segments.features import (
+    CLUSTER_COL, FEATURES_COL, ROLES, USER_ID, anchor_stages, check_params, hash_sample, preprocessing_stages,
+    required_columns, silhouette_sample,
+)
+from inboxlift.models.segments.naming import (
+    centroid_from_row, centroids_from_profiles, cluster_profiles, finish_profiles, name_segments, relabel_stage,
+)
+from inboxlift.models.segments.scoring import assign_segments
+from inboxlift.models.segments.search import (
+    Choice, KCandidate, Stability, choose_candidate, clusterer, k_search_frame, search_k, seed_stability, with_anchor,
+)
+from inboxlift.settings import SegmentSettings
+
+
+@dataclass
+class SegmentModel:
+    """A fitted segmentation: the pipeline that assigns users, and how it was chosen."""
+
+    pipeline: PipelineModel
+    params: SegmentSettings
+    candidates: list[KCandidate]
+    choice: Choice
+    stability: Stability
+    profiles: pd.DataFrame
+    population: dict[str, float | None]
+    training_rows: int          # all users: what the chosen model was fitted on
+    search_rows: int            # the sample the k search and the stability seeds fitted on
+    silhouette_rows: int
+    training_cost: float        # within-cluster sum of squares of the chosen model, all users
+    refit_seconds: float        # the chosen model's fit on all users (0 when the sample was all users)
+    missing_roles: list[str] = field(default_factory=list)
+
+    def transform(self, features: DataFrame) -> DataFrame:
+        """``user_id, segment_id, segment_name, distance`` for every row of ``features``."""
+        return assign_segments(features, pipeline=self.pipeline)
+
+    def k_search(self) -> pd.DataFrame:
+        return k_search_frame(self.candidates)
+
+
+class SegmentSearch:
+    """Estimator: searches algorithms and k, checks stability, profiles and names the chosen segments.
+
+    Configured from :class:`~inboxlift.settings.SegmentSettings` (``settings.segments``); ``fit``
+    returns a :class:`SegmentModel`.
+    """
+
+    def __init__(self, params: SegmentSettings) -> None:
+        check_params(params)
+        self.params = params
+
+    def fit(self, features: DataFrame) -> SegmentModel:
+        params = self.params
+        missing = [c for c in required_columns(params) if c not in features.columns]
+        if missing:
+            raise ValueError(f"segments: user_features lacks columns {missing}; it has {sorted(features.columns)}")
+        # Checked before anything is fitted: the scaler cannot fit on no rows.
+        enough = features.limit(params.k_min).count()
+        if enough < params.k_min:
+            raise ValueError(f"segments: {enough} users cannot make {params.k_min} segments")
+        # The scaler (and PCA) learn from all users, so the sample and the final model share one space.
+        preprocessing = Pipeline(stages=preprocessing_stages(params)).fit(features)
+        training_rows = features.count()
+        sample = hash_sample(features, rows=params.search_sample_rows, total=training_rows, seed=params.seed)
+        # Every candidate and every stability seed fits on the same scaled sample: computed once and
+        # cached. With its input cached, Spark ML's K-means does not cache a copy of its own.
+        points = with_anchor(preprocessing.transform(sample).select(USER_ID, FEATURES_COL),
+                             algorithms=params.algorithms).persist()
+        # The smallest hashes of the sample are the smallest of all users: the same users that
+        # promotion measures the silhouette on (see hash_sample).
+        silhouette_points = silhouette_sample(points, rows=params.silhouette_sample_rows, seed=params.seed).persist()
+        try:
+            search_rows = points.count()
+            silhouette_rows = silhouette_points.count()
+            candidates, models = search_k(params, points, silhouette_points)
+            choice = choose_candidate(candidates, algorithms=params.algorithms, search_rows=search_rows,
+                                      silhouette_rows=silhouette_rows)
+            fits = models[(choice.algorithm, choice.k)]
+            seed = next(c.seed for c in candidates if (c.algorithm, c.k) == (choice.algorithm, choice.k))
+            chosen = fits[seed]
+            stability = seed_stability(points, fits)
+        finally:
+            silhouette_points.unpersist()
+            points.unpersist()
+
+        refit_seconds = 0.0
+        if search_rows < training_rows:
+            # One fit on all users of the chosen (algorithm, k), with the seed whose fit won on the
+            # sample; Spark caches its vectors for the fit.
+            started = time.perf_counter()
+            everyone = with_anchor(preprocessing.transform(features).select(USER_ID, FEATURES_COL),
+                                   algorithms=[choice.algorithm])
+            chosen = clusterer(params, algorithm=choice.algorithm, k=choice.k, seed=seed).fit(everyone)
+            refit_seconds = time.perf_counter() - started
+
+        anchors = anchor_stages() if choice.algorithm == "bisecting_kmeans" else []
+        assigning = PipelineModel(stages=[*preprocessing.stages, *anchors, chosen])
+        # Three aggregations (means, price bands, categories) read the assigned users: assign them once.
+        assigned = assigning.transform(features).persist()
+        try:
+            raw_profiles, population_means = cluster_profiles(assigned, cluster_col=CLUSTER_COL, params=params)
+        finally:
+            assigned.unpersist()
+        centroids = centroids_from_profiles(raw_profiles, cluster_col=CLUSTER_COL, params=params)
+        population = centroid_from_row(population_means, params=params, cluster=-1)
+        named = name_segments(centroids, population, params.naming)
+        pipeline = PipelineModel(stages=[*assigning.stages, relabel_stage(named)])
+        profiles = finish_profiles(raw_profiles, named, total=training_rows)
+        missing_roles = [role for role in ROLES if params.roles.get(role) not in features.columns]
+        return SegmentModel(pipeline=pipeline, params=params, candidates=candidates, choice=choice,
+                            stability=stability, profiles=profiles, population=population_means,
+                            training_rows=training_rows, search_rows=search_rows, silhouette_rows=silhouette_rows,
+                            training_cost=float(chosen.summary.trainingCost), refit_seconds=refit_seconds,
+                            missing_roles=missing_roles)
