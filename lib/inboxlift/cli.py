@@ -84,6 +84,11 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     preview.add_argument("--out", default=None,
                          help="file to write (default: paths.output_dir/previews/<campaign>-<user>.html)")
 
+    bounces = commands.add_parser(
+        "import-bounces", parents=[common],
+        help="read delivery status notifications and complaint reports (a Maildir or mbox) into suppressions")
+    bounces.add_argument("path", help="a Maildir folder (with cur/ and new/) or an mbox file")
+
     commands.add_parser("settings", help="print the effective settings", parents=[common])
     return parser
 
@@ -184,6 +189,8 @@ class CommandError(Exception):
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
     from inboxlift.campaigns.planning import MissingInputError
+    from inboxlift.delivery.journal import SendLockedError
+    from inboxlift.stages.send import DeliveryError
     from inboxlift.stages.ingest import ImportMappingError
     from inboxlift.stages.plan import UnknownCampaignError
     from inboxlift.stages.segments import NoChampionError
@@ -191,7 +198,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
 
     return (ImportMappingError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
-            UnknownCampaignError, SettingsError, CommandError)
+            UnknownCampaignError, SettingsError, CommandError, DeliveryError, SendLockedError)
 
 
 def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:
@@ -237,6 +244,10 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         except LookupError as exc:  # no such message: the user's input, not a bug
             raise CommandError(str(exc)) from exc
         print(f"preview written to {written}", flush=True)
+    elif args.command == "import-bounces":
+        from inboxlift.stages.bounces import run_import_bounces
+
+        _print_result(run_import_bounces(ctx, path=args.path))
     elif args.command == "import":
         from inboxlift.stages.ingest import run_import
 
