@@ -9,6 +9,10 @@ order (one action per transaction; the last action repeats):
 - ``"drop"``: close the connection after the data, without a reply;
 - ``"slow"``: wait ``slow_seconds`` after the data, then accept;
 - ``"hold"``: after the data, wait until ``release`` is set (``held`` counts the waiting ones).
+
+``hold_after=N`` holds every message after the first N accepted; ``hold_quit`` holds QUIT until
+``release``. ``open`` counts transactions between MAIL and the reply to their data: the messages in
+flight.
 """
 
 from __future__ import annotations
@@ -47,15 +51,32 @@ class ScriptedHandler:
     hold_after: int | None = None
     release: threading.Event = field(default_factory=threading.Event)
     holding: threading.Event = field(default_factory=threading.Event)
+    hold_quit: bool = False
+    quitting: threading.Event = field(default_factory=threading.Event)
+    open: int = 0
 
     def _action(self, rcpt: str) -> str:
         n = self.transactions[rcpt]
         actions = self.script.get(rcpt, [self.default])
         return actions[min(n, len(actions) - 1)]
 
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        self.open += 1
+        return "250 OK"
+
+    async def handle_QUIT(self, server, session, envelope):
+        if self.hold_quit:
+            self.quitting.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.05)
+        return "221 Bye"
+
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self._action(address) == "rcpt550":
             self.transactions[address] += 1
+            self.open -= 1
             return "550 5.1.1 <%s>: no such mailbox" % address
         envelope.rcpt_tos.append(address)
         return "250 OK"
@@ -66,6 +87,8 @@ class ScriptedHandler:
         self.transactions[rcpt] += 1
         if self.hold_after is not None and len(self.received) >= self.hold_after:
             action = "hold"
+        if action != "hold":
+            self.open -= 1
         if action in ("421", "450", "451", "452"):
             return {"421": "421 4.7.0 try again later, closing", "450": "450 4.2.1 mailbox busy",
                     "451": "451 4.3.0 local error", "452": "452 4.2.2 mailbox full"}[action]

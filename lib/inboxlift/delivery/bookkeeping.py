@@ -42,20 +42,23 @@ OUTBOX_TABLE = "outbox"
 STATUS_SENT, STATUS_WITHDRAWN, STATUS_RENDERED = "sent", "withdrawn", "rendered"
 
 
-def _journal_files(folders: list[Path]) -> list[str]:
-    return [str(folder / "part-*.jsonl") for folder in folders if any(folder.glob("part-*.jsonl"))]
+JOURNAL_GLOB = "part-*.jsonl"
+
+
+def _journal_folders(folders: list[Path]) -> list[str]:
+    return [str(folder) for folder in folders if any(folder.glob(JOURNAL_GLOB))]
 
 
 def journal_rows(spark: SparkSession, folders: list[Path], *, outbox: DataFrame | None) -> DataFrame | None:
     """One ``deliveries`` row per (message, attempt) the journals of ``folders`` mention; None when
     they hold no line. Read with Spark's JSON reader (a line cut short by a crash reads as null and is
     dropped); campaign, user and address hash come from ``outbox``."""
-    files = _journal_files(folders)
-    if not files:
+    paths = _journal_folders(folders)
+    if not paths:
         return None
     relays = {folder.name: read_manifest(folder).get("relay") for folder in folders}
     relay_of = F.create_map(*[F.lit(x) for pair in relays.items() for x in pair]) if relays else None
-    lines = (spark.read.schema(JOURNAL_SCHEMA).json(files)
+    lines = (spark.read.schema(JOURNAL_SCHEMA).option("pathGlobFilter", JOURNAL_GLOB).json(paths)
              .where(F.col("m").isNotNull() & F.col("a").isNotNull() & F.col("k").isin(START, END))
              .withColumn("run_id", F.element_at(F.split(F.col("_metadata.file_path"), "/"), -2)))
     is_end = F.col("k") == F.lit(END)
