@@ -27,7 +27,6 @@ Goal from issue 19: the stage's messages per CPU second >= 0.8 x the plain loop'
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import os
 import random

@@ -8,8 +8,6 @@ process and knows what it received and what was in flight. The re-run is this pr
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import os
 import signal
 import subprocess
