@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "segments": ("bench_segments.py", ["--users", "100000"]),
     "recommend": ("bench_recommend.py", ["--users", "20000", "--items", "2000", "--interactions", "300000"]),
     "render": ("bench_render.py", ["--messages", "20000", "--repeat", "1"]),
+    "send": ("bench_send.py", ["--messages", "5000", "--repeat", "1"]),
 }
 
 

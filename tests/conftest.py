@@ -37,6 +37,7 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "paths.landing_dir": str(work / "landing"),
             "paths.output_dir": str(work / "output"),
             "generate.truth_dir": str(work / "truth"),
+            "delivery.journal_dir": str(work / "delivery"),
         },
     )
 
@@ -54,13 +55,14 @@ def spark(spark_info):
 
 
 def settings_in(base: Settings, tmp_path: Path, backend: str = "auto") -> Settings:
-    """Settings whose lake, landing and output folders are under ``tmp_path``."""
+    """Settings whose lake, landing, output and delivery journal folders are under ``tmp_path``."""
     return dataclasses.replace(
         base,
         storage=dataclasses.replace(base.storage, lake_dir=str(tmp_path / "lake"), backend=backend),
         paths=dataclasses.replace(base.paths, landing_dir=str(tmp_path / "landing"),
                                   output_dir=str(tmp_path / "output")),
         generate=dataclasses.replace(base.generate, truth_dir=str(tmp_path / "truth")),
+        delivery=dataclasses.replace(base.delivery, journal_dir=str(tmp_path / "delivery")),
     )
 
 

@@ -32,6 +32,7 @@ def _settings(work: Path) -> dict[str, object]:
         "paths.landing_dir": work / "landing",
         "paths.output_dir": work / "output",
         "generate.truth_dir": work / "truth",
+        "delivery.journal_dir": work / "delivery",
         "generate.users": 120,
         "generate.items": 40,
         "generate.days": 28,

@@ -218,16 +218,17 @@ def test_render_withdraws_what_the_latest_plan_no_longer_holds_and_never_touches
                                  "u3": ("withdrawn", "not_planned"), "u4": ("withdrawn", "no_consent")}
 
 
-def test_render_adds_status_reason_to_an_outbox_written_before_it(ctx, spark):
+def test_render_adds_status_reason_and_plan_date_to_an_outbox_written_before_them(ctx, spark):
     ctx.lake.append("users", users(spark, {"u1": True}))
     ctx.lake.append("products", catalogue(spark))
     ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", "u1")]))
     run_render(ctx)
-    old = ctx.lake.read("outbox").drop("status_reason")
+    old = ctx.lake.read("outbox").drop("status_reason", "plan_date")
     ctx.lake.overwrite("outbox", spark.createDataFrame(old.collect(), old.schema), overwrite_schema=True)
     ctx.lake.overwrite("users", users(spark, {"u1": False}))
     run_render(ctx)
     assert outbox_state(ctx) == {"u1": ("withdrawn", "no_consent")}
+    assert [r.plan_date for r in ctx.lake.read("outbox").select("plan_date").collect()] == [None]
 
 
 # ---- ingest keeps the table, once per batch ----------------------------------------------------

@@ -26,6 +26,7 @@ def _overrides(work: Path) -> list[str]:
         "paths.landing_dir": work / "landing",
         "paths.output_dir": work / "output",
         "generate.truth_dir": work / "truth",
+        "delivery.journal_dir": work / "delivery",
         "generate.users": USERS,
         "generate.items": 40,
         "generate.days": 28,

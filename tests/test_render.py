@@ -68,8 +68,9 @@ def recipient(**changes) -> dict:
     return base
 
 
-def hand_message_id(campaign_id: str, user_id: str) -> str:
-    return hashlib.sha256(json.dumps([campaign_id, user_id]).replace(" ", "").encode()).hexdigest()[:32] \
+def hand_message_id(campaign_id: str, user_id: str, day: str | None = None) -> str:
+    """sha256 of ``["campaign","user","YYYY-MM-DD"]`` (the plan day; null for a row without one)."""
+    return hashlib.sha256(json.dumps([campaign_id, user_id, day]).replace(" ", "").encode()).hexdigest()[:32] \
         + "@shop.example"
 
 
@@ -176,14 +177,20 @@ def test_tracking_token_max_age_setting():
     assert RenderSettings(tracking_token_max_age_days=0).tracking_token_max_age is None
 
 
-def test_message_id_is_deterministic_per_campaign_and_user():
+def test_message_id_is_deterministic_per_campaign_user_and_plan_day():
     config = make_config()
-    first = render_row(recipient(first_name="Ann"), config)["message_id"]
-    again = render_row(recipient(first_name="Annie", variant="B"), config)["message_id"]
-    other_user = render_row(recipient(user_id="u2"), config)["message_id"]
-    other_campaign = render_row(recipient(campaign_id="c2"), config)["message_id"]
-    assert first == again == hand_message_id("c1", "u1")
-    assert len({first, other_user, other_campaign}) == 3
+    day = dt.date(2026, 11, 20)
+    first = render_row(recipient(first_name="Ann", plan_date=day), config)["message_id"]
+    again = render_row(recipient(first_name="Annie", variant="B", plan_date=day), config)["message_id"]
+    other_user = render_row(recipient(user_id="u2", plan_date=day), config)["message_id"]
+    other_campaign = render_row(recipient(campaign_id="c2", plan_date=day), config)["message_id"]
+    # A recurring campaign's next plan day is another message (the send stage sends it again).
+    next_week = render_row(recipient(plan_date=dt.date(2026, 11, 27)), config)["message_id"]
+    no_day = render_row(recipient(), config)["message_id"]
+    assert first == again == hand_message_id("c1", "u1", "2026-11-20")
+    assert next_week == hand_message_id("c1", "u1", "2026-11-27")
+    assert no_day == hand_message_id("c1", "u1")
+    assert len({first, other_user, other_campaign, next_week, no_day}) == 5
 
 
 def test_fallback_greeting_when_the_first_name_is_missing_or_blank():
@@ -630,6 +637,7 @@ PLAN_SCHEMA = StructType([
     StructField("plan_run_id", StringType()), StructField("planned_at", TimestampType()),
 ])
 SUBJECT = "{{ first_name or 'Hi there' }}, your picks for this week"
+DAY = "2026-11-20"  # the plan day of _plan's rows
 
 
 def _catalogue(spark):
@@ -687,9 +695,9 @@ def test_render_stage_writes_outbox_and_errors_and_a_rerender_replaces(ctx, spar
 
     outbox = ctx.lake.read("outbox")
     expected = spark.createDataFrame([
-        (hand_message_id("c1", "u1"), "c1", "u1", "A", "ann@mail.example", "Ann, your picks for this week",
+        (hand_message_id("c1", "u1", DAY), "c1", "u1", "A", "ann@mail.example", "Ann, your picks for this week",
          "rendered", "plan-1"),
-        (hand_message_id("c1", "u2"), "c1", "u2", "B", "li@mail.example", "李雷, your picks for this week",
+        (hand_message_id("c1", "u2", DAY), "c1", "u2", "B", "li@mail.example", "李雷, your picks for this week",
          "rendered", "plan-1"),
     ], "message_id string, campaign_id string, user_id string, variant string, to_email string, subject string, "
        "status string, plan_run_id string")
@@ -720,8 +728,8 @@ def test_render_stage_writes_outbox_and_errors_and_a_rerender_replaces(ctx, spar
     exported = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
     files = sorted((tmp_path / "eml").glob("*.eml"))
     assert (exported.written, exported.skipped) == (2, {}) and [f.name for f in files] == sorted(
-        f"{hand_message_id('c1', u).split('@')[0]}.eml" for u in ("u1", "u2"))
-    msg = parse_eml((tmp_path / "eml" / f"{hand_message_id('c1', 'u1').split('@')[0]}.eml").read_bytes())
+        f"{hand_message_id('c1', u, DAY).split('@')[0]}.eml" for u in ("u1", "u2"))
+    msg = parse_eml((tmp_path / "eml" / f"{hand_message_id('c1', 'u1', DAY).split('@')[0]}.eml").read_bytes())
     assert msg.get_content_type() == "multipart/alternative"
     assert msg["To"] == "ann@mail.example" and msg["Subject"] == "Ann, your picks for this week"
     assert msg["Date"] == "Sat, 21 Nov 2026 09:00:00 +0000"
@@ -745,9 +753,9 @@ def test_render_stage_writes_outbox_and_errors_and_a_rerender_replaces(ctx, spar
     assert again.rendered == (("c1", "A", 1), ("c1", "B", 2))
     assert again.errors == (("c1", "no_consent", 1), ("c1", "undefined_value", 1), ("c1", "unknown_user", 1))
     rerendered = spark.createDataFrame([
-        (hand_message_id("c1", "u1"), "u1", "Annie, your picks for this week", "rendered"),
-        (hand_message_id("c1", "u2"), "u2", "李雷, your picks for this week", "sent"),  # sent: left alone
-        (hand_message_id("c1", "u7"), "u7", "Ed, your picks for this week", "rendered"),
+        (hand_message_id("c1", "u1", DAY), "u1", "Annie, your picks for this week", "rendered"),
+        (hand_message_id("c1", "u2", DAY), "u2", "李雷, your picks for this week", "sent"),  # sent: left alone
+        (hand_message_id("c1", "u7", DAY), "u7", "Ed, your picks for this week", "rendered"),
     ], "message_id string, user_id string, subject string, status string")
     assert_df_equality(ctx.lake.read("outbox").select(*rerendered.columns), rerendered, ignore_row_order=True,
                        ignore_nullable=True)
@@ -786,3 +794,34 @@ def test_render_takes_each_campaigns_latest_plan_day_only(ctx, spark):
     assert report.rendered == (("c1", "A", 1),)
     rows = ctx.lake.read("outbox").select("user_id", "subject").collect()
     assert [(r.user_id, r.subject) for r in rows] == [("u1", "This week")]
+
+
+def test_a_recurring_campaigns_next_day_is_a_new_message_and_the_earlier_days_rows_stay(ctx, spark):
+    ctx.lake.append("users", spark.createDataFrame([
+        ("u1", "ann@mail.example", "Ann", "en", "Europe/London", "GB", None, True),
+        ("u2", "li@mail.example", "Li", "en", "UTC", "GB", None, True),
+    ], USERS_SCHEMA))
+    ctx.lake.append("products", _catalogue(spark))
+    last_week = _plan(spark, [("c1", "u1", "A", "en", "Last week", ["i2"]),
+                              ("c1", "u2", "A", "en", "Last week", ["i2"])]).withColumn(
+        "plan_date", F.lit(dt.date(2026, 11, 13)))
+    ctx.lake.append("campaign_plan", last_week)
+    run_render(ctx, campaign_id="c1")
+    # Last week's message to u1 left; u2's never did.
+    sent = ctx.lake.read("outbox").where("user_id = 'u1'").withColumn("status", F.lit("sent"))
+    ctx.lake.merge("outbox", sent, keys=["message_id"])
+    ctx.lake.append("campaign_plan", _plan(spark, [("c1", "u1", "A", "en", "This week", ["i1"]),
+                                                   ("c1", "u2", "A", "en", "This week", ["i1"])]))
+
+    report = run_render(ctx, campaign_id="c1")
+
+    assert report.rendered == (("c1", "A", 2),)
+    expected = spark.createDataFrame([
+        (hand_message_id("c1", "u1", "2026-11-13"), "u1", dt.date(2026, 11, 13), "Last week", "sent", None),
+        (hand_message_id("c1", "u2", "2026-11-13"), "u2", dt.date(2026, 11, 13), "Last week", "withdrawn",
+         "superseded"),
+        (hand_message_id("c1", "u1", DAY), "u1", dt.date(2026, 11, 20), "This week", "rendered", None),
+        (hand_message_id("c1", "u2", DAY), "u2", dt.date(2026, 11, 20), "This week", "rendered", None),
+    ], "message_id string, user_id string, plan_date date, subject string, status string, status_reason string")
+    assert_df_equality(ctx.lake.read("outbox").select(*expected.columns), expected, ignore_row_order=True,
+                       ignore_nullable=True)

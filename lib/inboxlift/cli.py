@@ -81,6 +81,10 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     serve.add_argument("--host", help="address to listen on (default: serve.host)")
     serve.add_argument("--port", type=int, help="TCP port (default: serve.port)")
     serve.add_argument("--workers", type=int, help="worker processes, one per core for throughput (default: serve.workers)")
+    bounces = commands.add_parser(
+        "import-bounces", parents=[common],
+        help="read delivery status notifications and complaint reports (a Maildir or mbox) into suppressions")
+    bounces.add_argument("path", help="a Maildir folder (with cur/ and new/) or an mbox file")
 
     commands.add_parser("settings", help="print the effective settings", parents=[common])
     return parser
@@ -203,14 +207,16 @@ class CommandError(Exception):
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix the input or run an earlier stage", reported without a traceback."""
     from inboxlift.campaigns.planning import MissingInputError
+    from inboxlift.delivery.journal import SendLockedError
+    from inboxlift.stages.send import DeliveryError
     from inboxlift.stages.ingest import ConcurrentIngestError, ImportMappingError
     from inboxlift.stages.plan import UnknownCampaignError
     from inboxlift.stages.segments import NoChampionError
 
     from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
 
-    return (ImportMappingError, ConcurrentIngestError, NoChampionError, NoRecommenderError, FileNotFoundError, MissingInputError,
-            UnknownCampaignError, SettingsError, CommandError)
+    return (ImportMappingError, ConcurrentIngestError, NoChampionError, NoRecommenderError, FileNotFoundError,
+            MissingInputError, UnknownCampaignError, SettingsError, CommandError, DeliveryError, SendLockedError)
 
 
 def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Namespace:
@@ -256,6 +262,10 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         except LookupError as exc:  # no such message: the user's input, not a bug
             raise CommandError(str(exc)) from exc
         print(f"preview written to {written}", flush=True)
+    elif args.command == "import-bounces":
+        from inboxlift.stages.bounces import run_import_bounces
+
+        _print_result(run_import_bounces(ctx, path=args.path))
     elif args.command == "import":
         from inboxlift.stages.ingest import run_import
 

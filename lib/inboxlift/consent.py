@@ -12,7 +12,9 @@ A user may be mailed when all of these hold:
   to every other user whose address has the same hash.
 
 :func:`suppression_updates` turns a batch of events into rows for the ``suppressions`` table (ingest
-merges them once per batch). Pure DataFrame functions: no storage, no clock (``now`` is passed in).
+merges them once per batch); :func:`suppressions_from_facts` turns facts about addresses (a hard
+bounce at send time, a delivery status notification, a complaint report) into rows merged with
+:data:`REASSERT`. Pure DataFrame functions: no storage, no clock (``now`` is passed in).
 """
 
 from __future__ import annotations
@@ -266,3 +268,28 @@ def suppression_updates(events: DataFrame, *, current: DataFrame, users: DataFra
 # The merge rewrites a row only when its state changed, so ``updated_at`` says when it last did.
 CHANGED = ("NOT (t.since <=> s.since AND t.lifted_at <=> s.lifted_at AND t.source <=> s.source "
            "AND t.email_hash <=> s.email_hash)")
+
+
+# ---- facts about an address (sending, bounce and complaint reports) ------------------------------
+
+# A fact re-imposes a suppression of its key only when the row in force was lifted before it; a
+# suppression in force keeps its first ``since`` and ``source`` (merging the same facts again changes
+# nothing).
+REASSERT = "t.lifted_at IS NOT NULL AND t.lifted_at <= s.since"
+
+
+def suppressions_from_facts(facts: DataFrame, *, updated_at: dt.datetime) -> DataFrame:
+    """``suppressions`` rows (scope ``all``) from facts ``user_id, email_hash, reason, source, since``:
+    one row per user and reason, its earliest fact (then smallest source). Facts without a user are
+    left out (the table's key is the user); merge the result by :data:`SUPPRESSION_KEY` with
+    ``update_condition=REASSERT``."""
+    require_columns(facts, ["user_id", "email_hash", "reason", "source", "since"], step="suppressions_from_facts")
+    first = F.min_by(F.struct("email_hash", "source", "since"),
+                     F.struct("since", F.coalesce("source", F.lit(""))))
+    rows = (facts.where(F.col("user_id").isNotNull() & F.col("reason").isNotNull())
+            .groupBy("user_id", "reason").agg(first.alias("_f")))
+    return rows.select(
+        "user_id", F.col("_f.email_hash").alias("email_hash"), F.lit(SCOPE_ALL).alias("scope"), "reason",
+        F.col("_f.source").alias("source"), F.col("_f.since").alias("since"),
+        F.lit(None).cast("timestamp").alias("lifted_at"), F.lit(updated_at).cast("timestamp").alias("updated_at"),
+    )

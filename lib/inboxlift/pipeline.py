@@ -116,6 +116,33 @@ def export_outputs(ctx: RunContext, *, campaign_id: str | None = None) -> list[s
     return lines
 
 
+def _send_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--campaign", help="send this campaign's due messages (default: every campaign's)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="count what would be sent and skipped; send nothing, write nothing")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="send at most N messages (earliest send_at first); the others stay due")
+    parser.add_argument("--resend-unknown", action="store_true",
+                        help="send again the messages whose outcome is unknown (the relay may have them)")
+
+
+def _run_send(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.send import run_send
+
+    options = dict(campaign_id=args.campaign, dry_run=args.dry_run, limit=args.limit,
+                   resend_unknown=args.resend_unknown, environ=os.environ)
+    if not ctx.settings.delivery.is_embedded or args.dry_run:
+        return run_send(ctx, **options)
+    # The local mode: an SMTP server on loopback keeps what is sent, for the duration of the stage.
+    from inboxlift.delivery.sink import embedded_relay
+
+    folder = Path(ctx.settings.paths.output_dir).absolute() / "sent"
+    with embedded_relay(folder) as (relay, sink):
+        report = run_send(ctx, relay=relay, **options)
+    return [report.summary(), f"embedded relay {relay.name} (now stopped): {sink.accepted} messages stored in "
+                              f"the Maildir {folder}"]
+
+
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--campaign", help="plan this campaign (an id of the campaigns file)")
@@ -176,13 +203,16 @@ STAGES: dict[str, Stage] = {
               _plan_arguments, _run_plan),
         Stage("render", "render one email per planned user with Jinja2 per partition (outbox, render_errors)",
               _render_arguments, _run_render),
+        Stage("send", "send the due outbox messages over SMTP, exactly once each (deliveries, suppressions)",
+              _send_arguments, _run_send),
         Stage("maintain", "delete expired quarantine rows, compact and vacuum every table", _maintain_arguments,
               _run_maintain),
     ]
 }
 
 # The stages run-all executes, in order (maintenance is scheduled on its own).
-RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render"]
+RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render",
+           "send"]
 
 
 def landing_is_empty(landing_dir: str) -> bool:

@@ -613,6 +613,93 @@ class ServeSettings:
                 ipaddress.ip_network(network)
             except ValueError:
                 raise bad("apple_proxy_networks", f"holds {network!r}, not a network like 17.0.0.0/8") from None
+EMBEDDED_RELAY = "embedded"
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    """Sending the outbox over SMTP (``inboxlift run send``); described in README "Sending"."""
+
+    # The relay's host name, or "embedded": an SMTP server on loopback (random free port) started and
+    # stopped by the send stage, which stores every message in a Maildir under paths.output_dir/sent.
+    relay_host: str = EMBEDDED_RELAY
+    # 587 is submission with STARTTLS; 465 implicit TLS ("tls"); 25 relay to relay.
+    relay_port: int = 587
+    security: Literal["starttls", "tls", "none"] = "starttls"
+    # AUTH user name; the password is the secret secrets.smtp_password. Unset: no AUTH.
+    username: str | None = None
+    # A PEM file of the CAs that sign the relay's certificate; unset: the system's CAs.
+    tls_ca_file: str | None = None
+    # The name this client gives in EHLO; unset: the machine's fully qualified name.
+    helo_name: str | None = None
+    # MAIL FROM (where bounces go); unset: render.from_address.
+    return_path: str | None = None
+    connect_timeout_seconds: float = 30.0
+    # Longest wait for any one reply of the relay (the answer to a message's data included).
+    command_timeout_seconds: float = 120.0
+    # Tasks sending at once, each over one SMTP connection; 0: the session's default parallelism.
+    connections: int = 0
+    # Messages per second for the whole job (split evenly across the connections); 0: no limit.
+    messages_per_second: float = 50.0
+    # Messages per second to one recipient domain (split across the connections too); 0: no limit.
+    domain_messages_per_second: float = 10.0
+    # A 421, 451 or 452 reply slows the task down: it waits this long (doubling each time, up to the
+    # max), halves its rate and tries the message again, at most throttle_retries times; then the
+    # message is deferred to a later run.
+    throttle_backoff_seconds: float = 2.0
+    throttle_backoff_max_seconds: float = 60.0
+    throttle_retries: int = 3
+    # Attempts of a message across runs: a 4xx (deferred) is tried again after retry_backoff_minutes,
+    # doubling each time up to retry_backoff_max_minutes, until max_attempts; then it is failed.
+    max_attempts: int = 5
+    retry_backoff_minutes: float = 15.0
+    retry_backoff_max_minutes: float = 1440.0
+    # An address whose messages failed after all their 4xx attempts this many times in a row (no
+    # message accepted since) is suppressed as soft_bounced.
+    soft_bounce_threshold: int = 3
+    # A message not yet attempted this many hours after its send_at is skipped as expired (a birthday
+    # or an abandoned cart is not mailed days late); 0: never expires.
+    max_delay_hours: float = 24.0
+    # Each run's journal (one line per message started and answered, written by the tasks before and
+    # after the relay may accept it) and the run lock; a folder the driver and the executors share.
+    journal_dir: str = "var/delivery"
+    # fsync each message's "started" line: true survives a machine crash, false a process crash only.
+    journal_fsync: bool = True
+    # A run renews its lock while it runs; a lock not renewed for this long belongs to a dead run.
+    lock_lease_seconds: float = 120.0
+    # While a run's due messages are at most this many, their keys are broadcast to the outbox scan
+    # (the message bodies are not shuffled); beyond it Spark joins them by a shuffle.
+    broadcast_max_messages: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'delivery.{key}' {why}")
+
+        if not self.relay_host or any(c.isspace() for c in self.relay_host):
+            raise bad("relay_host", f"must be a host name or 'embedded', got {self.relay_host!r}")
+        if not 0 < self.relay_port < 65536:
+            raise bad("relay_port", f"must be a TCP port, got {self.relay_port}")
+        if self.username is not None and self.security == "none" and self.relay_host != EMBEDDED_RELAY:
+            raise bad("security", "must be starttls or tls when a username is set (AUTH would send the "
+                      "password in clear)")
+        if self.return_path is not None and ascii_address(self.return_path) != self.return_path:
+            raise bad("return_path", f"must be a plain ASCII email address, got {self.return_path!r}")
+        for key in ("connect_timeout_seconds", "command_timeout_seconds", "lock_lease_seconds",
+                    "throttle_backoff_seconds", "throttle_backoff_max_seconds", "retry_backoff_minutes",
+                    "retry_backoff_max_minutes"):
+            if getattr(self, key) <= 0:
+                raise bad(key, f"must be positive, got {getattr(self, key)}")
+        for key in ("connections", "messages_per_second", "domain_messages_per_second", "throttle_retries",
+                    "max_delay_hours", "broadcast_max_messages"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be 0 or more, got {getattr(self, key)}")
+        for key in ("max_attempts", "soft_bounce_threshold"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be at least 1, got {getattr(self, key)}")
+
+    @property
+    def is_embedded(self) -> bool:
+        return self.relay_host == EMBEDDED_RELAY
 
 
 @dataclass(frozen=True)
@@ -630,6 +717,7 @@ class Settings:
     recommend: RecommendSettings = field(default_factory=RecommendSettings)
     render: RenderSettings = field(default_factory=RenderSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    delivery: DeliverySettings = field(default_factory=DeliverySettings)
 
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""

@@ -111,7 +111,9 @@ def with_addresses(plan: DataFrame, *, users: DataFrame, partitions: int | None 
     require_columns(plan, PLAN_COLUMNS, step="with_recipient_data")
     require_columns(users, USER_COLUMNS, step="with_recipient_data")
     people = users.select(*USER_COLUMNS, F.lit(True).alias("has_user"))
-    light = plan.select(*PLAN_COLUMNS)
+    # The plan day is part of the Message-ID; a plan written before plan_date existed has none.
+    day = F.col("plan_date") if "plan_date" in plan.columns else F.lit(None).cast("date")
+    light = plan.select(*PLAN_COLUMNS, day.alias("plan_date"))
     if partitions:
         light = light.repartition(partitions, "user_id")
     addressed = (

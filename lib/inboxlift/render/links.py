@@ -7,6 +7,7 @@ same text several times slower.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -18,13 +19,17 @@ MAX_URL_CHARS = 2048
 _WEB_URL = re.compile(r"https?://[^/?#\s\x00-\x1f\x7f]+[^\s\x00-\x1f\x7f]*", re.IGNORECASE)
 
 
-def message_id(campaign_id: str, user_id: str, *, domain: str) -> str:
-    """The deterministic id of the one message a user gets from a campaign: ``<hex>@<domain>``.
+def message_id(campaign_id: str, user_id: str, plan_date: dt.date | None, *, domain: str) -> str:
+    """The deterministic id of the one message a user gets from a campaign's plan of one day:
+    ``<hex>@<domain>``.
 
-    A re-render computes the same id, so writing the outbox by this key replaces, never duplicates.
-    The header form adds angle brackets: ``Message-ID: <hex@domain>``.
+    A re-render of the same day computes the same id, so writing the outbox by this key replaces,
+    never duplicates; the next day's plan of a recurring campaign is a new message with a new id,
+    which the send stage sends again (a sent message is never sent twice). The header form adds
+    angle brackets: ``Message-ID: <hex@domain>``.
     """
-    payload = json.dumps([campaign_id, user_id], ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    day = plan_date.isoformat() if plan_date is not None else None
+    payload = json.dumps([campaign_id, user_id, day], ensure_ascii=True, separators=(",", ":")).encode("ascii")
     return f"{hashlib.sha256(payload).hexdigest()[:32]}@{domain}"
 
 

@@ -152,6 +152,13 @@ def _local_date(value: Any, zone: dt.tzinfo) -> dt.date:
     return _local_date(dt.datetime.fromisoformat(text.replace("Z", "+00:00")), zone)
 
 
+def _plan_day(value: Any) -> dt.date | None:
+    """The plan day of a row (a date, or its ISO text); None for a plan written before it existed."""
+    if value is None or isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+        return value
+    return dt.date.fromisoformat(str(value)[:10])
+
+
 def _zone(name: str | None) -> dt.tzinfo:
     try:
         return ZoneInfo(name) if name else dt.timezone.utc
@@ -234,7 +241,7 @@ def render_message(row: Mapping[str, Any], config: RenderConfig) -> dict[str, An
     html_template, locale = engine.body_template(row.get("template") or "", locale, "html")
     text_template, _ = engine.body_template(row["template"], locale, "txt")
     zone = _zone(row.get("timezone"))
-    msg_id = message_id(campaign_id, user_id, domain=config.domain)
+    msg_id = message_id(campaign_id, user_id, _plan_day(row.get("plan_date")), domain=config.domain)
     tokens = MessageTokens(key=config.signing_key, issued_at=config.rendered_at, message_id=msg_id,
                            campaign_id=campaign_id, user_id=user_id, variant=variant)
     unsubscribe = link_url(config.links_base_url, UNSUBSCRIBE, tokens.unsubscribe(row.get("campaign_type")))

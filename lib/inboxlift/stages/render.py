@@ -5,8 +5,9 @@ recipient's mail permission (:func:`inboxlift.consent.with_mail_permission`), jo
 catalogue, renders the permitted recipients with sandboxed Jinja2 per partition (``mapInArrow``) and
 writes:
 
-- ``outbox``: merged by ``message_id`` (a hash of campaign and user), so a re-render replaces a
-  message instead of adding one. In the same merge, ``rendered`` messages that must not leave are
+- ``outbox``: merged by ``message_id`` (a hash of campaign, user and plan day), so a re-render
+  replaces a message instead of adding one, and the next plan day of a recurring campaign is a new
+  message. In the same merge, ``rendered`` messages that must not leave are
   retired (``status = withdrawn``, ``status_reason`` says why): those whose user may not be mailed
   now (any campaign), and those of the rendered campaigns that the latest plan no longer holds or
   whose re-render failed. A ``sent`` message is never changed; rows are never deleted;
@@ -190,10 +191,21 @@ def _withdrawals(outbox: DataFrame, *, messages: DataFrame, failures: DataFrame,
             .select(*outbox.columns))
 
 
-def _with_status_reason(ctx: RunContext) -> None:
-    """Add ``status_reason`` to an outbox written before it existed (older rows read it as null)."""
-    if ctx.lake.exists(OUTBOX_TABLE) and STATUS_REASON not in ctx.lake.read(OUTBOX_TABLE).columns:
-        empty = ctx.lake.read(OUTBOX_TABLE).limit(0).withColumn(STATUS_REASON, F.lit(None).cast("string"))
+# Outbox columns added after the outbox's first release: older tables get them (null in older rows).
+_LATER_COLUMNS = ((STATUS_REASON, "string"), ("plan_date", "date"))
+
+
+def _with_later_columns(ctx: RunContext) -> None:
+    """Add ``status_reason`` and ``plan_date`` to an outbox written before they existed (older rows
+    read them as null)."""
+    if not ctx.lake.exists(OUTBOX_TABLE):
+        return
+    columns = ctx.lake.read(OUTBOX_TABLE).columns
+    missing = [(name, kind) for name, kind in _LATER_COLUMNS if name not in columns]
+    if missing:
+        empty = ctx.lake.read(OUTBOX_TABLE).limit(0)
+        for name, kind in missing:
+            empty = empty.withColumn(name, F.lit(None).cast(kind))
         ctx.lake.append(OUTBOX_TABLE, empty, merge_schema=True)
 
 
@@ -202,7 +214,7 @@ def _write_outbox(ctx: RunContext, messages: DataFrame, *, failures: DataFrame, 
                   now: dt.datetime) -> tuple[WriteResult, tuple[tuple[str, str, int], ...]]:
     """Merge the new messages and the withdrawals (:func:`_withdrawals`) into ``outbox`` in one commit;
     returns the write and the withdrawals per campaign and reason."""
-    _with_status_reason(ctx)
+    _with_later_columns(ctx)
     source, withdrawn = messages, []
     if ctx.lake.exists(OUTBOX_TABLE):
         retired = _withdrawals(ctx.lake.read(OUTBOX_TABLE), messages=messages, failures=failures,

@@ -1,0 +1,288 @@
+"""The send stage: ``outbox`` -> the relay over SMTP, exactly once per message (README "Sending").
+
+``run_send`` takes the run lock, commits what an earlier run that died left in its journal, selects
+the due messages (:mod:`inboxlift.delivery.selection`: rendered, ``send_at`` passed, not sent, not
+waiting for a retry, the user still allowed mail now), records the skipped ones, checks the relay
+once from the driver, and sends the rest from the executors: the light keys of the due messages are
+joined to the outbox's bodies, hash-partitioned into ``delivery.connections`` tasks, and each task
+sends its partition over one SMTP connection (``mapInArrow``,
+:func:`inboxlift.delivery.partition.send_batches`). The driver only collects counts. The run's
+journal then becomes ``deliveries`` rows, the outbox's ``sent`` statuses and suppressions
+(:func:`inboxlift.delivery.bookkeeping.commit_runs`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from inboxlift.consent import SUPPRESSIONS_TABLE, email_hash
+from inboxlift.context import RunContext
+from inboxlift.delivery import states as S
+from inboxlift.delivery.bookkeeping import Committed, commit_runs, with_message_columns
+from inboxlift.delivery.journal import RunLock, new_run_id, pending_runs, start_run
+from inboxlift.delivery.partition import INPUT_COLUMNS, RESULT_DDL, SendPlan, send_batches
+from inboxlift.delivery.selection import (
+    DUE,
+    HELD_UNKNOWN,
+    NOT_YET_DUE,
+    WAITING,
+    latest_deliveries,
+    with_send_status,
+    with_skip_reason,
+)
+from inboxlift.delivery.smtp import RelayConfig, RelayError, check_relay
+from inboxlift.render.frames import render_partitions
+from inboxlift.settings import Settings, SettingsError, resolve_secret
+
+OUTBOX_TABLE = "outbox"
+USERS_TABLE = "users"
+
+
+class DeliveryError(RuntimeError):
+    """The run cannot send as configured (relay refused, speculation on); nothing was sent."""
+
+
+@dataclass(frozen=True)
+class SendReport:
+    run_id: str
+    campaign_id: str | None
+    dry_run: bool
+    relay: str
+    connections: int
+    # this run: state -> messages (sent, deferred, bounced, failed, unknown; skipped is below)
+    states: dict[str, int] = field(default_factory=dict)
+    # this run: (state, reason) -> messages, for deferred, failed, unknown, bounced
+    reasons: dict[tuple[str, str], int] = field(default_factory=dict)
+    # this run: skip reason -> messages (consent reasons, expired)
+    skipped: dict[str, int] = field(default_factory=dict)
+    not_yet_due: int = 0
+    waiting: int = 0
+    held_unknown: int = 0
+    held_back: int = 0
+    seconds: float = 0.0
+    # earlier runs that died, committed by this one: state -> messages
+    recovered: dict[str, int] = field(default_factory=dict)
+    recovered_runs: tuple[str, ...] = ()
+    suppressed_bounced: int = 0
+    suppressed_soft: int = 0
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def attempted(self) -> int:
+        return sum(self.states.values())
+
+    @property
+    def due(self) -> int:
+        """Every message this run selected: sent + deferred + bounced + failed + skipped + unknown."""
+        return self.attempted + self.skipped_total
+
+    @property
+    def per_second(self) -> float:
+        return self.attempted / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        scope = f"campaign {self.campaign_id}" if self.campaign_id else "every campaign"
+        n = self.states.get
+        head = "send (dry run, nothing sent)" if self.dry_run else "send"
+        lines = [f"{head} ({scope}) run {self.run_id} via {self.relay}: due {self.due} = sent {n(S.SENT, 0)} + "
+                 f"deferred {n(S.DEFERRED, 0)} + bounced {n(S.BOUNCED, 0)} + failed {n(S.FAILED, 0)} + skipped "
+                 f"{self.skipped_total} + unknown {n(S.UNKNOWN, 0)}"]
+        if self.dry_run:
+            lines[0] = (f"{head} ({scope}): due {self.due} = to send {self.attempted} + skipped {self.skipped_total}")
+        if self.skipped:
+            lines.append("  skipped: " + ", ".join(f"{r}={c}" for r, c in sorted(self.skipped.items())))
+        for (state, reason), count in sorted(self.reasons.items()):
+            lines.append(f"  {state}: {reason}={count}")
+        if self.attempted and not self.dry_run:
+            lines.append(f"  {self.attempted} messages in {self.seconds:.1f}s over {self.connections} connections: "
+                         f"{self.per_second:.1f} messages/s")
+        waits = [(self.not_yet_due, "not yet due (send_at later)"), (self.waiting, "deferred, waiting for a retry"),
+                 (self.held_back, "held back by --limit")]
+        lines += [f"  {count} {what}" for count, what in waits if count]
+        if self.held_unknown:
+            lines.append(f"  {self.held_unknown} messages unknown from earlier runs (the relay may have them): "
+                         "not resent; --resend-unknown sends them again")
+        if self.recovered_runs:
+            states = ", ".join(f"{s}={c}" for s, c in sorted(self.recovered.items()))
+            lines.append(f"  recovered {len(self.recovered_runs)} interrupted run(s) from their journal: {states}")
+        if self.suppressed_bounced or self.suppressed_soft:
+            lines.append(f"  suppressions added: bounced={self.suppressed_bounced}, soft_bounced={self.suppressed_soft}")
+        return "\n".join(lines)
+
+
+def relay_from_settings(settings: Settings, *, environ: Mapping[str, str], dbutils: Any = None) -> RelayConfig:
+    """The relay of ``delivery:``, with the password of ``secrets.smtp_password`` when a user is set."""
+    d = settings.delivery
+    if d.is_embedded:
+        raise SettingsError("delivery.relay_host is 'embedded': the embedded server is started by `inboxlift run "
+                            "send` and run-all (inboxlift.delivery.sink); pass its relay to run_send")
+    password = resolve_secret(settings.secrets.smtp_password, environ=environ, dbutils=dbutils) if d.username else None
+    return RelayConfig.from_settings(d, password=password)
+
+
+def _connections(ctx: RunContext) -> int:
+    return ctx.settings.delivery.connections or render_partitions(ctx.spark) or 2
+
+
+def _refuse_speculation(ctx: RunContext) -> None:
+    # A speculative copy of a task would send the same partition at the same time.
+    try:
+        speculation = str(ctx.spark.conf.get("spark.speculation", "false")).lower()
+    except Exception:  # noqa: BLE001 - a server that does not expose the setting runs without it
+        speculation = "false"
+    if speculation == "true":
+        raise DeliveryError("spark.speculation is on: a speculative task would send its messages twice; "
+                            "turn it off for the send stage")
+
+
+def _skipped_rows(skipped: DataFrame, *, run_id: str, now: dt.datetime) -> DataFrame:
+    rows = skipped.select(
+        "message_id", "attempt", F.lit(run_id).alias("run_id"), F.lit(S.SKIPPED).alias("state"),
+        F.col("skip_reason").alias("reason"), F.lit(now).cast("timestamp").alias("attempted_at"),
+        "campaign_id", "user_id", email_hash(F.col("to_email")).alias("email_hash"))
+    return with_message_columns(rows, outbox=None, origin=S.ORIGIN_SMTP)
+
+
+def run_send(ctx: RunContext, *, campaign_id: str | None = None, dry_run: bool = False, limit: int | None = None,
+             resend_unknown: bool = False, relay: RelayConfig | None = None,
+             environ: Mapping[str, str] | None = None, dbutils: Any = None) -> SendReport:
+    """Send the due outbox messages of one campaign (or of all).
+
+    Args:
+        dry_run: select and count only: no lock, no journal, no SMTP, no table written.
+        limit: send at most this many messages (the earliest ``send_at`` first); the others stay due.
+        resend_unknown: send again the messages whose outcome is ``unknown`` (the relay may have
+            them: receiving systems drop a duplicate by its Message-ID, not all do).
+        relay: where to send; default the ``delivery:`` settings (the embedded server's relay when
+            ``relay_host`` is ``embedded``: the stage runner starts it).
+        environ, dbutils: where ``secrets.smtp_password`` is looked up.
+
+    Raises:
+        DeliveryError: the relay refuses the connection, TLS or AUTH, or speculation is on (nothing sent).
+    """
+    d = ctx.settings.delivery
+    now = ctx.clock.now()
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be 0 or more, got {limit}")
+    if relay is None and not dry_run:
+        relay = relay_from_settings(ctx.settings, environ=environ or {}, dbutils=dbutils)
+    relay_name = relay.name if relay is not None else d.relay_host
+    outbox = ctx.lake.read_required(OUTBOX_TABLE, needed_by="send", hint="run render first")
+    run_id = new_run_id(now)
+    connections = _connections(ctx)
+    if dry_run:
+        return _select(ctx, outbox, run_id=run_id, campaign_id=campaign_id, limit=limit, relay=relay_name,
+                       resend_unknown=resend_unknown, connections=connections, now=now, dry_run=True)[0]
+    _refuse_speculation(ctx)
+    with RunLock(d.journal_dir, run_id=run_id, lease_seconds=d.lock_lease_seconds):
+        recovered = Committed((), 0, 0)
+        pending = pending_runs(d.journal_dir)
+        if pending:
+            recovered = commit_runs(ctx.lake, pending, now=now, soft_bounce_threshold=d.soft_bounce_threshold)
+            outbox = ctx.lake.read(OUTBOX_TABLE)
+        report, to_send, skipped, due = _select(ctx, outbox, run_id=run_id, campaign_id=campaign_id, limit=limit,
+                                                relay=relay_name, resend_unknown=resend_unknown,
+                                                connections=connections, now=now, dry_run=False)
+        try:
+            folders, seconds, results = [], 0.0, {}
+            if report.attempted:
+                assert relay is not None
+                try:
+                    check_relay(relay)
+                except RelayError as exc:
+                    raise DeliveryError(f"{exc}; nothing was sent") from exc
+                folder = start_run(d.journal_dir, run_id, {"run_id": run_id, "relay": relay.name,
+                                                           "started_at": now.isoformat()})
+                folders.append(folder)
+                started = time.monotonic()
+                results = _send(ctx, outbox, to_send, relay=relay, folder=str(folder), connections=connections,
+                                count=report.attempted, now=now)
+                seconds = time.monotonic() - started
+            committed = commit_runs(ctx.lake, folders, extra=_skipped_rows(skipped, run_id=run_id, now=now),
+                                    now=now, soft_bounce_threshold=d.soft_bounce_threshold)
+        finally:
+            due.unpersist()
+    states = {s: c for s, c in committed.states(run_id).items() if s != S.SKIPPED}
+    reasons = {(s, r or "-"): c for run, s, r, c in committed.counts
+               if run == run_id and s not in (S.SENT, S.SKIPPED)}
+    mismatch = {s: c for s, c in results.items() if states.get(s, 0) != c}
+    if mismatch:
+        raise DeliveryError(f"run {run_id}: the tasks reported {results} but the journal holds {states}")
+    return SendReport(
+        run_id=run_id, campaign_id=campaign_id, dry_run=False, relay=relay_name, connections=connections,
+        states=states, reasons=reasons, skipped=report.skipped, not_yet_due=report.not_yet_due,
+        waiting=report.waiting, held_unknown=report.held_unknown, held_back=report.held_back, seconds=seconds,
+        recovered={s: c for s, c in recovered.states().items()}, recovered_runs=tuple(sorted(recovered.runs())),
+        suppressed_bounced=committed.bounced_suppressions + recovered.bounced_suppressions,
+        suppressed_soft=committed.soft_bounced_suppressions + recovered.soft_bounced_suppressions,
+    )
+
+
+def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str | None, limit: int | None,
+            relay: str, resend_unknown: bool, connections: int, now: dt.datetime,
+            dry_run: bool) -> tuple[SendReport, DataFrame, DataFrame, DataFrame]:
+    """The run's selection: the report's counts, the messages to send, the skipped ones, and the
+    persisted due frame they come from (the caller unpersists it)."""
+    d = ctx.settings.delivery
+    deliveries = ctx.lake.read(S.DELIVERIES_TABLE) if ctx.lake.exists(S.DELIVERIES_TABLE) else None
+    statuses = with_send_status(outbox, latest=latest_deliveries(deliveries) if deliveries is not None else None,
+                                now=now, campaign_id=campaign_id, resend_unknown=resend_unknown)
+    suppressions = ctx.lake.read(SUPPRESSIONS_TABLE) if ctx.lake.exists(SUPPRESSIONS_TABLE) else None
+    max_delay = dt.timedelta(hours=d.max_delay_hours) if d.max_delay_hours else None
+    # Light columns only; read by the counts, the skipped rows and the keys of the messages sent.
+    due = (statuses.where(F.col("send_status") == F.lit(DUE))
+           .transform(with_skip_reason, users=ctx.lake.read(USERS_TABLE), suppressions=suppressions, now=now,
+                      max_delay=max_delay)
+           .persist(StorageLevel.MEMORY_AND_DISK))
+    # Small: one row per status, one per skip reason.
+    by_status = {r["send_status"]: r["count"] for r in statuses.groupBy("send_status").count().collect()}
+    by_reason = {r["skip_reason"]: r["count"] for r in due.groupBy("skip_reason").count().collect()}
+    sendable = by_reason.pop(None, 0)
+    to_send = due.where(F.col("skip_reason").isNull())
+    held_back = 0
+    if limit is not None and sendable > limit:
+        to_send = to_send.orderBy("send_at", "message_id").limit(limit)
+        held_back, sendable = sendable - limit, limit
+    report = SendReport(
+        run_id=run_id, campaign_id=campaign_id, dry_run=dry_run, relay=relay, connections=connections,
+        states={"to_send": sendable} if sendable else {}, skipped=by_reason,
+        not_yet_due=by_status.get(NOT_YET_DUE, 0), waiting=by_status.get(WAITING, 0),
+        held_unknown=by_status.get(HELD_UNKNOWN, 0), held_back=held_back)
+    if dry_run:
+        due.unpersist()
+    return report, to_send, due.where(F.col("skip_reason").isNotNull()), due
+
+
+def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str,
+          connections: int, count: int, now: dt.datetime) -> dict[str, int]:
+    """Run the send job; returns messages per state as the tasks reported them."""
+    d = ctx.settings.delivery
+    plan = SendPlan(
+        relay=relay, run_dir=folder, connections=connections,
+        return_path=d.return_path, messages_per_second=d.messages_per_second,
+        domain_messages_per_second=d.domain_messages_per_second, throttle_backoff_seconds=d.throttle_backoff_seconds,
+        throttle_backoff_max_seconds=d.throttle_backoff_max_seconds, throttle_retries=d.throttle_retries,
+        max_attempts=d.max_attempts, retry_backoff_minutes=d.retry_backoff_minutes,
+        retry_backoff_max_minutes=d.retry_backoff_max_minutes, journal_fsync=d.journal_fsync, clock=ctx.clock)
+    keys = to_send.select("message_id", "attempt")
+    if count <= d.broadcast_max_messages:
+        # The bodies stay where the outbox scan reads them; only the keys travel.
+        keys = F.broadcast(keys)
+    bodies = outbox.select(*[c for c in INPUT_COLUMNS if c != "attempt"]).join(keys, "message_id", how="inner")
+    # Hash partitioning by message id: balanced tasks, and a message lands in the same task if Spark
+    # runs the stage again (the journal then replays it).
+    results = bodies.repartition(connections, "message_id").mapInArrow(
+        functools.partial(send_batches, plan=plan), RESULT_DDL)
+    # One row per state: the send job runs here, its output is only counted.
+    return {r["state"]: r["count"] for r in results.groupBy("state").count().collect()}

@@ -1,0 +1,248 @@
+"""The send stage through Spark against a real scripted SMTP server on loopback (tests/smtp_server.py):
+what arrives, the tables it leaves, consent at send time, bad rows, retries across runs, soft and
+hard bounces, a relay that refuses TLS or AUTH. The kill test is tests/test_send_kill.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import functions as F
+
+from inboxlift.campaigns.definitions import parse_campaigns
+from inboxlift.campaigns.planning import PlanInputs, plan_campaign
+from inboxlift.clock import FixedClock
+from inboxlift.delivery.journal import runs_dir
+from inboxlift.render.eml import message_bytes
+from inboxlift.stages.send import DeliveryError, run_send
+
+from smtp_server import ScriptedHandler, smtp_server
+
+UTC = dt.timezone.utc
+NOW = dt.datetime(2026, 11, 20, 12, 0, tzinfo=UTC)   # the ctx fixture's clock
+OUTBOX = ("message_id string, campaign_id string, campaign_type string, user_id string, variant string, "
+          "to_email string, from_email string, subject string, html string, text string, "
+          "headers map<string,string>, send_at timestamp, status string, rendered_at timestamp, plan_run_id string, "
+          "plan_date date, status_reason string")
+USERS = "user_id string, email string, email_consent boolean, locale string, timezone string, birthday date"
+SUPPRESSIONS = ("user_id string, email_hash string, scope string, reason string, source string, since timestamp, "
+                "lifted_at timestamp, updated_at timestamp")
+DELIVERY_COLUMNS = ["message_id", "attempt", "state", "reason", "smtp_code"]
+
+
+@pytest.fixture(autouse=True)
+def utc_session(spark):
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+
+
+def sha(address: str) -> str:
+    return hashlib.sha256(address.encode()).hexdigest()
+
+
+def mid(user: str, campaign: str = "c1") -> str:
+    return f"{campaign}-{user}@shop.example"
+
+
+def message(user: str, *, campaign: str = "c1", email: str | None = None, send_at=dt.datetime(2026, 11, 20, 9, 0),
+            status: str = "rendered", subject: str | None = None, headers: dict | None = None) -> tuple:
+    unsubscribe = f"https://t.shop.example/u/{user}-{campaign}-token"
+    head = {"From": "Example Shop <news@shop.example>", "Message-ID": f"<{mid(user, campaign)}>",
+            "List-Unsubscribe": f"<{unsubscribe}>, <mailto:unsubscribe@shop.example?subject=unsubscribe>",
+            "List-Unsubscribe-Post": "List-Unsubscribe=One-Click", "X-Inboxlift-Campaign": campaign}
+    return (mid(user, campaign), campaign, "weekly_picks", user, "A", email or f"{user}@mail.example",
+            "news@shop.example", subject or f"Picks for {user}", f"<p>Hello {user}</p>", f"Hello {user}\n",
+            headers if headers is not None else head, send_at, status, dt.datetime(2026, 11, 20, 6, 0), "plan-1",
+            dt.date(2026, 11, 20), None)
+
+
+def user(user_id: str, consent: bool | None = True, email: str | None = None) -> tuple:
+    return (user_id, email or f"{user_id}@mail.example", consent, "en", "UTC", None)
+
+
+def sending_ctx(ctx, port: int, **delivery):
+    options = dict(relay_host="127.0.0.1", relay_port=port, security="none", connections=2, messages_per_second=0.0,
+                   domain_messages_per_second=0.0, throttle_backoff_seconds=0.01, throttle_retries=1,
+                   command_timeout_seconds=5.0, connect_timeout_seconds=2.0, helo_name="localhost",
+                   lock_lease_seconds=30.0)
+    settings = dataclasses.replace(ctx.settings, delivery=dataclasses.replace(
+        ctx.settings.delivery, **{**options, **delivery}))
+    return dataclasses.replace(ctx, settings=settings)
+
+
+def deliveries(ctx, spark):
+    return ctx.lake.read("deliveries").select(*DELIVERY_COLUMNS)
+
+
+def outbox_statuses(ctx) -> dict[str, tuple[str, str | None]]:
+    return {r.user_id + ("" if r.campaign_id == "c1" else "/" + r.campaign_id): (r.status, r.status_reason)
+            for r in ctx.lake.read("outbox").select("user_id", "campaign_id", "status", "status_reason").collect()}
+
+
+def test_every_due_message_arrives_once_with_the_outbox_headers_and_the_tables_reconcile(ctx, spark):
+    rows = [
+        message("u1"), message("u2"),
+        message("u3"),                                                   # consent withdrawn after render
+        message("u4"),                                                   # unsubscribed after render
+        message("u5", send_at=dt.datetime(2026, 11, 20, 18, 0)),        # its slot is later today
+        message("u6", status="withdrawn"),                               # render withdrew it
+        message("u7", email="u7@@mail.example"),                         # the address fails validation again
+        message("u8", subject="Hi\r\nBcc: everyone@mail.example"),       # a header with CR/LF
+        message("u9", email="u9@bücher.example"),                        # an internationalised domain
+        message("u10", send_at=dt.datetime(2026, 11, 18, 9, 0)),         # two days late: expired
+        message("u11"),                                                  # the relay refuses the mailbox
+    ]
+    ctx.lake.append("outbox", spark.createDataFrame(rows, OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame(
+        [user(f"u{i}") for i in (1, 2, 4, 5, 6, 7, 8, 10, 11)]
+        + [user("u3", consent=False), user("u9", email="u9@bücher.example")], USERS))
+    ctx.lake.append("suppressions", spark.createDataFrame([
+        ("u4", sha("u4@mail.example"), "all", "unsubscribed", "e1", dt.datetime(2026, 11, 20, 7, 0), None,
+         dt.datetime(2026, 11, 20, 7, 0))], SUPPRESSIONS))
+    handler = ScriptedHandler(script={"u11@mail.example": ["rcpt550"]})
+
+    with smtp_server(handler) as port:
+        sending = sending_ctx(ctx, port)
+        report = run_send(sending)
+        tables = {name: ctx.lake.read(name).collect() for name in ("deliveries", "outbox", "suppressions")}
+        again = run_send(sending)
+
+    assert report.states == {"sent": 3, "bounced": 1, "failed": 2}
+    assert report.skipped == {"no_consent": 1, "unsubscribed": 1, "expired": 1}
+    assert report.due == 9 == 3 + 1 + 2 + 3          # sent + bounced + failed + skipped (no deferred, unknown)
+    assert (report.not_yet_due, report.connections, report.suppressed_bounced) == (1, 2, 1)
+    summary = report.summary()
+    assert "due 9 = sent 3 + deferred 0 + bounced 1 + failed 2 + skipped 3 + unknown 0" in summary
+    assert "skipped: expired=1, no_consent=1, unsubscribed=1" in summary and "messages/s" in summary
+
+    # Each due message once, byte for byte what the outbox row makes (Message-ID, List-Unsubscribe...).
+    by_id = {r.message_id: r for r in handler.received}
+    assert sorted(by_id) == sorted(f"<{mid(u)}>" for u in ("u1", "u2", "u9")) and len(handler.received) == 3
+    outbox = {r.message_id: r.asDict() for r in ctx.lake.read("outbox").collect()}
+    for user_id in ("u1", "u2", "u9"):
+        expected = message_bytes({**outbox[mid(user_id)], "send_at": outbox[mid(user_id)]["send_at"]
+                                  .replace(tzinfo=UTC)})
+        received = by_id[f"<{mid(user_id)}>"].content
+        assert received.split(b"\r\n\r\n", 1)[0] == expected.split(b"\r\n\r\n", 1)[0]
+        assert b"\r\nList-Unsubscribe: <https://t.shop.example/u/" + user_id.encode() in received
+    assert by_id[f"<{mid('u9')}>"].rcpt == "u9@xn--bcher-kva.example"
+    assert handler.transactions["u11@mail.example"] == 1
+
+    assert_df_equality(deliveries(ctx, spark), spark.createDataFrame([
+        (mid("u1"), 1, "sent", None, 250), (mid("u2"), 1, "sent", None, 250), (mid("u9"), 1, "sent", None, 250),
+        (mid("u3"), 1, "skipped", "no_consent", None), (mid("u4"), 1, "skipped", "unsubscribed", None),
+        (mid("u10"), 1, "skipped", "expired", None),
+        (mid("u7"), 1, "failed", "invalid_address", None), (mid("u8"), 1, "failed", "header_line_break", None),
+        (mid("u11"), 1, "bounced", "rejected", 550),
+    ], "message_id string, attempt int, state string, reason string, smtp_code int"),
+        ignore_row_order=True, ignore_nullable=True)
+    u1 = ctx.lake.read("deliveries").where(F.col("message_id") == mid("u1")).collect()[0]
+    assert (u1.user_id, u1.campaign_id, u1.email_hash, u1.relay, u1.origin) == (
+        "u1", "c1", sha("u1@mail.example"), f"127.0.0.1:{port}", "smtp")
+    assert u1.attempted_at == NOW.replace(tzinfo=None) and u1.run_id == report.run_id
+    assert outbox_statuses(ctx) == {
+        "u1": ("sent", None), "u2": ("sent", None), "u9": ("sent", None),
+        "u3": ("withdrawn", "no_consent"), "u4": ("withdrawn", "unsubscribed"), "u10": ("withdrawn", "expired"),
+        "u5": ("rendered", None), "u6": ("withdrawn", None), "u7": ("rendered", None), "u8": ("rendered", None),
+        "u11": ("rendered", None)}
+    bounce = ctx.lake.read("suppressions").where("user_id = 'u11'").collect()
+    assert [(r.scope, r.reason, r.source, r.email_hash, r.lifted_at) for r in bounce] == [
+        ("all", "bounced", mid("u11"), sha("u11@mail.example"), None)]
+    assert not list(runs_dir(sending.settings.delivery.journal_dir).iterdir())   # committed and removed
+
+    # A second run sends nothing and leaves every table as it was.
+    assert (again.due, again.attempted, again.not_yet_due) == (0, 0, 1) and len(handler.received) == 3
+    for name, before in tables.items():
+        assert sorted(map(str, ctx.lake.read(name).collect())) == sorted(map(str, before)), name
+
+    # The bounced address is excluded from the next plan (the plan reads the same suppressions).
+    spec = {"type": "weekly_picks", "template": "weekly_picks", "subjects": {"A": {"en": "Hi"}}, "split": {"A": 1.0},
+            "holdout": 0.0, "min_products": 1, "cooldown_days": 0}
+    camp = parse_campaigns({"campaigns": {"c2": spec}}, source="test")["c2"]
+    people = ("u1", "u11")
+    inputs = PlanInputs(
+        users=ctx.lake.read("users"),
+        user_features=spark.createDataFrame(
+            [(u, False, False, 10, [], 0, None, [], "active", 1, [], []) for u in people],
+            "user_id string, is_unsubscribed boolean, is_bounced boolean, preferred_send_hour int, "
+            "open_cart_item_ids array<string>, open_cart_item_count int, open_cart_added_at timestamp, "
+            "browsed_not_bought_item_ids array<string>, lifecycle_stage string, days_since_last_activity int, "
+            "top_categories array<string>, negatively_reviewed_item_ids array<string>"),
+        item_features=spark.createDataFrame([("i1", "Home", True, False, 100, 1.0, 0, 0)],
+                                            "item_id string, category string, is_in_stock boolean, "
+                                            "is_new_arrival boolean, days_since_launch int, trending_score double, "
+                                            "purchases_90d long, views_90d long"),
+        history=spark.createDataFrame([], "campaign_id string, user_id string, plan_date date"),
+        purchases=spark.createDataFrame([], "user_id string, item_id string, event_ts timestamp"),
+        recommendations=spark.createDataFrame([(u, 1, "i1", "als") for u in people],
+                                              "user_id string, rank int, item_id string, source string"),
+        similar_items=None, content_similar_items=None, user_segments=None,
+        suppressions=ctx.lake.read("suppressions"))
+    plan, excluded = plan_campaign(inputs, camp, plan_date=dt.date(2026, 11, 21), plan_run_id="r2", planned_at=NOW)
+    assert [r.user_id for r in plan.collect()] == ["u1"]
+    assert {r.user_id: r.reason for r in excluded.collect()} == {"u11": "bounced"}
+
+
+def test_deferred_messages_wait_then_go_soft_bounces_suppress_and_a_dry_run_writes_nothing(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame(
+        [message("u1"), message("u2"), message("u2", campaign="c2"), message("u3")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("u1"), user("u2"), user("u3")], USERS))
+    handler = ScriptedHandler(script={"u1@mail.example": ["450", "250"], "u2@mail.example": ["452"]})
+    with smtp_server(handler) as port:
+        sending = sending_ctx(ctx, port, max_attempts=2, soft_bounce_threshold=2, throttle_retries=0)
+        dry = run_send(sending, dry_run=True, limit=1)
+        assert (dry.attempted, dry.held_back, dry.skipped) == (1, 3, {})
+        assert "to send 1" in dry.summary() and not ctx.lake.exists("deliveries") and handler.transactions == {}
+
+        first = run_send(sending)
+        waiting = run_send(sending)
+        # 20 minutes later: past the first retry back-off (15 minutes).
+        third = run_send(dataclasses.replace(sending, clock=FixedClock(NOW + dt.timedelta(minutes=20))))
+
+    assert first.states == {"sent": 1, "deferred": 3}
+    assert first.reasons == {("deferred", "temporary"): 1, ("deferred", "throttled"): 2}
+    assert (waiting.due, waiting.waiting) == (0, 3)
+    assert third.states == {"sent": 1, "failed": 2} and third.suppressed_soft == 1
+    assert_df_equality(deliveries(ctx, spark), spark.createDataFrame([
+        (mid("u3"), 1, "sent", None, 250),
+        (mid("u1"), 1, "deferred", "temporary", 450), (mid("u1"), 2, "sent", None, 250),
+        (mid("u2"), 1, "deferred", "throttled", 452), (mid("u2"), 2, "failed", "retries_exhausted", 452),
+        (mid("u2", "c2"), 1, "deferred", "throttled", 452), (mid("u2", "c2"), 2, "failed", "retries_exhausted", 452),
+    ], "message_id string, attempt int, state string, reason string, smtp_code int"),
+        ignore_row_order=True, ignore_nullable=True)
+    deferred = ctx.lake.read("deliveries").where(f"message_id = '{mid('u1')}' AND attempt = 1").collect()[0]
+    assert deferred.next_attempt_at == dt.datetime(2026, 11, 20, 12, 15)
+    assert [r.rcpt for r in handler.received] == ["u3@mail.example", "u1@mail.example"]
+    # Two messages in a row given up on 4xx replies: the address is suppressed (soft_bounced).
+    soft = ctx.lake.read("suppressions").collect()
+    assert [(r.user_id, r.reason, r.scope, r.email_hash) for r in soft] == [
+        ("u2", "soft_bounced", "all", sha("u2@mail.example"))]
+    assert outbox_statuses(ctx) == {"u1": ("sent", None), "u2": ("rendered", None), "u2/c2": ("rendered", None),
+                                    "u3": ("sent", None)}
+
+
+def test_a_relay_that_refuses_tls_or_auth_stops_the_run_before_anything_is_touched(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([message("u1"), message("u2")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("u1"), user("u2")], USERS))
+    handler = ScriptedHandler()
+    with smtp_server(handler) as port:
+        refused = sending_ctx(ctx, port)
+        refused = dataclasses.replace(refused, settings=dataclasses.replace(refused.settings, delivery=dataclasses.replace(
+            refused.settings.delivery, security="starttls", username="shop")))
+        with pytest.raises(DeliveryError, match="does not offer STARTTLS.*nothing was sent"):
+            run_send(refused, environ={"INBOXLIFT_SMTP_PASSWORD": "s3cret"})
+        assert handler.transactions == {} and not ctx.lake.exists("deliveries")
+        assert outbox_statuses(ctx) == {"u1": ("rendered", None), "u2": ("rendered", None)}
+        # Nothing was lost: with the relay fixed, the same messages go.
+        report = run_send(sending_ctx(ctx, port))
+    assert report.states == {"sent": 2} and len(handler.received) == 2
+
+
+def test_an_empty_outbox_sends_nothing(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([], USERS))
+    report = run_send(sending_ctx(ctx, 1))
+    assert (report.due, report.attempted, report.not_yet_due) == (0, 0, 0)
+    assert not ctx.lake.exists("deliveries")
