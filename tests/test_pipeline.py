@@ -85,6 +85,18 @@ def test_run_all_tables_hold_every_user_once(run_all):
     assert rows["events"] > 0 and rows["interactions"] > 0
 
 
+def test_run_all_delivers_mail_into_the_embedded_relay(run_all):
+    """The loop ends with mail sent: the embedded relay stored what the send stage reports as sent."""
+    import mailbox
+
+    work, _, stdout = run_all
+    sent = re.search(r"due \d+ = sent (\d+)", stdout)
+    stored = re.search(r"embedded relay \S+ \(now stopped\): (\d+) messages stored", stdout)
+    assert sent and stored, stdout[-3000:]
+    assert int(sent.group(1)) > 0 and int(stored.group(1)) == int(sent.group(1))
+    assert len(mailbox.Maildir(str(work / "output" / "sent"), create=False)) == int(sent.group(1))
+
+
 def test_run_all_ends_with_where_things_are(run_all):
     work, _, stdout = run_all
     where = stdout.split("where things are:", 1)[1]

@@ -177,8 +177,23 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except _user_errors() as exc:
         print(f"inboxlift: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _release_session(ctx)
     print(f"done in {time.monotonic() - started:.1f}s", flush=True)
     return 0
+
+
+def _release_session(ctx: RunContext) -> None:
+    """Stop a Spark Connect client session, success or not.
+
+    pyspark's local Connect server (``spark.remote = local[N]``) runs in this process with non-daemon
+    threads: without the stop, a stage that raises leaves the command hanging instead of exiting
+    with the error. A classic session is left to the interpreter's own shutdown.
+    """
+    from inboxlift.session import is_connect_session
+
+    if is_connect_session(ctx.spark):
+        ctx.spark.stop()
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

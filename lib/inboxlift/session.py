@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from pyspark.sql import SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
 
 from inboxlift.settings import SparkSettings
 
@@ -47,6 +48,22 @@ class SessionInfo:
 def is_connect_session(spark: SparkSession) -> bool:
     """Whether ``spark`` is a Spark Connect client (no JVM in this process to talk to)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> DataFrame:
+    """``frame`` kept for reuse: persisted on a classic session, locally checkpointed on Spark Connect.
+
+    A Connect client sends the whole plan tree with every command, and protobuf refuses a message
+    nested more than 100 levels deep; the recommender's evaluation (splits, rankings, blends, ranked
+    lists) passes that depth, and ``RankingEvaluator`` then fails with ``Exceeded
+    upb_DecodeOptions_MaxDepth``. A local checkpoint replaces the plan with a reference to the
+    computed rows (eagerly), so what is built on it starts shallow again. Release either with
+    ``unpersist()``.
+    """
+    level = storage_level or StorageLevel.MEMORY_AND_DISK
+    if is_connect_session(frame.sparkSession):
+        return frame.localCheckpoint(eager=True, storageLevel=level)
+    return frame.persist(level)
 
 
 def master_of(spark: SparkSession) -> str:
