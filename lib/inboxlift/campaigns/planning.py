@@ -185,9 +185,8 @@ def _win_back(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date) -> tup
     best = _category_best_sellers(inputs.item_features, new_only=False)
     in_favourites = _in_top_categories(lapsing, best, POPULAR_IN_CATEGORY)
     overall = (inputs.item_features.where(F.col("is_in_stock"))
-               # One row per in-stock item, a handful kept: a global order over the catalogue, not
-               # over users, so one partition (the constant) is right and small.
-               .withColumn("r", F.row_number().over(Window.partitionBy(F.lit(0)).orderBy(
+               # Global and small: one row per in-stock item, an order over the catalogue, not over users.
+               .withColumn("r", F.row_number().over(Window.orderBy(
                    F.col("purchases_90d").desc(), F.col("views_90d").desc(), F.col("item_id"))))
                .where(F.col("r") <= PER_CATEGORY))
     fallback = lapsing.select("user_id").crossJoin(F.broadcast(overall.select("item_id", "r"))).select(
