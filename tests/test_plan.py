@@ -303,8 +303,8 @@ def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_pl
     ctx.lake.append("user_features", spark.createDataFrame(
         [features("a", cart=["i1"], cart_at=cart_at), features("b")], FEATURES))
     ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2")], ITEMS))
-    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
-                                                        "event_ts timestamp"))
+    ctx.lake.append("events", spark.createDataFrame([], "event_id string, user_id string, item_id string, "
+                                                        "event_type string, quantity int, event_ts timestamp"))
     ctx.lake.append("recommendations", spark.createDataFrame(
         [("a", 1, "i2", "als"), ("b", 1, "i2", "als")], "user_id string, rank int, item_id string, source string"))
     ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
@@ -356,8 +356,8 @@ def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorit
         features("y", cart=["i1"], cart_at=cart_at),    # got picks yesterday
     ], FEATURES))
     ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2"), item("i3", stock=False)], ITEMS))
-    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
-                                                        "event_ts timestamp"))
+    ctx.lake.append("events", spark.createDataFrame([], "event_id string, user_id string, item_id string, "
+                                                        "event_type string, quantity int, event_ts timestamp"))
     ctx.lake.append("recommendations", spark.createDataFrame(
         [(u, 1, "i2", "als") for u in ("a", "x", "b", "y")], "user_id string, rank int, item_id string, source string"))
     ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))

@@ -160,3 +160,44 @@ def test_every_global_window_says_why():
                 if not any("Global and small" in above for above in lines[max(0, n - 3):n + 1]):
                     unexplained.append(f"{path.relative_to(lib)}:{n + 1}")
     assert unexplained == []
+
+
+# ---- no silent zero ---------------------------------------------------------------------------
+
+def test_a_mostly_quarantined_import_names_the_reason_and_the_fix():
+    from inboxlift.diagnostics import diagnose_ingest
+    from inboxlift.stages.ingest import IngestReport
+
+    report = IngestReport("ingest-x", (1,), None, (
+        EntityCounts("invoice_lines", files=1, read=10, accepted=4, quarantined=6,
+                     quarantined_by_reason={"before_shop_opened": 5, "bad_quantity": 1}),
+        EntityCounts("invoice_lines/users", read=3, accepted=3),
+    ))
+    (warning,) = diagnose_ingest(report, stage="import")
+    assert warning.message() == (
+        "warning: import: 6 of 10 invoice_lines records were quarantined (mostly before_shop_opened): the data "
+        "starts before ingest.shop_opened: set it to the shop's first day, or leave it unset (no lower bound)")
+    # Half is not more than half.
+    half = IngestReport("ingest-y", (1,), None, (EntityCounts("events", read=10, accepted=5, quarantined=5,
+                                                              quarantined_by_reason={"bad_id": 5}),))
+    assert diagnose_ingest(half) == []
+
+
+def test_invoice_lines_alone_say_nobody_can_be_mailed_and_the_empty_outbox_is_the_shops_to_fix(ctx):
+    from inboxlift.diagnostics import NO_EMAIL, diagnose_audience, diagnose_plan, final_outbox
+
+    settings = dataclasses.replace(ctx.settings, ingest=dataclasses.replace(ctx.settings.ingest, shop_opened=None),
+                                   paths=dataclasses.replace(ctx.settings.paths,
+                                                             campaigns_file=str(DATA / "campaigns.yml")))
+    ctx = dataclasses.replace(ctx, settings=settings, clock=FixedClock.at("2011-12-01T12:00:00"))
+    printed: list[str] = []
+    run_import(ctx, shape="invoice_lines", path=str(DATA / "invoice_lines.csv"), echo=printed.append)
+    assert "default: no customer has an e-mail address or consent yet" in printed[0]
+    assert [(d.stage, d.problem) for d in diagnose_audience(ctx, stage="features")] == [("features", NO_EMAIL[0])]
+    run_features(ctx, as_of=AS_OF)
+    plan = run_plan(ctx, all_campaigns=True, plan_date=AS_OF)
+    assert sum(c.planned for c in plan.campaigns) == 0
+    assert [d.problem for d in diagnose_plan(ctx, plan)] == [NO_EMAIL[0]]
+    (final,) = final_outbox(ctx, diagnose_plan(ctx, plan))
+    assert final.shop_fixable and final.problem == "the outbox is empty"
+    assert "no user has an e-mail address (plan)" in final.fix
