@@ -160,11 +160,66 @@ class ClickstreamImport:
 
 
 @dataclass(frozen=True)
+class CustomersImport:
+    """A customers export (one row per customer): our field -> the export's column ("" = the export has none)."""
+
+    user_id: str = "CustomerID"
+    email: str = "Email"
+    first_name: str = "FirstName"
+    locale: str = ""
+    timezone: str = ""
+    country: str = "Country"
+    birthday: str = ""
+    signup_ts: str = "SignupDate"
+    email_consent: str = "EmailConsent"
+    consent_ts: str = "ConsentDate"
+    # Without it, a record counts as of the import (a later import of the same customer wins).
+    updated_at: str = ""
+    # For signup_ts, consent_ts, updated_at (and birthday when not YYYY-MM-DD): as for invoice_lines.
+    timestamp_format: str = "iso"
+    timezone_of_times: str = "UTC"
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class CatalogueImport:
+    """A catalogue export (one row per product): our field -> the export's column ("" = the export has none)."""
+
+    item_id: str = "StockCode"
+    name: str = "Name"
+    description: str = ""
+    category_path: str = "Category"
+    brand: str = ""
+    price: str = "Price"
+    currency: str = ""
+    image_url: str = "ImageURL"
+    url: str = "URL"
+    stock: str = "Stock"
+    launched_at: str = "LaunchDate"
+    updated_at: str = ""
+    # The currency of prices when the export has no currency column.
+    default_currency: str = "GBP"
+    timestamp_format: str = "iso"
+    timezone_of_times: str = "UTC"
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
 class ImportSettings:
     """Column mappings for real retailers' exports (``inboxlift import --shape ...``)."""
 
     invoice_lines: InvoiceLinesImport = field(default_factory=InvoiceLinesImport)
     clickstream: ClickstreamImport = field(default_factory=ClickstreamImport)
+    customers: CustomersImport = field(default_factory=CustomersImport)
+    catalogue: CatalogueImport = field(default_factory=CatalogueImport)
+    # Stock codes are upper-cased ("85123a" is "85123A"); the codes as written are kept in item_aliases.
+    # "keep" leaves them as written (a shop whose codes differ only by case).
+    item_id_case: Literal["upper", "keep"] = "upper"
+    # Rows of the sample checked before the full import: a format that fails on most of it stops the import.
+    format_sample_rows: int = 1000
+    # Products priced from invoice lines: the median unit price of customer (not anonymous) sale
+    # lines over the last this many days of each item's sales.
+    price_window_days: int = 90
 
 
 @dataclass(frozen=True)
@@ -173,8 +228,9 @@ class IngestSettings:
 
     # Money is stored as decimal(12, 2); strings longer than this are rejected.
     max_string_length: int = 2000
-    # The shop's first day: events before it are quarantined (as are events after "now" + skew).
-    shop_opened: str = "2020-01-01"
+    # The shop's first day (YYYY-MM-DD): events before it are quarantined (as are events after
+    # "now" + skew). Unset: no lower bound (a retailer's history may go back decades).
+    shop_opened: str | None = None
     future_skew_minutes: int = 10
     # Review ratings outside this range are quarantined as bad_rating.
     rating_min: int = 1
@@ -239,6 +295,9 @@ class FeatureSettings:
     lapsed_days: int = 180
     # Item features.
     new_arrival_days: int = 30
+    # A product whose stock the shop never gave (no catalogue file, or no stock column) counts as in
+    # stock; false: as out of stock (a shop that always sends stock and wants gaps to mean "none").
+    unknown_stock_in_stock: bool = True
     trend_recent_days: int = 7
     trend_baseline_days: int = 28
     # Pseudo-events per day added to both rates, so an item going from 0 to 1 view is not "infinitely" trending.
