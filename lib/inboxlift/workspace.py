@@ -28,16 +28,20 @@ def _sdk_dbutils(spark: SparkSession) -> Any | None:
         from databricks.sdk import WorkspaceClient
     except ImportError:
         return None
-    return WorkspaceClient().dbutils
+    try:
+        return WorkspaceClient().dbutils
+    except ValueError:  # no workspace or credentials configured: not on Databricks after all
+        return None
 
 
 # Tried in this order; each returns None where it does not apply.
 PROVIDERS: tuple[Callable[[SparkSession], Any | None], ...] = (_runtime_dbutils, _sdk_dbutils)
 
 
-def dbutils_for(spark: SparkSession, *, providers: tuple[Callable[[SparkSession], Any | None], ...] = PROVIDERS) -> Any | None:
+def dbutils_for(spark: SparkSession, *,
+                providers: tuple[Callable[[SparkSession], Any | None], ...] | None = None) -> Any | None:
     """The ``dbutils`` of a Databricks session, or None when no provider can give one."""
-    for provider in providers:
+    for provider in PROVIDERS if providers is None else providers:
         dbutils = provider(spark)
         if dbutils is not None:
             return dbutils
