@@ -170,8 +170,9 @@ SAMPLE = {"integer": 0, "long": 0, "double": 1.0, "float": 1.0, "string": "great
 results = {}
 for folder in sys.argv[1:]:
     model = mlflow.pyfunc.load_model(folder)
-    row = {spec.name: SAMPLE[spec.type.name] for spec in model.metadata.get_input_schema().inputs}
-    scored = model.predict(pd.DataFrame([row]))
+    row = pd.DataFrame({spec.name: pd.Series([SAMPLE[spec.type.name]], dtype=spec.type.to_pandas())
+                        for spec in model.metadata.get_input_schema().inputs})
+    scored = model.predict(row)
     import inboxlift
     results[folder] = {"rows": len(scored), "inboxlift": inboxlift.__file__}
 print(json.dumps(results))
@@ -188,13 +189,17 @@ def test_every_logged_model_loads_and_scores_where_the_library_is_not_installed(
     work, _, _ = run_all
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
-    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
-    logged = mlflow.search_logged_models(experiment_ids=experiments, output_format="list")
+    folders, runs_with_models = [], set()
+    for run in client.search_runs(experiments):
+        for entry in client.list_artifacts(run.info.run_id):
+            if entry.is_dir and any(f.path.endswith("/MLmodel") for f in client.list_artifacts(run.info.run_id, entry.path)):
+                runs_with_models.add(run.info.run_id)
+                folders.append(mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path=entry.path, dst_path=str(tmp_path / run.info.run_id),
+                    tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
     champions = {client.get_model_version_by_alias(name, "champion").run_id
                  for name in ("inboxlift-segments", "inboxlift-recommender")}
-    assert champions <= {m.source_run_id for m in logged}
-    folders = [mlflow.artifacts.download_artifacts(artifact_uri=m.artifact_location,
-                                                   dst_path=str(tmp_path / m.model_id)) for m in logged]
+    assert champions <= runs_with_models
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", _LOAD_AND_SCORE, *folders], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=300)

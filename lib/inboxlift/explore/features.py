@@ -22,19 +22,32 @@ def feature_histograms(user_features: DataFrame, columns: Sequence[str], *, bins
     require_columns(user_features, list(columns), step="feature_histograms")
     ranges = user_features.agg(*[F.min(c).cast("double").alias(f"{c}__min") for c in columns],
                                *[F.max(c).cast("double").alias(f"{c}__max") for c in columns]).first()
-    out = {}
+    widths = {}
     for column in columns:
         low, high = ranges[f"{column}__min"], ranges[f"{column}__max"]
+        widths[column] = (low, (high - low) / bins if low is not None and high > low else 1.0)
+
+    def bin_of(column: str) -> Any:
+        low, width = widths[column]
         if low is None:
-            out[column] = pd.DataFrame({"bin_low": [None], "bin_high": [None], "users": [user_features.count()]})
-            continue
-        width = (high - low) / bins if high > low else 1.0
+            return F.lit(None).cast("int")
         index = F.least(F.floor((F.col(column).cast("double") - F.lit(low)) / F.lit(width)), F.lit(bins - 1))
-        counts = (user_features.select(index.cast("int").alias("bin")).groupBy("bin").count()
-                  .orderBy(F.col("bin").asc_nulls_last()).toPandas())   # at most bins + 1 rows
-        counts["bin_low"] = counts["bin"].map(lambda b: None if pd.isna(b) else low + b * width)
-        counts["bin_high"] = counts["bin"].map(lambda b: None if pd.isna(b) else low + (b + 1) * width)
-        out[column] = counts.rename(columns={"count": "users"})[["bin_low", "bin_high", "users"]]
+        # least() skips nulls: a user without a value would land in the last bin.
+        return F.when(F.col(column).isNotNull(), index).cast("int")
+
+    # Every column's bins in one job: (column, bin) pairs exploded per user, then counted.
+    pairs = F.explode(F.array(*[F.struct(F.lit(c).alias("feature"), bin_of(c).alias("bin")) for c in columns]))
+    counts = (user_features.select(pairs.alias("pair")).select("pair.feature", "pair.bin")
+              .groupBy("feature", "bin").count().toPandas())   # at most (bins + 1) rows per column
+    out = {}
+    for column in columns:
+        low, width = widths[column]
+        mine = counts[counts["feature"] == column].sort_values("bin", na_position="last")
+        out[column] = pd.DataFrame({
+            "bin_low": [None if pd.isna(b) else low + b * width for b in mine["bin"]],
+            "bin_high": [None if pd.isna(b) else low + (b + 1) * width for b in mine["bin"]],
+            "users": mine["count"].astype(int).tolist(),
+        })
     return out
 
 
@@ -49,21 +62,22 @@ def rfm_grid(user_features: DataFrame, *, recency: str, frequency: str, monetary
              quantiles: int = 5) -> pd.DataFrame:
     """Users by recency score (5 = bought most recently) and frequency score, with their mean spend.
 
-    Scores are quantile buckets of buyers (approximate quantiles, 1% error); users without a
-    purchase (null recency) are one row of their own.
+    Scores are quantile buckets of buyers (approximate quantiles, 1% error); users without an order
+    (frequency 0 or null: their recency is their tenure, not a purchase) are one row of their own.
 
     Returns:
         ``r_score``, ``f_score`` (strings; "no purchase" for non-buyers), ``users``, ``mean_monetary``.
     """
     require_columns(user_features, [recency, frequency, monetary], step="rfm_grid")
-    buyers = user_features.where(F.col(recency).isNotNull())
+    is_buyer = F.coalesce(F.col(frequency), F.lit(0)) > 0
+    buyers = user_features.where(is_buyer)
     probabilities = [i / quantiles for i in range(1, quantiles)]
     r_edges, f_edges = buyers.approxQuantile([recency, frequency], probabilities, 0.01) \
         if not buyers.isEmpty() else ([], [])
     r_edges, f_edges = sorted(set(r_edges)), sorted(set(f_edges))
-    r_score = F.when(F.col(recency).isNull(), F.lit(NO_PURCHASE)).otherwise(
+    r_score = F.when(~is_buyer, F.lit(NO_PURCHASE)).otherwise(
         _score(recency, r_edges, higher_is_better=False).cast("string"))
-    f_score = F.when(F.col(recency).isNull(), F.lit(NO_PURCHASE)).otherwise(
+    f_score = F.when(~is_buyer, F.lit(NO_PURCHASE)).otherwise(
         _score(frequency, f_edges, higher_is_better=True).cast("string"))
     grid = (user_features.groupBy(r_score.alias("r_score"), f_score.alias("f_score"))
             .agg(F.count(F.lit(1)).alias("users"), F.avg(monetary).alias("mean_monetary"))
