@@ -16,13 +16,14 @@
 # COMMAND ----------
 
 # MAGIC %md
-# MAGIC Install the wheel `databricks bundle deploy` uploaded beside this folder (`../dist`; build it
-# MAGIC with `python -m pip wheel --no-deps --wheel-dir dist .` at the repository root when working
-# MAGIC outside the bundle). Run as a plain script, this cell is a comment and the installed library is used.
+# MAGIC Install the wheel `databricks bundle deploy` uploaded with this notebook: the bundle puts notebooks
+# MAGIC in `<root>/files/notebooks/` and the wheel in `<root>/artifacts/.internal/`. Elsewhere, point this
+# MAGIC cell at a wheel built with `python -m pip wheel --no-deps --wheel-dir dist .`. Run as a plain
+# MAGIC script, the cell is a comment and the installed library is used.
 
 # COMMAND ----------
 
-# MAGIC %pip install ../dist/inboxlift-0.1.0-py3-none-any.whl
+# MAGIC %pip install ../../artifacts/.internal/inboxlift-0.1.0-py3-none-any.whl
 
 # COMMAND ----------
 

@@ -306,7 +306,9 @@ def test_notebook_tasks_run_source_notebooks_with_their_widgets(bundle):
         assert set(task.notebook_task.base_parameters) == set(WIDGETS)
         assert task.notebook_task.base_parameters["env"] == target
         assert [lib.whl for lib in task.libraries] == ["../dist/*.whl"]
-    assert resolved["sync"]["paths"] == ["../notebooks", "../dist"]
+    # Notebooks land in <root>/files/notebooks/, the wheel in <root>/artifacts/.internal/ (the %pip cell's path).
+    assert resolved["sync"]["paths"] == ["../notebooks"]
+    assert "file_path" not in resolved.get("workspace", {}) and "artifact_path" not in resolved.get("workspace", {})
 
 
 @pytest.fixture(scope="module")
@@ -333,9 +335,9 @@ def test_the_wheel_carries_conf_and_no_spark_of_its_own(wheel):
         assert not any(r.startswith(package) for r in unconditional), f"{package} would be installed on Databricks"
         assert any(r.startswith(package) and 'extra == "local"' in r for r in requires), package
     assert "inboxlift-job = inboxlift.cli:job_main" in entry_points
-    # The %pip cell of every notebook installs this very file (by name) from ../dist.
+    # The %pip cell of every notebook installs this very file (by name) from where the bundle uploads it.
     for notebook in (ROOT / "notebooks").glob("*.py"):
-        assert f"# MAGIC %pip install ../dist/{wheel.name}\n" in notebook.read_text(), notebook.name
+        assert f"# MAGIC %pip install ../../artifacts/.internal/{wheel.name}\n" in notebook.read_text(), notebook.name
 
 
 def test_the_installed_wheel_finds_its_packaged_settings_without_the_repository(wheel, tmp_path):
