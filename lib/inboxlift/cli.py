@@ -105,7 +105,12 @@ def build_context(settings: Settings, *, now: str | None, environ: Mapping[str, 
     print(f"storage backend: {lake.backend.name}; tables at {lake.names.lake_dir or settings.storage.catalog}",
           flush=True)
     clock = FixedClock.at(now) if now else SystemClock()
-    return RunContext(spark=info.spark, settings=settings, lake=lake, clock=clock)
+    dbutils = None
+    if info.is_databricks:
+        from inboxlift.workspace import dbutils_for
+
+        dbutils = dbutils_for(info.spark)
+    return RunContext(spark=info.spark, settings=settings, lake=lake, clock=clock, dbutils=dbutils)
 
 
 def _print_result(result: Any) -> None:
@@ -194,6 +199,16 @@ def _release_session(ctx: RunContext) -> None:
 
     if is_connect_session(ctx.spark):
         ctx.spark.stop()
+
+
+def job_main(argv: Sequence[str] | None = None) -> None:
+    """The ``inboxlift-job`` entry point of a Databricks ``python_wheel_task``: a failing command fails the task.
+
+    The task runner calls the entry point and ignores what it returns, so the exit code is raised.
+    """
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
