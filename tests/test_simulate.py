@@ -343,3 +343,13 @@ def test_the_command_and_the_stage_take_days():
     assert build_parser({}).parse_args(["simulate-responses", "--days", "3"]).days == 3
     assert build_parser({}).parse_args(["run", "simulate-responses"]).days is None
     assert RUN_ALL.index("simulate-responses") == RUN_ALL.index("send") + 1
+
+
+def test_nothing_sent_or_planned_writes_no_events(ctx, spark):
+    write_truth(spark, Path(ctx.settings.generate.truth_dir))
+    write_shop(ctx)
+    report = run_simulate(ctx)
+    assert (report.messages, report.holdout, report.without_truth, report.pending) == (0, 0, 0, 0)
+    assert sum(report.events.values()) == 0 and report.files_written == []
+    assert not any((Path(ctx.settings.paths.landing_dir) / "events" / "simulated").iterdir())
+    assert "0 delivered messages and 0 holdout rows" in report.summary()

@@ -35,6 +35,7 @@ from inboxlift.campaigns.definitions import HOLDOUT
 from inboxlift.context import RunContext
 from inboxlift.delivery.states import BOUNCED, DELIVERIES_TABLE, SENT
 from inboxlift.generate import responses as R
+from inboxlift.generate.shop import GENERATOR_SQL_CONF, session_conf
 from inboxlift.schemas import EVENT_TYPES
 
 RESPONSES_FOLDER = "simulated"
@@ -151,6 +152,12 @@ def _write_truth(frame: DataFrame, path: str) -> None:
 
 def run_simulate(ctx: RunContext, *, days: int | None = None) -> SimulateReport:
     """Simulate the responses to the messages sent (and the holdouts planned) on the last ``days`` days."""
+    # The outcomes are a deep stack of projections like the generator's: plan them as it does.
+    with session_conf(ctx.spark, GENERATOR_SQL_CONF):
+        return _simulate(ctx, days=days)
+
+
+def _simulate(ctx: RunContext, *, days: int | None) -> SimulateReport:
     params = ctx.settings.simulate
     days = params.days if days is None else days
     if days < 1:
