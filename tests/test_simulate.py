@@ -322,8 +322,18 @@ def test_same_inputs_give_byte_identical_files_and_truth(shop, spark, spark_info
     for table in ("campaign_plan", "outbox", "deliveries", "products"):
         lake.append(table, shop["ctx"].lake.read(table))
     write_truth(spark, Path(settings.generate.truth_dir))
-    run_simulate(ctx)
+    # ... and partitioned otherwise: adaptive execution on, three shuffle partitions.
+    saved = {key: spark.conf.get(key) for key in ("spark.sql.adaptive.enabled", "spark.sql.shuffle.partitions")}
+    spark.conf.set("spark.sql.adaptive.enabled", "true")
+    spark.conf.set("spark.sql.shuffle.partitions", "3")
+    try:
+        run_simulate(ctx)
+    finally:
+        for key, value in saved.items():
+            spark.conf.set(key, value)
     files = {p.name: p.read_bytes() for p in (tmp_path / "landing" / "events" / "simulated").iterdir()}
+    ids = [json.loads(line)["event_id"] for data in files.values() for line in data.decode().splitlines()]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
     assert files == {name: data for name, (data, _) in shop["late_files"].items()}
     truth = pd.read_parquet(tmp_path / "truth" / "responses" / "units")
     key = ["campaign_id", "user_id"]

@@ -227,13 +227,15 @@ def _write_events(ctx: RunContext, outcomes: DataFrame, *, now_s: int, first_day
                                              for t in EVENT_TYPES], F.count_if(~is_due).alias("_pending"))
     landing = Path(ctx.settings.paths.landing_dir)
     staging = landing / "_staging" / f"simulate-{secrets.token_hex(6)}"
+    # Every row of a (day, bucket) in one task, sorted by event id: each file's bytes depend on nothing
+    # but its events. The partition columns are final before the sort, so the sort satisfies the
+    # writer's own ordering by them and it adds no second sort (which would not keep the event order).
     lines = (observed.where(is_due)
-             # Every row of a (day, bucket) in one task, sorted by event id: each file's bytes depend
-             # on nothing but its events.
+             .select(F.col("send_date").cast("string").alias("send_date"), "bucket", "event_id",
+                     R.landing_line().alias("value"))
              .repartition("send_date", "bucket")
              .sortWithinPartitions("send_date", "bucket", "event_id")
-             .select(F.col("send_date").cast("string").alias("send_date"), "bucket",
-                     R.landing_line().alias("value")))
+             .select("send_date", "bucket", "value"))
     lines.write.mode("overwrite").partitionBy("send_date", "bucket").text(str(staging))
     metrics = observation.get
     try:
