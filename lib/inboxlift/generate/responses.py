@@ -175,7 +175,8 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
     p_buy_click = _cap(F.col("click_purchase_rate") * F.when(
         F.coalesce(F.col("clicked.is_relevant"), F.lit(False)), F.lit(params.relevance_purchase_lift))
         .otherwise(F.lit(1.0)))
-    p_organic = _cap(params.organic_purchase_base + params.organic_purchase_per_engagement * F.col("engagement_at_send"))
+    p_organic = _cap(params.organic_purchase_base
+                     + params.organic_purchase_per_engagement * F.col("engagement_at_send"))
 
     def when_delivered(p: Column) -> Column:
         return F.when(F.col("is_delivered"), p).otherwise(F.lit(0.0))
@@ -302,8 +303,11 @@ def response_events(outcomes: DataFrame, *, seed: int, files_per_day: int) -> Da
     """One row per event of every unit, due or not: ``send_date, bucket, event_id, event_type, ts`` (epoch
     seconds) and the landing fields; properties as the tracking service writes them."""
     variant = F.col("variant")
-    seconds_since = lambda ts: F.greatest(ts - F.col("issued_s"), F.lit(0)).cast("string")  # noqa: E731
     false, true = F.lit("false"), F.lit("true")
+
+    def seconds_since(ts: Column) -> Column:
+        """``seconds_since_issued`` as the service writes it: from the render run (token issue) to the open."""
+        return F.greatest(ts - F.col("issued_s"), F.lit(0)).cast("string")
 
     def order_id(code: int) -> Column:
         return draws.hex_id("o", seed, "response-order", *UNIT_KEY, F.lit(code))
@@ -366,7 +370,8 @@ def planted_rates(outcomes: DataFrame) -> DataFrame:
     def mean(name: str) -> Column:
         return F.avg(name).alias(f"planted_{name[2:]}_rate")
 
-    counted = {"is_delivered": "delivered", "is_bounce": "bounced", "is_open": "human_opens", "is_click": "human_clicks",
+    counted = {"is_delivered": "delivered", "is_bounce": "bounced", "is_open": "human_opens",
+               "is_click": "human_clicks",
                "is_click_purchase": "click_purchases", "is_organic_purchase": "organic_purchases",
                "is_unsubscribe": "unsubscribes", "is_complaint": "complaints", "is_proxy_open": "proxy_opens",
                "is_scanner_open": "scanner_opens"}

@@ -70,7 +70,8 @@ class SimulateReport:
             f"{self.messages:,} delivered messages and {self.holdout:,} holdout rows "
             f"({self.without_truth:,} of users without planted truth skipped)",
             f"events due by now: {written}; {self.pending:,} still to come (a later run writes them)",
-            f"files: {len(self.files_written)} written, {self.files_unchanged} unchanged, {self.files_removed} removed; "
+            f"files: {len(self.files_written)} written, {self.files_unchanged} unchanged, "
+            f"{self.files_removed} removed; "
             f"truth under {self.truth_paths.get('units', '-')}",
         ])
 
