@@ -363,3 +363,18 @@ def test_nothing_sent_or_planned_writes_no_events(ctx, spark):
     assert sum(report.events.values()) == 0 and report.files_written == []
     assert not any((Path(ctx.settings.paths.landing_dir) / "events" / "simulated").iterdir())
     assert "0 delivered messages and 0 holdout rows" in report.summary()
+
+
+def test_simulate_settings_are_checked_on_load():
+    from inboxlift.settings import SettingsError, load_settings
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    loaded = load_settings("local", conf_dir=conf, overrides={
+        "simulate.variant_click_lift": {"weekly-picks": {"B": 0.9}}, "simulate.days": 3}, environ={})
+    assert loaded.simulate.variant_click_lift == {"weekly-picks": {"B": 0.9}} and loaded.simulate.days == 3
+    for key, value, message in (("simulate.days", 0, "simulate.days' must be 1 or more"),
+                                ("simulate.open_base", 1.5, "simulate.open_base' must be a probability"),
+                                ("simulate.variant_click_lift", {"win-back": {"B": -1.0}},
+                                 "simulate.variant_click_lift.win-back.B' must be 0 or more")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings("local", conf_dir=conf, overrides={key: value}, environ={})
