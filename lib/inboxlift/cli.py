@@ -49,6 +49,9 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     commands.add_parser("tables", help="list the tables with rows, version and last write", parents=[common])
 
+    simulate = STAGES["simulate-responses"]
+    simulate.add_arguments(commands.add_parser(simulate.name, help=simulate.help, parents=[common]))
+
     generate = commands.add_parser("generate", help="write synthetic shop data as landing files",
                                    parents=[common])
     generate.add_argument("--users", type=int, help="number of users (default: generate.users)")
@@ -293,6 +296,8 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
             return EMPTY_OUTBOX_EXIT
     elif args.command == "tables":
         print_tables(ctx)
+    elif args.command == "simulate-responses":
+        _print_result(STAGES[args.command].run(ctx, args))
     elif args.command == "generate":
         _print_result(_generate(ctx, args))
     elif args.command == "export":

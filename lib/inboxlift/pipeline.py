@@ -143,6 +143,24 @@ def _run_send(ctx: RunContext, args: argparse.Namespace) -> Any:
                               f"the Maildir {folder}"]
 
 
+def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--days", type=int, default=None, metavar="N",
+                        help="answer the messages sent (and holdouts planned) on the last N days, today included "
+                             "(default: simulate.days)")
+
+
+def _run_simulate(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.simulate import NoGeneratedShopError, run_simulate
+
+    try:
+        return run_simulate(ctx, days=args.days)
+    except NoGeneratedShopError as exc:
+        # run-all on a real shop's data: there is nothing to simulate, and that is no failure.
+        if getattr(args, "command", None) == "run-all":
+            return f"skipped: {exc}"
+        raise
+
+
 def _plan_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--campaign", help="plan this campaign (an id of the campaigns file)")
@@ -216,6 +234,8 @@ STAGES: dict[str, Stage] = {
               _render_arguments, _run_render),
         Stage("send", "send the due outbox messages over SMTP, exactly once each (deliveries, suppressions)",
               _send_arguments, _run_send),
+        Stage("simulate-responses", "the generated shop answers delivered emails: opens, clicks, purchases as "
+              "landing events, with planted truth (generated shop only)", _simulate_arguments, _run_simulate),
         Stage("maintain", "delete expired quarantine rows and old checkpoints, compact and vacuum every table",
               _maintain_arguments,
               _run_maintain),
@@ -224,7 +244,9 @@ STAGES: dict[str, Stage] = {
 
 # The stages run-all executes, in order (maintenance is scheduled on its own).
 RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render",
-           "send"]
+           "send", "simulate-responses"]
+# Stages for the generated shop only: never a task of the Databricks bundle.
+GENERATED_SHOP_ONLY = ("simulate-responses",)
 
 
 def landing_is_empty(landing_dir: str) -> bool:

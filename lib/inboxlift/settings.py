@@ -120,6 +120,78 @@ class GenerateSettings:
 
 
 @dataclass(frozen=True)
+class SimulateSettings:
+    """The generated shop's answers to delivered emails (``inboxlift simulate-responses``); README
+    "Simulated responses". Rates are probabilities per message; each is capped at 0.95."""
+
+    seed: int = 42
+    # Messages sent (and holdouts planned) on the last `days` UTC days, today included, are simulated;
+    # each run writes the responses whose time has come by the clock.
+    days: int = 7
+    # Event files per send day (each holds one hash bucket of the day's messages).
+    files_per_day: int = 1
+    # Human opens per delivered message: open_base + open_per_engagement * engagement (0..1, planted).
+    open_base: float = 0.04
+    open_per_engagement: float = 0.6
+    # Delivered within an hour of the user's own active local hour: opens times this.
+    active_hour_open_lift: float = 1.3
+    # Clicks per human open: (click_base + click_per_engagement * engagement)
+    # * (1 + relevance_click_lift * share of the email's products in the user's taste group) * variant lift.
+    click_base: float = 0.08
+    click_per_engagement: float = 0.35
+    relevance_click_lift: float = 0.5
+    # campaign id -> variant -> relative lift of clicks per open (1.15: +15%); any other is 1.
+    variant_click_lift: dict[str, dict[str, float]] = field(default_factory=lambda: {"win-back": {"B": 1.15}})
+    # Purchases per human click (what a campaign adds over its holdout), and per campaign id.
+    click_purchase_rate: float = 0.12
+    campaign_click_purchase_rate: dict[str, float] = field(default_factory=lambda: {"abandoned-cart": 0.3})
+    # The clicked product is in the user's taste group: click purchases times this.
+    relevance_purchase_lift: float = 1.5
+    # Purchases made anyway (treated and holdout alike) within organic_window_days of the send:
+    # organic_purchase_base + organic_purchase_per_engagement * engagement.
+    organic_purchase_base: float = 0.01
+    organic_purchase_per_engagement: float = 0.05
+    organic_window_days: int = 3
+    # Unsubscribes per human open and complaints per delivered message, both times
+    # (1 + fatigue_per_email * emails the user was sent in the fatigue_days before).
+    unsubscribe_per_open: float = 0.01
+    complaint_rate: float = 0.0005
+    fatigue_per_email: float = 0.5
+    fatigue_days: int = 7
+    # Users whose mail machines fetch: Apple's privacy proxy opens every delivered message; a security
+    # scanner opens it and clicks its first link. Both are flagged as the tracking service flags them.
+    apple_proxy_share: float = 0.2
+    scanner_share: float = 0.03
+    # Longest delays: a human open after delivery, a purchase after its click.
+    max_open_delay_hours: int = 72
+    max_purchase_delay_hours: int = 48
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'simulate.{key}' {why}")
+
+        for key in ("days", "files_per_day", "organic_window_days", "fatigue_days", "max_open_delay_hours",
+                    "max_purchase_delay_hours"):
+            if getattr(self, key) < 1:
+                raise bad(key, f"must be 1 or more, got {getattr(self, key)}")
+        for key in ("open_base", "open_per_engagement", "click_base", "click_per_engagement", "click_purchase_rate",
+                    "organic_purchase_base", "organic_purchase_per_engagement", "unsubscribe_per_open",
+                    "complaint_rate", "apple_proxy_share", "scanner_share"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise bad(key, f"must be a probability in [0, 1], got {getattr(self, key)}")
+        for key in ("active_hour_open_lift", "relevance_click_lift", "relevance_purchase_lift", "fatigue_per_email"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be 0 or more, got {getattr(self, key)}")
+        for campaign, lifts in self.variant_click_lift.items():
+            for variant, lift in lifts.items():
+                if lift < 0:
+                    raise bad(f"variant_click_lift.{campaign}.{variant}", f"must be 0 or more, got {lift}")
+        for campaign, rate in self.campaign_click_purchase_rate.items():
+            if not 0.0 <= rate <= 1.0:
+                raise bad(f"campaign_click_purchase_rate.{campaign}", f"must be in [0, 1], got {rate}")
+
+
+@dataclass(frozen=True)
 class InvoiceLinesImport:
     """An invoice-lines export (one row per invoice line): its column names and conventions."""
 
@@ -773,6 +845,7 @@ class Settings:
     paths: PathSettings = field(default_factory=PathSettings)
     secrets: SecretSettings = field(default_factory=SecretSettings)
     generate: GenerateSettings = field(default_factory=GenerateSettings)
+    simulate: SimulateSettings = field(default_factory=SimulateSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
     features: FeatureSettings = field(default_factory=FeatureSettings)
     segments: SegmentSettings = field(default_factory=SegmentSettings)

@@ -108,11 +108,11 @@ def batch_id_for(*, end: dt.datetime, seed: int) -> str:
 # expressions. Spark's constraint propagation (used to infer and prune filters, which
 # these plans do not need) walks every alias for every filter and took more planning
 # time than the jobs themselves ran; it is switched off while generating, then restored.
-_GENERATOR_SQL_CONF = {"spark.sql.constraintPropagation.enabled": "false"}
+GENERATOR_SQL_CONF = {"spark.sql.constraintPropagation.enabled": "false"}
 
 
 @contextlib.contextmanager
-def _session_conf(spark: SparkSession, conf: Mapping[str, str]) -> Iterator[None]:
+def session_conf(spark: SparkSession, conf: Mapping[str, str]) -> Iterator[None]:
     """Sets SQL settings for the duration of the block and puts the previous values back."""
     previous = {}
     for key, value in conf.items():
@@ -203,7 +203,7 @@ def generate_shop(
     Returns:
         Counts, files and truth folders of this batch.
     """
-    with _session_conf(spark, _GENERATOR_SQL_CONF):
+    with session_conf(spark, GENERATOR_SQL_CONF):
         return _generate(spark, landing_dir=landing_dir, truth_dir=truth_dir, users=users, items=items, days=days,
                          dirty_rate=dirty_rate, seed=seed, gzip=gzip, end=end,
                          sessions_per_user_day=sessions_per_user_day, campaign_every_days=campaign_every_days,

@@ -1,0 +1,380 @@
+"""simulate-responses on a hand-built delivered shop: planted rates computed by hand, the planted
+variant effect and holdout base rate visible in the drawn outcomes, delays within bounds, machine
+opens flagged, determinism, and the events through ingest (clean, exactly once across re-runs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from decimal import Decimal
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pyspark.sql import functions as F
+
+from inboxlift.clock import FixedClock
+from inboxlift.context import RunContext
+from inboxlift.stages.ingest import run_ingest
+from inboxlift.stages.simulate import NoGeneratedShopError, run_simulate
+from inboxlift.storage import Lake
+
+from conftest import settings_in
+
+N_USERS = 12_000
+PLAN_DAY = dt.date(2026, 11, 19)
+WIN_BACK_AT = dt.datetime(2026, 11, 19, 9, 0)     # UTC: users with active hour 9 get it in their hour
+PICKS_AT = dt.datetime(2026, 11, 19, 7, 0)
+EARLY = "2026-11-19T12:00:00"                    # 3 hours after the win-back send
+LATE = "2026-11-25T12:00:00"                     # every response has come
+RUNNING = ("Sports > Running > Shoes", "Sports > Running > Apparel")   # taste group 0 ("runners")
+AUDIO = "Electronics > Audio > Headphones"
+ITEMS = [("i1", RUNNING[0]), ("i2", RUNNING[1]), ("i3", RUNNING[0]), ("i4", AUDIO), ("i5", AUDIO)]
+
+
+def uid(i: int) -> str:
+    return f"u{i:05d}"
+
+
+def arm(i: int) -> str:
+    """The win-back arm of user i: 20% holdout, the rest A or B, independent of the active hour (parity)."""
+    if i % 5 == 1:
+        return "holdout"
+    return "A" if (i // 2) % 2 == 0 else "B"
+
+
+def write_shop(ctx: RunContext) -> None:
+    """The users and products tables as ingest would leave them (only what the stages here read)."""
+    ctx.lake.append("users", ctx.spark.range(N_USERS).select(
+        F.format_string("u%05d", F.col("id")).alias("user_id"),
+        F.format_string("u%05d@mail.example.org", F.col("id")).alias("email"), F.lit(True).alias("email_consent"),
+        F.lit("en").alias("locale"), F.lit("UTC").alias("timezone")))
+    ctx.lake.append("products", ctx.spark.createDataFrame(
+        [(item, f"Item {item}", path, Decimal("10.00"), "EUR") for item, path in ITEMS],
+        "item_id string, name string, category_path string, price decimal(12,2), currency string"))
+
+
+def write_truth(spark, truth: Path) -> None:
+    """Planted traits: engagement 0.5 for all; even users active at 09:00, odd ones at 20:00 (UTC);
+    every 100th user a bad address."""
+    users = spark.range(N_USERS).select(
+        F.format_string("u%05d", F.col("id")).alias("user_id"), F.lit(0.5).alias("engagement"),
+        F.lit(0).alias("taste_group"), F.when(F.col("id") % 2 == 0, 9).otherwise(20).alias("active_hour_local"),
+        F.lit("UTC").alias("timezone"), F.lit(False).alias("is_lapsed"),
+        F.lit(None).cast("timestamp").alias("lapsed_at"), (F.col("id") % 100 == 7).alias("is_bad_address"))
+    users.write.parquet(str(truth / "users" / "batch=20261118T000000Z-seed1"))
+    spark.createDataFrame([(item, rank) for rank, (item, _) in enumerate(ITEMS)],
+                          "item_id string, popularity_rank long").write.parquet(
+        str(truth / "items" / "batch=20261118T000000Z-seed1"))
+
+
+def build_tables(ctx: RunContext) -> None:
+    """The win-back (A/B + holdout, running items) to everyone at 09:00; weekly picks (audio items) to the
+    first 600 users at 07:00, so those have one email in the week before the win-back."""
+    spark = ctx.spark
+    ids = spark.range(N_USERS).withColumn("user_id", F.format_string("u%05d", F.col("id")))
+    arm_col = (F.when(F.col("id") % 5 == 1, "holdout")
+               .when(F.floor(F.col("id") / 2) % 2 == 0, "A").otherwise("B"))
+    win_back = ids.select(
+        F.lit("win-back").alias("campaign_id"), F.lit("win_back").alias("campaign_type"), "user_id", "id",
+        arm_col.alias("variant"), F.lit(WIN_BACK_AT).alias("send_at"),
+        F.array(F.lit("i1"), F.lit("i2"), F.lit("i3")).alias("item_ids"))
+    picks = ids.where(F.col("id") < 600).select(
+        F.lit("weekly-picks").alias("campaign_id"), F.lit("weekly_picks").alias("campaign_type"), "user_id", "id",
+        F.lit("A").alias("variant"), F.lit(PICKS_AT).alias("send_at"),
+        F.array(F.lit("i4"), F.lit("i5")).alias("item_ids"))
+    planned = win_back.unionByName(picks).withColumn("plan_date", F.lit(PLAN_DAY))
+    ctx.lake.append("campaign_plan", planned.drop("id"))
+    mailed = planned.where(F.col("variant") != "holdout").withColumn(
+        "message_id", F.concat_ws("-", "campaign_id", "user_id", F.lit("m@shop.example")))
+    ctx.lake.append("outbox", mailed.select(
+        "message_id", "campaign_id", "campaign_type", "user_id", "variant", "send_at", "plan_date",
+        F.lit("sent").alias("status"), (F.col("send_at") - F.expr("INTERVAL 2 HOURS")).alias("rendered_at")))
+    # Every 50th win-back message was deferred once, then sent on the second attempt 10 minutes later.
+    deferred = (F.col("campaign_id") == "win-back") & (F.col("id") % 50 == 0)
+    first = mailed.select("message_id", F.lit(1).alias("attempt"),
+                          F.when(deferred, "deferred").otherwise("sent").alias("state"),
+                          F.col("send_at").alias("attempted_at"), "campaign_id", "user_id")
+    second = mailed.where(deferred).select("message_id", F.lit(2).alias("attempt"), F.lit("sent").alias("state"),
+                                           (F.col("send_at") + F.expr("INTERVAL 10 MINUTES")).alias("attempted_at"),
+                                           "campaign_id", "user_id")
+    ctx.lake.append("deliveries", first.unionByName(second))
+
+
+def at(ctx: RunContext, iso: str) -> RunContext:
+    return dataclasses.replace(ctx, clock=FixedClock.at(iso))
+
+
+@pytest.fixture(scope="module")
+def shop(spark, spark_info, base_settings, tmp_path_factory):
+    spark.conf.set("spark.sql.session.timeZone", "UTC")
+    work = tmp_path_factory.mktemp("simulate")
+    settings = settings_in(base_settings, work)
+    lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
+    ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at(EARLY))
+    write_shop(ctx)
+    write_truth(spark, Path(settings.generate.truth_dir))
+    build_tables(ctx)
+
+    early = run_simulate(at(ctx, EARLY))
+    early_ingest = run_ingest(at(ctx, EARLY), echo=lambda text: None)
+    late = run_simulate(at(ctx, LATE))
+    late_files = {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+                  for p in (work / "landing" / "events" / "simulated").iterdir()}
+    late_ingest = run_ingest(at(ctx, LATE), echo=lambda text: None)
+    again = run_simulate(at(ctx, LATE))
+    again_ingest = run_ingest(at(ctx, LATE), echo=lambda text: None)
+    truth = pd.read_parquet(work / "truth" / "responses" / "units")
+    return dict(ctx=ctx, work=work, early=early, early_ingest=early_ingest, late=late,
+                late_files=late_files, late_ingest=late_ingest, again=again, again_ingest=again_ingest, truth=truth)
+
+
+def landed_events(work: Path) -> pd.DataFrame:
+    rows = [json.loads(line) for path in sorted((work / "landing" / "events" / "simulated").iterdir())
+            for line in path.read_text().splitlines()]
+    frame = pd.DataFrame(rows)
+    props = frame["properties"].apply(lambda p: p if isinstance(p, dict) else {})
+    for key in ("variant", "ua_class", "is_machine_open", "is_machine_click", "link_position"):
+        frame[key] = props.apply(lambda p, k=key: p.get(k))
+    return frame
+
+
+def test_units_reconcile_with_the_plan_and_deliveries(shop):
+    late = shop["late"]
+    holdout = sum(1 for i in range(N_USERS) if arm(i) == "holdout")
+    assert late.holdout == holdout
+    assert late.messages == (N_USERS - holdout) + 600 and late.without_truth == 0
+    truth = shop["truth"]
+    assert len(truth) == late.messages + late.holdout
+    assert not truth.duplicated(["campaign_id", "user_id", "plan_date"]).any()
+    # The deferred-then-sent message counts once, from its sent attempt.
+    deferred = truth[(truth.campaign_id == "win-back") & (truth.user_id == uid(0))].iloc[0]
+    assert deferred.sent_at == pd.Timestamp("2026-11-19 09:10:00")
+
+
+def test_planted_probabilities_are_the_hand_computed_ones(shop):
+    truth = shop["truth"].set_index(["campaign_id", "user_id"])
+    p_open_active, p_open_other = (0.04 + 0.6 * 0.5) * 1.3, 0.04 + 0.6 * 0.5
+    click_relevant = 0.08 + 0.35 * 0.5   # per open, before the relevance and variant lifts
+    cases = {
+        # user: (campaign, p_open, p_click_given_open, p_unsubscribe_given_open)
+        uid(2000): ("win-back", p_open_active, click_relevant * 1.5, 0.01),                 # A, even: active hour
+        uid(2003): ("win-back", p_open_other, click_relevant * 1.5 * 1.15, 0.01),           # B, odd
+        uid(4): ("win-back", p_open_active, click_relevant * 1.5, 0.01 * 1.5),              # A, one email before
+        uid(10): ("weekly-picks", p_open_other, click_relevant * 1.0, 0.01),                # audio items: no lift
+    }
+    for user, (campaign, p_open, p_click, p_unsub) in cases.items():
+        row = truth.loc[(campaign, user)]
+        assert row.p_open == pytest.approx(p_open)
+        assert row.p_click_given_open == pytest.approx(p_click)
+        assert row.p_unsubscribe_given_open == pytest.approx(p_unsub)
+        assert row.p_click == pytest.approx(p_open * p_click)
+        assert row.p_organic_purchase == pytest.approx(0.01 + 0.05 * 0.5)
+    bad = truth.loc[("win-back", uid(7))]           # a bad address: bounced, nothing else from the mail
+    assert bad.is_bounce and not bad.is_delivered and bad.p_open == 0 and not bad.is_open
+    holdout = truth.loc[("win-back", uid(1))]
+    assert holdout.is_holdout and holdout.p_open == 0 and holdout.p_any_purchase == pytest.approx(0.035)
+    # Clicked products from the taste group (all win-back items) buy at 0.12 * 1.5.
+    clicked = shop["truth"][(shop["truth"].campaign_id == "win-back") & shop["truth"].is_click]
+    assert np.allclose(clicked.p_purchase_given_click, 0.18) and clicked.is_clicked_relevant.all()
+
+
+def _within(observed: float, expected: float, n: int, *, sigmas: float = 4.0) -> bool:
+    return abs(observed - expected) <= sigmas * np.sqrt(expected * (1 - expected) / n)
+
+
+def test_the_planted_variant_effect_shows_in_the_drawn_clicks(shop):
+    truth = shop["truth"]
+    mailed = truth[(truth.campaign_id == "win-back") & truth.is_delivered]
+    rates = {}
+    for variant in ("A", "B"):
+        arm_rows = mailed[mailed.variant == variant]
+        # Hand-computed: half the arm in its active hour (opens x1.3), clicks per open 0.3825 (x1.15 for B).
+        share_active = (arm_rows.user_id.str[1:].astype(int) % 2 == 0).mean()
+        expected = (share_active * 0.442 + (1 - share_active) * 0.34) * 0.3825 * (1.15 if variant == "B" else 1.0)
+        assert arm_rows.p_click.mean() == pytest.approx(expected)
+        rates[variant] = arm_rows.is_click.mean()
+        assert _within(rates[variant], expected, len(arm_rows))
+    lift = rates["B"] / rates["A"] - 1
+    assert 0.03 < lift < 0.27, lift      # planted +15%; about 3 standard errors either side
+    # Opens do not depend on the variant.
+    opens = mailed.groupby("variant").is_open.mean()
+    assert abs(opens["A"] - opens["B"]) < 0.03
+
+
+def test_the_send_hour_effect_shows_in_the_drawn_opens(shop):
+    truth = shop["truth"]
+    mailed = truth[(truth.campaign_id == "win-back") & truth.is_delivered]
+    in_hour = mailed.user_id.str[1:].astype(int) % 2 == 0
+    assert _within(mailed[in_hour].is_open.mean(), 0.442, int(in_hour.sum()))
+    assert _within(mailed[~in_hour].is_open.mean(), 0.34, int((~in_hour).sum()))
+    assert mailed[in_hour].is_active_hour.all() and not mailed[~in_hour].is_active_hour.any()
+
+
+def test_holdout_users_buy_at_the_base_rate_without_campaign_ids(shop):
+    truth, work = shop["truth"], shop["work"]
+    holdout = truth[truth.is_holdout]
+    assert _within(holdout.is_organic_purchase.mean(), 0.035, len(holdout))
+    assert not holdout.is_click_purchase.any() and not holdout.is_open.any()
+    events = landed_events(work)
+    # Users from 600 on got no weekly picks: as win-back holdouts they got no email at all.
+    holdout_users = {u for u in holdout.user_id if int(u[1:]) >= 600}
+    theirs = events[events.user_id.isin(holdout_users)]
+    assert set(theirs.event_type) == {"purchase"}
+    assert theirs.campaign_id.isna().all() and theirs.message_id.isna().all()
+    assert len(theirs) == holdout[holdout.user_id.isin(holdout_users)].is_organic_purchase.sum() > 0
+    # Mailed users buy through their clicks on top: more buyers per unit than the holdout.
+    mailed = truth[(truth.campaign_id == "win-back") & ~truth.is_holdout]
+    treated = (mailed.is_click_purchase | mailed.is_organic_purchase).mean()
+    assert treated - holdout.is_organic_purchase.mean() > 0.01
+    assert mailed.p_incremental_purchase.mean() == pytest.approx(
+        (mailed.p_click_purchase * (1 - mailed.p_organic_purchase)).mean())
+
+
+def test_delays_are_within_their_bounds(shop):
+    truth = shop["truth"]
+    sec = pd.Timedelta(seconds=1)
+    delivered = truth[truth.is_delivered]
+    assert ((delivered.delivered_at - delivered.sent_at) / sec).between(1, 30).all()
+    opened = truth[truth.is_open]
+    assert ((opened.open_at - opened.delivered_at) / sec).between(60, 72 * 3600 - 1).all()
+    clicked = truth[truth.is_click]
+    assert ((clicked.click_at - clicked.open_at) / sec).between(5, 304).all()
+    bought = truth[truth.is_click_purchase]
+    assert len(bought) > 50
+    assert ((bought.purchase_at - bought.click_at) / sec).between(60, 48 * 3600 - 1).all()
+    organic = truth[truth.is_organic_purchase]
+    assert ((organic.organic_at - organic.sent_at) / sec).between(0, 3 * 86400 - 1).all()
+    # Opens within the active hour come sooner (mean wait 20 minutes against 4 hours).
+    waits = (opened.open_at - opened.delivered_at) / sec
+    assert waits[opened.is_active_hour].median() < 3600 < waits[~opened.is_active_hour].median()
+
+
+def test_machine_opens_are_flagged_as_the_service_flags_them(shop):
+    truth, events = shop["truth"], landed_events(shop["work"])
+    opens = events[events.event_type == "email_open"]
+    proxy = opens[opens.ua_class == "apple_proxy"]
+    scanner = opens[opens.ua_class == "scanner"]
+    human = opens[~opens.ua_class.isin(["apple_proxy", "scanner"])]
+    assert (proxy.is_machine_open == "true").all() and (scanner.is_machine_open == "true").all()
+    assert (human.is_machine_open == "false").all() and set(human.ua_class) == {"mobile", "desktop", "webmail_proxy"}
+    assert len(proxy) == truth.is_proxy_open.sum() and len(human) == truth.is_open.sum()
+    proxy_users = truth[truth.is_proxy_open].user_id.nunique() / truth[truth.is_delivered].user_id.nunique()
+    assert 0.17 < proxy_users < 0.23
+    clicks = events[events.event_type == "email_click"]
+    assert (clicks[clicks.ua_class == "scanner"].is_machine_click == "true").all()
+    assert (clicks[clicks.ua_class != "scanner"].is_machine_click == "false").all()
+    assert len(clicks[clicks.ua_class == "scanner"]) == truth.is_scanner_open.sum()   # every message has items
+    # Every email event names its message, campaign and variant.
+    mail = events[events.event_type.isin(["email_open", "email_click", "email_delivered", "bounce", "unsubscribe",
+                                          "complaint"])]
+    assert mail.message_id.notna().all() and mail.campaign_id.notna().all() and mail.variant.notna().all()
+
+
+def test_fatigue_raises_unsubscribes_and_every_outcome_becomes_its_event(shop):
+    truth, events = shop["truth"], landed_events(shop["work"])
+    wb = truth[truth.campaign_id == "win-back"]
+    assert (wb[wb.recent_emails == 1].user_id.str[1:].astype(int) < 600).all()
+    assert (wb.recent_emails == 1).sum() == sum(1 for i in range(600) if arm(i) != "holdout")
+    counts = events.groupby("event_type").size().to_dict()
+    assert counts == {
+        "email_delivered": truth.is_delivered.sum(), "bounce": truth.is_bounce.sum(),
+        "email_open": truth.is_open.sum() + truth.is_proxy_open.sum() + truth.is_scanner_open.sum(),
+        "email_click": truth.is_click.sum() + truth.is_scanner_click.sum(),
+        "purchase": truth.is_click_purchase.sum() + truth.is_organic_purchase.sum(),
+        **({"unsubscribe": truth.is_unsubscribe.sum()} if truth.is_unsubscribe.any() else {}),
+        **({"complaint": truth.is_complaint.sum()} if truth.is_complaint.any() else {}),
+    }
+    led = events[(events.event_type == "purchase") & events.campaign_id.notna()]
+    assert len(led) == truth.is_click_purchase.sum() and led.message_id.notna().all()
+
+
+def test_responses_arrive_over_time_and_ingest_takes_each_event_once(shop):
+    early, late, again = shop["early"], shop["late"], shop["again"]
+    # At 12:00 on the send day only the first hours' events have come; the rest come later.
+    assert early.pending > 0 and early.events["email_delivered"] == late.events["email_delivered"]
+    assert early.events["email_open"] < late.events["email_open"] and late.pending == 0
+    assert sum(late.events.values()) == sum(early.events.values()) + early.pending
+    for report, run in (("early_ingest", early), ("late_ingest", late)):
+        counts = shop[report].counts("events")
+        assert counts.quarantined == 0 and counts.conflicting_duplicates == 0, counts
+    assert shop["early_ingest"].counts("events").accepted == sum(early.events.values())
+    # The later run rewrote the day's file with a superset: what was there is a duplicate, the rest is new.
+    late_counts = shop["late_ingest"].counts("events")
+    assert late_counts.duplicates == sum(early.events.values())
+    assert late_counts.accepted == sum(late.events.values()) - sum(early.events.values())
+    # A re-run at the same clock writes nothing new: the files keep their bytes and times, ingest finds nothing.
+    assert again.files_written == [] and again.files_unchanged == len(shop["late_files"])
+    assert shop["again_ingest"].counts("events").read == 0
+    events = shop["ctx"].lake.read("events").where(F.col("event_id").startswith("e"))
+    assert events.count() == sum(late.events.values()) == events.select("event_id").distinct().count()
+    props = events.where(F.col("event_type") == "email_click").select(F.col("properties")["variant"]).distinct()
+    assert {r[0] for r in props.collect()} == {"A", "B"}
+
+
+def test_same_inputs_give_byte_identical_files_and_truth(shop, spark, spark_info, base_settings, tmp_path):
+    # A second lake from the same inputs, simulated once, straight at the late clock.
+    settings = settings_in(base_settings, tmp_path)
+    lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
+    ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at(LATE))
+    for table in ("campaign_plan", "outbox", "deliveries", "products"):
+        lake.append(table, shop["ctx"].lake.read(table))
+    write_truth(spark, Path(settings.generate.truth_dir))
+    # ... and partitioned otherwise: adaptive execution on, three shuffle partitions.
+    saved = {key: spark.conf.get(key) for key in ("spark.sql.adaptive.enabled", "spark.sql.shuffle.partitions")}
+    spark.conf.set("spark.sql.adaptive.enabled", "true")
+    spark.conf.set("spark.sql.shuffle.partitions", "3")
+    try:
+        run_simulate(ctx)
+    finally:
+        for key, value in saved.items():
+            spark.conf.set(key, value)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "landing" / "events" / "simulated").iterdir()}
+    ids = [json.loads(line)["event_id"] for data in files.values() for line in data.decode().splitlines()]
+    assert ids == sorted(ids) and len(ids) == len(set(ids))
+    assert files == {name: data for name, (data, _) in shop["late_files"].items()}
+    truth = pd.read_parquet(tmp_path / "truth" / "responses" / "units")
+    key = ["campaign_id", "user_id"]
+    pd.testing.assert_frame_equal(truth.sort_values(key).reset_index(drop=True),
+                                  shop["truth"].sort_values(key).reset_index(drop=True))
+
+
+def test_without_a_generated_shop_it_says_so(ctx):
+    with pytest.raises(NoGeneratedShopError, match="generated shop only"):
+        run_simulate(ctx)
+
+
+def test_the_command_and_the_stage_take_days():
+    from inboxlift.cli import build_parser
+    from inboxlift.pipeline import RUN_ALL
+
+    assert build_parser({}).parse_args(["simulate-responses", "--days", "3"]).days == 3
+    assert build_parser({}).parse_args(["run", "simulate-responses"]).days is None
+    assert RUN_ALL.index("simulate-responses") == RUN_ALL.index("send") + 1
+
+
+def test_nothing_sent_or_planned_writes_no_events(ctx, spark):
+    write_truth(spark, Path(ctx.settings.generate.truth_dir))
+    write_shop(ctx)
+    report = run_simulate(ctx)
+    assert (report.messages, report.holdout, report.without_truth, report.pending) == (0, 0, 0, 0)
+    assert sum(report.events.values()) == 0 and report.files_written == []
+    assert not any((Path(ctx.settings.paths.landing_dir) / "events" / "simulated").iterdir())
+    assert "0 delivered messages and 0 holdout rows" in report.summary()
+
+
+def test_simulate_settings_are_checked_on_load():
+    from inboxlift.settings import SettingsError, load_settings
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    loaded = load_settings("local", conf_dir=conf, overrides={
+        "simulate.variant_click_lift": {"weekly-picks": {"B": 0.9}}, "simulate.days": 3}, environ={})
+    assert loaded.simulate.variant_click_lift == {"weekly-picks": {"B": 0.9}} and loaded.simulate.days == 3
+    for key, value, message in (("simulate.days", 0, "simulate.days' must be 1 or more"),
+                                ("simulate.open_base", 1.5, "simulate.open_base' must be a probability"),
+                                ("simulate.variant_click_lift", {"win-back": {"B": -1.0}},
+                                 "simulate.variant_click_lift.win-back.B' must be 0 or more")):
+        with pytest.raises(SettingsError, match=message):
+            load_settings("local", conf_dir=conf, overrides={key: value}, environ={})
