@@ -166,6 +166,12 @@ def _run_segment(ctx: RunContext, args: argparse.Namespace) -> Any:
     return run_segment(ctx)
 
 
+def _run_report(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.report import run_report
+
+    return run_report(ctx)
+
+
 def _maintain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention-hours", type=int, default=None,
                         help="vacuum files unreferenced for longer than this (default: storage.vacuum_retention_hours)")
@@ -205,6 +211,8 @@ STAGES: dict[str, Stage] = {
               _render_arguments, _run_render),
         Stage("send", "send the due outbox messages over SMTP, exactly once each (deliveries, suppressions)",
               _send_arguments, _run_send),
+        Stage("report", "attribution, A/B tests and holdout uplift per campaign (campaign_results, "
+              "campaign_experiments, plots, report.html)", _no_arguments, _run_report),
         Stage("maintain", "delete expired quarantine rows, compact and vacuum every table", _maintain_arguments,
               _run_maintain),
     ]
@@ -213,6 +221,7 @@ STAGES: dict[str, Stage] = {
 # The stages run-all executes, in order (maintenance is scheduled on its own).
 RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render",
            "send"]
+RUN_ALL.append("report")  # last: it measures what the stages before it sent and what came back
 
 
 def landing_is_empty(landing_dir: str) -> bool:
