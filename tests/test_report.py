@@ -12,8 +12,11 @@ import mlflow
 import pytest
 from pyspark.sql import functions as F
 
+from conftest import settings_in
+from inboxlift.clock import FixedClock
 from inboxlift.context import RunContext
 from inboxlift.models.tracking import tracking_client
+from inboxlift.storage import Lake
 from inboxlift.stages.report import EXPERIMENTS_TABLE, RESULTS_TABLE, run_report
 from inboxlift.transforms.attribution import attribute_orders, human_touches, orders_of
 from report_data import CAMPAIGNS_YAML, D10, EXPECTED, write_tables
@@ -22,17 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture
-def report_ctx(ctx: RunContext, tmp_path: Path) -> RunContext:
+@pytest.fixture(scope="module")
+def reported(spark, spark_info, base_settings, tmp_path_factory):
+    """The hand-built tables reported twice: (context, first run, second run, both tables after the first)."""
+    tmp_path = tmp_path_factory.mktemp("report")
     campaigns = tmp_path / "campaigns.yml"
     campaigns.write_text(CAMPAIGNS_YAML, encoding="utf-8")
+    settings = settings_in(base_settings, tmp_path)
     settings = dataclasses.replace(
-        ctx.settings, paths=dataclasses.replace(ctx.settings.paths, campaigns_file=str(campaigns)),
-        mlflow=dataclasses.replace(ctx.settings.mlflow, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                   artifact_location=str(tmp_path / "mlartifacts")),
-        report=dataclasses.replace(ctx.settings.report, min_recipients_per_arm=1, bootstrap_replicates=50))
-    write_tables(ctx.spark, ctx.lake)
-    return dataclasses.replace(ctx, settings=settings)
+        settings, paths=dataclasses.replace(settings.paths, campaigns_file=str(campaigns)),
+        report=dataclasses.replace(settings.report, min_recipients_per_arm=1, bootstrap_replicates=50))
+    lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
+    ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at("2026-11-20T12:00:00"))
+    write_tables(spark, lake)
+    first = run_report(ctx)
+    tables = _results(ctx), _experiments(ctx)
+    second = run_report(ctx)
+    return ctx, first, second, tables
 
 
 def _results(ctx: RunContext) -> dict:
@@ -40,9 +49,12 @@ def _results(ctx: RunContext) -> dict:
     return {(r.campaign_id, r.variant, r.send_date): r.asDict() for r in rows}
 
 
-def test_attribution_counts_match_the_hand_worked_story(report_ctx):
-    first = run_report(report_ctx)
-    results = _results(report_ctx)
+def _experiments(ctx: RunContext) -> list:
+    return ctx.lake.read(EXPERIMENTS_TABLE).orderBy("campaign_id", "test", "metric", "variant").collect()
+
+
+def test_attribution_counts_match_the_hand_worked_story(reported):
+    ctx, _, _, (results, _) = reported
     assert set(results) == set(EXPECTED)
     for key, expected in EXPECTED.items():
         got = {k: results[key][k] for k in expected}
@@ -58,14 +70,16 @@ def test_attribution_counts_match_the_hand_worked_story(report_ctx):
     assert holdout["window_conversion_rate"] == 0.5
     assert all(r["is_window_closed"] for r in results.values())
 
-    # Run twice, same tables.
-    experiments = report_ctx.lake.read(EXPERIMENTS_TABLE).orderBy("campaign_id", "test", "metric", "variant").collect()
-    second = run_report(report_ctx)
-    assert _results(report_ctx) == results
-    again = report_ctx.lake.read(EXPERIMENTS_TABLE).orderBy("campaign_id", "test", "metric", "variant").collect()
-    assert again == experiments
+
+def test_a_second_run_leaves_the_same_tables(reported):
+    ctx, first, second, (results, experiments) = reported
+    assert _results(ctx) == results
+    assert _experiments(ctx) == experiments
     assert first.result_rows == second.result_rows == len(EXPECTED)
 
+
+def test_experiments_hold_one_row_per_test(reported):
+    _, _, _, (_, experiments) = reported
     # One A/B test per metric for wb (cs has one variant), two holdout tests per campaign.
     tests = {(e.campaign_id, e.test, e.metric): e for e in experiments}
     assert set(tests) == {("wb", "ab", "clicks"), ("wb", "ab", "conversions"), ("wb", "holdout", "conversions"),
@@ -82,9 +96,9 @@ def test_attribution_counts_match_the_hand_worked_story(report_ctx):
     assert revenue.difference_low <= revenue.difference <= revenue.difference_high
 
 
-def test_figures_page_and_mlflow_run(report_ctx):
-    run = run_report(report_ctx)
-    folder = Path(report_ctx.settings.paths.output_dir) / "report"
+def test_figures_page_and_mlflow_run(reported):
+    ctx, _, run, _ = reported
+    folder = Path(ctx.settings.paths.output_dir) / "report"
     pngs = sorted(p.name for p in folder.glob("*.png"))
     assert pngs == ["cumulative_by_day.png", "rates_by_variant.png", "uplift_by_campaign.png"]
     assert all((folder / p).read_bytes()[:8] == PNG for p in pngs)
@@ -93,7 +107,7 @@ def test_figures_page_and_mlflow_run(report_ctx):
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "wb" in page and "holdout uplift" in page
 
-    client = tracking_client(report_ctx.settings.mlflow)
+    client = tracking_client(ctx.settings.mlflow)
     logged = client.get_run(run.run_id)
     assert logged.data.tags["inboxlift.stage"] == "report"
     assert logged.data.metrics["tests"] == 6
@@ -117,10 +131,7 @@ def test_nothing_sent_yet_gives_empty_tables_and_a_page_saying_so(ctx, tmp_path)
     ctx.lake.append("events", spark.createDataFrame(
         [], "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, quantity int, "
             "price decimal(12,2), message_id string, properties map<string,string>"))
-    settings = dataclasses.replace(ctx.settings, mlflow=dataclasses.replace(
-        ctx.settings.mlflow, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        artifact_location=str(tmp_path / "mlartifacts")))
-    run = run_report(dataclasses.replace(ctx, settings=settings))
+    run = run_report(ctx)
     assert run.result_rows == 0 and run.verdicts == ()
     assert ctx.lake.read(RESULTS_TABLE).isEmpty() and ctx.lake.read(EXPERIMENTS_TABLE).isEmpty()
     page = (tmp_path / "output" / "report" / "report.html").read_text("utf-8")
@@ -150,9 +161,8 @@ def test_last_touch_prefers_the_latest_click_and_ignores_machine_opens(spark):
     assert {r.message_id: (r.attributed_orders, r.attributed_revenue) for r in credited.collect()} == {"mB": (1, 10.0)}
 
 
-def test_notebook_runs_on_the_report(report_ctx, capsys, monkeypatch):
-    run_report(report_ctx)
-    s = report_ctx.settings
+def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):
+    s = reported[0].settings
     overrides = {"storage.lake_dir": s.storage.lake_dir, "mlflow.tracking_uri": s.mlflow.tracking_uri,
                  "mlflow.artifact_location": s.mlflow.artifact_location, "paths.output_dir": s.paths.output_dir,
                  "paths.campaigns_file": s.paths.campaigns_file}
