@@ -154,12 +154,12 @@ def window_orders(recipient_rows: DataFrame, orders: DataFrame, *, uplift_window
         F.count("*").cast("int").alias("window_orders"), F.sum("revenue").alias("window_revenue"))
 
 
-def recipient_outcomes(plan: DataFrame, outbox: DataFrame, deliveries: DataFrame, events: DataFrame, *,
-                       click_through_days: float, view_through_days: float,
-                       uplift_window_days: float) -> DataFrame:
-    """One row per recipient with every outcome the report counts (``OUTCOME_COLUMNS``)."""
-    rows = recipients(plan, outbox)
+def recipient_outcomes(rows: DataFrame, deliveries: DataFrame, events: DataFrame, *, click_through_days: float,
+                       view_through_days: float, uplift_window_days: float) -> DataFrame:
+    """One row per recipient of ``rows`` (:func:`recipients`) with every outcome the report counts
+    (``OUTCOME_COLUMNS``). ``rows`` is read three times: a caller persists it."""
     orders = orders_of(events)
+    # rows is keyed by (campaign, day, user) and message ids are unique: one user per message.
     messages = rows.where(F.col("message_id").isNotNull()).select("message_id", "user_id")
     attributed = attribute_orders(orders, human_touches(events), messages, click_through_days=click_through_days,
                                   view_through_days=view_through_days)
