@@ -78,7 +78,12 @@ class Comparison:
 
     @property
     def is_significant(self) -> bool:
-        return self.p_value < self.alpha
+        """The z-test rejects *and* both intervals exclude no change, so the words never contradict the
+        numbers shown beside them (at the boundary the three can disagree; then nothing is declared)."""
+        intervals = [(self.difference_low, self.difference_high)]
+        if self.relative_lift_low is not None:
+            intervals.append((self.relative_lift_low, self.relative_lift_high))
+        return self.p_value < self.alpha and all(low > 0 or high < 0 for low, high in intervals)
 
 
 def compare_proportions(k_b: int, n_b: int, k_a: int, n_a: int, *, alpha: float = 0.05,
@@ -111,12 +116,17 @@ def compare_proportions(k_b: int, n_b: int, k_a: int, n_a: int, *, alpha: float 
                       mde_relative=mde / p_a if p_a > 0 else None, alpha=alpha)
 
 
+def _signed(x: float, digits: int) -> str:
+    """``x`` with its sign, a minus sign for negatives, never "-0" (rounding to zero shows "+0")."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}".replace("-", "\u2212")
+
+
 def _pct(x: float) -> str:
-    return f"{x * 100:+.0f}%".replace("-", "\u2212")
+    return _signed(x * 100, 0) + "%"
 
 
 def _pts(x: float) -> str:
-    return f"{x * 100:+.2f} pts".replace("-", "\u2212")
+    return _signed(x * 100, 2) + " pts"
 
 
 def _effect(c: Comparison) -> str:
@@ -271,9 +281,9 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
             incremental_total_low=c.difference_low * n_t, incremental_total_high=c.difference_high * n_t,
             is_significant=significant, winner=("treated" if c.difference > 0 else HOLDOUT) if significant else None,
             method="window conversions, treated vs holdout: two-proportion z-test, Newcombe interval",
-            verdict=(f"{words}: {c.difference * 100:+.2f} per 100 recipients ({level} CI "
-                     f"{c.difference_low * 100:+.2f} to {c.difference_high * 100:+.2f}), about "
-                     f"{c.difference * n_t:+.0f} orders over {n_t} recipients").replace("-", "\u2212")))
+            verdict=(f"{words}: {_signed(c.difference * 100, 2)} per 100 recipients ({level} CI "
+                     f"{_signed(c.difference_low * 100, 2)} to {_signed(c.difference_high * 100, 2)}), about "
+                     f"{_signed(c.difference * n_t, 0)} orders over {n_t} recipients")))
         mine_boot = bootstrap[bootstrap["campaign_id"] == campaign_id].merge(
             mine[["window_revenue"]].rename(columns={"window_revenue": "total"}), left_on="is_treated",
             right_index=True)
@@ -292,8 +302,8 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
             incremental_total_low=low * n_t, incremental_total_high=high * n_t, is_significant=significant,
             winner=("treated" if point > 0 else HOLDOUT) if significant else None,
             method=f"window revenue per recipient, Poisson bootstrap ({replicates} replicates), percentile interval",
-            verdict=(f"{words}: {point:+.2f} per recipient ({level} CI {low:+.2f} to {high:+.2f}), about "
-                     f"{point * n_t:+.0f} over {n_t} recipients").replace("-", "\u2212")))
+            verdict=(f"{words}: {_signed(point, 2)} per recipient ({level} CI {_signed(low, 2)} to "
+                     f"{_signed(high, 2)}), about {_signed(point * n_t, 0)} over {n_t} recipients")))
     return rows
 
 

@@ -53,14 +53,14 @@ EXPERIMENTS_SCHEMA = (
 class ReportRun:
     run_id: str
     result_rows: int
-    verdicts: tuple[tuple[str, str, str, str], ...]   # campaign, metric, status, verdict
+    verdicts: tuple[tuple[str, str, str, str, str], ...]   # campaign, test, metric, status, verdict
     files: tuple[Path, ...] = field(default_factory=tuple)
 
     def summary(self) -> str:
         lines = [f"report (MLflow run {self.run_id}): {self.result_rows} rows in {RESULTS_TABLE}, "
                  f"{len(self.verdicts)} tests in {EXPERIMENTS_TABLE}"]
-        lines += [f"  {campaign:<20} {metric:<12} {status:<12} {verdict}"
-                  for campaign, metric, status, verdict in self.verdicts]
+        lines += [f"  {campaign:<20} {test:<8} {metric:<12} {status:<13} {verdict}"
+                  for campaign, test, metric, status, verdict in self.verdicts]
         lines += [f"  wrote {path}" for path in self.files]
         return "\n".join(lines)
 
@@ -169,7 +169,7 @@ def run_report(ctx: RunContext) -> ReportRun:
         for path in files:
             mlflow.log_artifact(str(path), artifact_path=REPORT_FOLDER)
         mlflow.log_text(experiments.to_csv(index=False), f"{REPORT_FOLDER}/{EXPERIMENTS_TABLE}.csv")
-    verdicts = tuple((e.campaign_id, e.metric, e.status, e.verdict)
+    verdicts = tuple((e.campaign_id, e.test, e.metric, e.status, e.verdict)
                      for e in experiments.sort_values(["campaign_id", "test", "metric"]).itertuples(index=False))
     return ReportRun(run_id=run.info.run_id, result_rows=len(results_pd), verdicts=verdicts, files=tuple(files))
 
