@@ -20,6 +20,7 @@ The best time of each counts. Every count column is summed over all rows in both
 The Poisson bootstrap of the revenue uplift (Spark) is timed once, as information.
 
     .venv/bin/python bench/bench_report.py [--messages 1000000] [--views 5000000] [--repeat 2] [--keep]
+    .venv/bin/python bench/bench_report.py --example var/report-example --messages 40000 --users 40000 --views 40000
 """
 
 from __future__ import annotations
@@ -232,7 +233,59 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=5_000_000, help="product views among the events (default 5M)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine; the best counts (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep .bench/report (and reuse it next time)")
+    parser.add_argument("--example", metavar="DIR", help="instead of timing: write the generated tables into a lake "
+                        "under DIR and run the report stage on them (the README's example output)")
     return parser.parse_args(argv)
+
+
+EXAMPLE_CAMPAIGNS = """
+campaigns:
+  c0: {type: weekly_picks, template: weekly_picks, subjects: {A: {en: a}, B: {en: b}}, split: {A: 0.5, B: 0.5},
+       experiment: {horizon_days: 7}}
+  c1: {type: win_back, template: win_back, subjects: {A: {en: a}, B: {en: b}}, split: {A: 0.5, B: 0.5},
+       experiment: {horizon_days: 21}}
+  c2: {type: cross_sell, template: cross_sell, subjects: {A: {en: a}}, split: {A: 1.0}}
+  c3: {type: new_arrivals, template: new_arrivals, subjects: {A: {en: a}, B: {en: b}}, split: {A: 0.5, B: 0.5},
+       experiment: {horizon_days: 7}}
+"""
+
+
+def run_example(spark: SparkSession, settings: Any, has_delta_jars: bool, *, folder: Path, messages: int,
+                users: int, views: int) -> None:
+    """The generated tables as Delta tables of a lake under ``folder``, then ``run_report`` at NOW."""
+    import dataclasses
+
+    from inboxlift.clock import FixedClock
+    from inboxlift.context import RunContext
+    from inboxlift.stages.report import run_report
+    from inboxlift.storage import Lake
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "campaigns.yml").write_text(EXAMPLE_CAMPAIGNS, encoding="utf-8")
+    settings = settings.with_overrides({
+        "storage.lake_dir": str(folder / "lake"), "mlflow.tracking_uri": f"sqlite:///{folder / 'mlflow.db'}",
+        "mlflow.artifact_location": str(folder / "artifacts"), "paths.output_dir": str(folder / "output"),
+        "paths.campaigns_file": str(folder / "campaigns.yml")})
+    lake = Lake.open(spark, settings.storage, has_delta_jars=has_delta_jars)
+    data = folder / "parquet"
+    plan_frame(spark, messages=messages, users=users).write.mode("overwrite").parquet(str(data / "plan"))
+    plan = spark.read.parquet(str(data / "plan"))
+    outbox_frame(plan).write.mode("overwrite").parquet(str(data / "outbox"))
+    outbox = spark.read.parquet(str(data / "outbox"))
+    deliveries_frame(outbox).write.mode("overwrite").parquet(str(data / "deliveries"))
+    deliveries = spark.read.parquet(str(data / "deliveries"))
+    events_frame(spark, outbox, deliveries, users=users, views=views).write.mode("overwrite").parquet(
+        str(data / "events"))
+    for table, name in (("campaign_plan", "plan"), ("outbox", "outbox"), ("deliveries", "deliveries"),
+                        ("events", "events")):
+        frame = spark.read.parquet(str(data / name))
+        if lake.exists(table):
+            lake.overwrite(table, frame.drop("id"))
+        else:
+            lake.append(table, frame.drop("id"))
+    ctx = RunContext(spark=spark, settings=dataclasses.replace(settings), lake=lake,
+                     clock=FixedClock.at(NOW.strftime("%Y-%m-%dT%H:%M:%S")))
+    print(run_report(ctx).summary())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 2
     print(info.describe(), flush=True)
     data = WORK_DIR / f"data-{args.messages}-{args.users}-{args.views}"
+    if args.example:
+        try:
+            run_example(spark, settings, info.has_delta_jars, folder=Path(args.example).absolute(),
+                        messages=args.messages, users=args.users, views=args.views)
+        finally:
+            spark.stop()
+        return 0
     try:
         if not (data / "_DONE").exists():
             shutil.rmtree(WORK_DIR, ignore_errors=True)
