@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import time
 
 import numpy as np
@@ -182,3 +183,27 @@ def test_holdout_uplift_intervals_cover_the_planted_uplift(spark):
     # The bootstrap interval is about as wide as a normal one on these data (same order of magnitude).
     width = revenue["difference_high"] - revenue["difference_low"]
     assert 0.5 < width < 2.5, width
+
+
+@pytest.mark.parametrize("experiment, message", [
+    ({"horizon_days": 0}, "'experiment.horizon_days' must be at least 1, got 0"),
+    ({"start": "soon"}, "'experiment.start' must be a date YYYY-MM-DD, got 'soon'"),
+    ({"control": "C"}, "'experiment.control' must be one of the variants ['A', 'B'], got 'C'"),
+    ({"horizon": 7}, "experiment.horizon"),
+])
+def test_a_wrong_experiment_is_an_error_naming_the_key(experiment, message):
+    from inboxlift.settings import SettingsError
+
+    spec = {"type": "weekly_picks", "template": "weekly_picks", "subjects": {"A": {"en": "a"}, "B": {"en": "b"}},
+            "split": {"A": 0.5, "B": 0.5}, "experiment": experiment}
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        parse_campaigns({"campaigns": {"ab": spec}}, source="campaigns.yml")
+
+
+def test_report_settings_are_validated():
+    from inboxlift.settings import ReportSettings, SettingsError
+
+    with pytest.raises(SettingsError, match=re.escape("setting 'report.alpha' must be between 0 and 1, got 1.5")):
+        ReportSettings(alpha=1.5)
+    with pytest.raises(SettingsError, match="report.bootstrap_replicates"):
+        ReportSettings(bootstrap_replicates=5)
