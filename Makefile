@@ -20,12 +20,11 @@ java:
 	  [ "$$major" = "1" ] && major=$$(echo $$v | cut -d. -f2); \
 	  if [ "$${major:-0}" -lt 17 ] 2>/dev/null; then echo "Java $$v found, but Spark 4 needs Java 17 or newer." >&2; exit 1; fi
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml setup.py
 	@test -n "$(PYTHON)" || { echo "Python 3.10+ (3.11 recommended) is required" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet -r requirements.txt -e '.[local]'
 	@touch $(STAMP)
 
 run: java $(STAMP)

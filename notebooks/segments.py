@@ -7,24 +7,34 @@
 # MAGIC users each segment holds in `user_segments`. Everything here comes from the library
 # MAGIC (`inboxlift.stages.segments`); the rules are described in `docs/segments.md`.
 # MAGIC
-# MAGIC Run `inboxlift run segment-train` (and `inboxlift run segment`) first. As a plain script:
-# MAGIC `python notebooks/segments.py --env local --set storage.lake_dir=... --set mlflow.tracking_uri=...`
-# MAGIC (the same `--env`, `--conf-dir`, `--set` as the `inboxlift` command; `INBOXLIFT_ENV` picks the
-# MAGIC settings file). The plots are also written under `paths.output_dir/segments/`.
+# MAGIC Run `inboxlift run segment-train` (and `inboxlift run segment`) first. On Databricks the widgets
+# MAGIC choose the environment (`env`), the day (`as_of`) and the catalog and schema (empty: the settings').
+# MAGIC As a plain script: `python notebooks/segments.py --env local --set storage.lake_dir=...` (the same
+# MAGIC `--env`, `--conf-dir`, `--set` as the `inboxlift` command). The plots are also written under
+# MAGIC `paths.output_dir/segments/`.
 
 # COMMAND ----------
 
-import os
-import sys
+# MAGIC %md
+# MAGIC Install the wheel `databricks bundle deploy` uploaded with this notebook: the bundle puts notebooks
+# MAGIC in `<root>/files/notebooks/` and the wheel in `<root>/artifacts/.internal/`. Elsewhere, point this
+# MAGIC cell at a wheel built with `python -m pip wheel --no-deps --wheel-dir dist .`. Run as a plain
+# MAGIC script, the cell is a comment and the installed library is used.
+
+# COMMAND ----------
+
+# MAGIC %pip install ../../artifacts/.internal/inboxlift-0.1.0-py3-none-any.whl
+
+# COMMAND ----------
+
 from pathlib import Path
 
-from inboxlift.cli import build_context, build_parser, load_from_args
+from inboxlift.notebook import open_notebook
 from inboxlift.stages.segments import champion_artifacts, champion_plots, save_plots, segment_counts
 
-# The `settings` command takes the common options; arguments a notebook host adds are ignored.
-args, _ = build_parser(os.environ).parse_known_args(["settings", *sys.argv[1:]])
-settings = load_from_args(args, os.environ)
-ctx = build_context(settings, now=args.now, environ=os.environ)
+# On Databricks `dbutils` is the notebook's (widgets); as a script there is none (command line).
+notebook = open_notebook(globals().get("dbutils"))
+ctx, settings = notebook.ctx, notebook.ctx.settings
 
 # COMMAND ----------
 

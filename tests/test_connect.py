@@ -39,6 +39,12 @@ def _settings(work: Path) -> dict[str, object]:
         "generate.dirty_rate": 0.0,
         "segments.k_max": 4,
         "segments.stability_seeds": "[7]",
+        # One candidate per recommender: the point is that every step runs on Connect, not the search.
+        "recommend.ranks": "[8]",
+        "recommend.reg_params": "[0.1]",
+        "recommend.alphas": "[1.0]",
+        "recommend.hybrid_weights": "[0.5]",
+        "recommend.max_iter": 5,
     }
 
 
@@ -63,8 +69,10 @@ def test_run_all_completes_on_spark_connect(connect_run):
     rows = {m.group(1): int(m.group(2).replace(",", ""))
             for m in re.finditer(r"^(\w+)\s+([\d,]+)\s+\d+\s+\d+\s", listing, flags=re.M)}
     for table in ("events", "users", "user_features", "user_segments", "recommendations", "campaign_plan",
-                  "outbox"):
+                  "outbox", "deliveries"):
         assert rows.get(table, 0) > 0, f"{table} is empty or missing on Spark Connect: {rows}"
+    stored = re.search(r"embedded relay \S+ \(now stopped\): (\d+) messages stored", done.stdout)
+    assert stored and int(stored.group(1)) > 0, done.stdout[-3000:]
 
 
 def test_no_classic_only_api_in_the_library():

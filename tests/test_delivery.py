@@ -303,3 +303,26 @@ def test_a_relay_that_refuses_tls_or_auth_is_a_clear_error(certificate):
         # A certificate this machine does not trust is refused too (no CA file: the system's CAs).
         with pytest.raises(RelayError, match="CERTIFICATE_VERIFY_FAILED"):
             check_relay(relay(port, None))
+
+
+@pytest.mark.parametrize("folder_exists", [False, True])
+def test_the_embedded_relay_stores_each_message_even_in_an_existing_empty_folder(tmp_path, folder_exists):
+    """``make run``'s sink: a folder that already exists (an earlier run's empty ``sent/``) must not
+    make it refuse every message (``mailbox.Maildir`` only creates tmp/new/cur for a new folder)."""
+    import mailbox
+    import smtplib
+
+    from inboxlift.delivery.sink import embedded_relay
+
+    folder = tmp_path / "sent"
+    if folder_exists:
+        folder.mkdir()
+    message = b"From: shop@example.com\r\nTo: ana@example.org\r\nSubject: hello\r\n\r\nbody\r\n"
+    with embedded_relay(folder) as (relay, handler):
+        with smtplib.SMTP(relay.host, relay.port, timeout=10) as client:
+            refused = client.sendmail("bounce@example.com", ["ana@example.org"], message)
+    assert refused == {}
+    assert handler.accepted == 1
+    stored = [m.as_bytes() for m in mailbox.Maildir(str(folder), create=False)]
+    assert len(stored) == 1
+    assert b"Delivered-To: ana@example.org" in stored[0] and b"Subject: hello" in stored[0]

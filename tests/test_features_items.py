@@ -68,9 +68,10 @@ def test_catalogue_facts(spark, items):
     expected = spark.createDataFrame([
         ("a", "Sports", "Acme", Decimal("10.00"), True, True, 29),     # launched 29 days ago: new
         ("b", "Home", "Zest", Decimal("99.00"), False, False, 30),     # 30 days ago: not any more
-        ("c", None, None, None, False, False, None),                   # unknowns: not in stock, not new
+        # Unknowns: in stock (features.unknown_stock_in_stock), never new (no launch date).
+        ("c", None, None, None, True, False, None),
         ("d", "Sports", "Acme", Decimal("10.00"), True, False, -5),    # launches in 5 days: not yet new
-        ("z", None, None, None, False, False, None),
+        ("z", None, None, None, True, False, None),
     ], "item_id string, category string, brand string, price decimal(12,2), is_in_stock boolean, "
        "is_new_arrival boolean, days_since_launch int")
     assert_df_equality(items.select(*expected.columns), expected, ignore_row_order=True, ignore_nullable=True)

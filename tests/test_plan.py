@@ -114,7 +114,7 @@ def test_bad_definitions_name_the_campaign_and_key(change, message):
 
 def test_exclusions_first_reason_wins_and_products_are_filtered(spark):
     plain = ("ok", "unsub", "bounced", "suppressed", "complained", "same_type", "again", "capped", "nothing",
-             "other_type", "lifted")
+             "other_type", "lifted", "daily")
     users = [user(u) for u in plain]
     users += [user("noconsent", consent=False), user("unsub_and_noconsent", consent=False),
               user("null_consent", consent=None), user("bounced_twin", email="twin@mail.example"),
@@ -129,7 +129,8 @@ def test_exclusions_first_reason_wins_and_products_are_filtered(spark):
     history = [("c1", "again", DAY - dt.timedelta(days=3)),            # inside the 6-day cool-down
                ("other", "capped", DAY - dt.timedelta(days=1)), ("x", "capped", DAY - dt.timedelta(days=6)),
                ("other", "ok", DAY - dt.timedelta(days=7)), ("x", "ok", DAY - dt.timedelta(days=8)),  # cap: 7 days
-               ("c1", "ok", DAY)]                                      # today's own plan is being replaced
+               ("c1", "ok", DAY),                                      # today's own plan is being replaced
+               ("other", "daily", DAY)]                                # one e-mail today already: daily cap
     suppressed = [suppression("unsub", "unsubscribed"), suppression("unsub_and_noconsent", "unsubscribed"),
                   suppression("bounced", "bounced"), suppression("suppressed", "manual"),
                   suppression("complained", "complained"),
@@ -148,7 +149,7 @@ def test_exclusions_first_reason_wins_and_products_are_filtered(spark):
                         "gone": "unknown_user", "unsub": "unsubscribed", "same_type": "unsubscribed",
                         "bounced": "bounced", "shares_address": "bounced", "complained": "complained",
                         "suppressed": "suppressed", "again": "already_received", "capped": "frequency_cap",
-                        "nothing": "too_few_products"}
+                        "daily": "daily_cap", "nothing": "too_few_products"}
     assert set(plan) == {"ok", "other_type", "lifted"}
     # i2 out of stock, i3 bought before, i4 reviewed negatively; the first three left, in rank order.
     assert plan["ok"].item_ids == ["i1", "i5", "i6"]
@@ -302,18 +303,18 @@ def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_pl
     ctx.lake.append("user_features", spark.createDataFrame(
         [features("a", cart=["i1"], cart_at=cart_at), features("b")], FEATURES))
     ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2")], ITEMS))
-    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
-                                                        "event_ts timestamp"))
+    ctx.lake.append("events", spark.createDataFrame([], "event_id string, user_id string, item_id string, "
+                                                        "event_type string, quantity int, event_ts timestamp"))
     ctx.lake.append("recommendations", spark.createDataFrame(
         [("a", 1, "i2", "als"), ("b", 1, "i2", "als")], "user_id string, rank int, item_id string, source string"))
     ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
 
     report = run_plan(ctx, all_campaigns=True, plan_date=DAY)
     assert [c.campaign_id for c in report.campaigns] == ["cart", "picks"]
-    # "a" got the cart email first, so the cap of 1 email a week keeps picks from "a".
+    # "a" got the cart email first, so the cap of 1 email a day keeps picks from "a".
     assert report.campaigns[0].variants == {"A": 1}
-    assert report.campaigns[1].variants == {"A": 1} and report.campaigns[1].excluded == {"frequency_cap": 1}
-    assert "frequency_cap=1" in report.summary()
+    assert report.campaigns[1].variants == {"A": 1} and report.campaigns[1].excluded == {"daily_cap": 1}
+    assert "daily_cap=1" in report.summary()
 
     def plan_rows():
         return sorted((r.campaign_id, r.user_id, r.variant, tuple(r.item_ids), r.send_at)
@@ -355,8 +356,8 @@ def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorit
         features("y", cart=["i1"], cart_at=cart_at),    # got picks yesterday
     ], FEATURES))
     ctx.lake.append("item_features", spark.createDataFrame([item("i1"), item("i2"), item("i3", stock=False)], ITEMS))
-    ctx.lake.append("events", spark.createDataFrame([], "user_id string, item_id string, event_type string, "
-                                                        "event_ts timestamp"))
+    ctx.lake.append("events", spark.createDataFrame([], "event_id string, user_id string, item_id string, "
+                                                        "event_type string, quantity int, event_ts timestamp"))
     ctx.lake.append("recommendations", spark.createDataFrame(
         [(u, 1, "i2", "als") for u in ("a", "x", "b", "y")], "user_id string, rank int, item_id string, source string"))
     ctx.lake.append("similar_items", spark.createDataFrame([], "item_id string, rank int, similar_item_id string"))
@@ -380,7 +381,7 @@ def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorit
     assert_df_equality(exclusions, spark.createDataFrame([
         ("cart", DAY, "x", "too_few_products"),
         ("cart", DAY, "y", "frequency_cap"),       # yesterday's picks count, though picks comes after cart
-        ("picks", DAY, "a", "frequency_cap"),      # cart comes first and planned "a" today
+        ("picks", DAY, "a", "daily_cap"),          # cart comes first and planned "a" today
         ("picks", DAY, "y", "already_received"),   # picks yesterday, inside its cool-down
     ], "campaign_id string, plan_date date, user_id string, reason string"),
         ignore_row_order=True, ignore_nullable=True)

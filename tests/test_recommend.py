@@ -227,6 +227,9 @@ def planted_events(rng: np.random.Generator) -> list[tuple]:
 def write_planted_shop(ctx, spark) -> None:
     rng = np.random.default_rng(11)
     events = spark.createDataFrame(planted_events(rng), EVENT_SCHEMA)
+    # The stages net purchases of returns (transforms.features_returns), which reads ids and quantities.
+    events = events.select("*", F.sha2(F.concat_ws("|", *events.columns), 256).alias("event_id"),
+                           F.lit(None).cast("int").alias("quantity"))
     ctx.lake.append("events", events, partition_by=["event_date"])
     items = [(f"{g}{i}", g) for g in "ab" for i in range(1, 7)] + [("a-new", "a")]
     from decimal import Decimal

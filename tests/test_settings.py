@@ -108,7 +108,7 @@ def test_secrets_come_from_the_environment_or_databricks_only():
         secrets = Secrets()
 
     assert resolve_secret("dbsecret:shop/smtp", environ={}, dbutils=DbUtils()) == "shop:smtp"
-    with pytest.raises(SettingsError, match="needs Databricks"):
+    with pytest.raises(SettingsError, match="in the Databricks secret scope .shop., but this run has no dbutils"):
         resolve_secret("dbsecret:shop/smtp", environ={})
 
 

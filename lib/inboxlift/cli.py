@@ -60,8 +60,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
     imports = commands.add_parser(
         "import", parents=[common],
-        help="ingest a retailer's export (invoice lines or clickstream) through the column mapping in settings")
-    imports.add_argument("--shape", required=True, choices=["invoice_lines", "clickstream"],
+        help="ingest a retailer's export (invoice lines, customers, catalogue or clickstream) through the column mapping in settings")
+    imports.add_argument("--shape", required=True, choices=["invoice_lines", "customers", "catalogue", "clickstream"],
                          help="the export's shape; its columns are mapped in ingest.imports.<shape>")
     imports.add_argument("path", help="an export file, or a folder of them (files imported before are skipped)")
 
@@ -105,7 +105,12 @@ def build_context(settings: Settings, *, now: str | None, environ: Mapping[str, 
     print(f"storage backend: {lake.backend.name}; tables at {lake.names.lake_dir or settings.storage.catalog}",
           flush=True)
     clock = FixedClock.at(now) if now else SystemClock()
-    return RunContext(spark=info.spark, settings=settings, lake=lake, clock=clock)
+    dbutils = None
+    if info.is_databricks:
+        from inboxlift.workspace import dbutils_for
+
+        dbutils = dbutils_for(info.spark)
+    return RunContext(spark=info.spark, settings=settings, lake=lake, clock=clock, dbutils=dbutils)
 
 
 def _print_result(result: Any) -> None:
@@ -173,12 +178,37 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     ctx = build_context(settings, now=args.now, environ=environ)
     started = time.monotonic()
     try:
-        _dispatch(ctx, args, settings)
+        code = _dispatch(ctx, args, settings)
     except _user_errors() as exc:
         print(f"inboxlift: {exc}", file=sys.stderr)
         return 2
+    finally:
+        _release_session(ctx)
     print(f"done in {time.monotonic() - started:.1f}s", flush=True)
-    return 0
+    return code or 0
+
+
+def _release_session(ctx: RunContext) -> None:
+    """Stop a Spark Connect client session, success or not.
+
+    pyspark's local Connect server (``spark.remote = local[N]``) runs in this process with non-daemon
+    threads: without the stop, a stage that raises leaves the command hanging instead of exiting
+    with the error. A classic session is left to the interpreter's own shutdown.
+    """
+    from inboxlift.session import is_connect_session
+
+    if is_connect_session(ctx.spark):
+        ctx.spark.stop()
+
+
+def job_main(argv: Sequence[str] | None = None) -> None:
+    """The ``inboxlift-job`` entry point of a Databricks ``python_wheel_task``: a failing command fails the task.
+
+    The task runner calls the entry point and ignores what it returns, so the exit code is raised.
+    """
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 def _serve(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -209,13 +239,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from inboxlift.campaigns.planning import MissingInputError
     from inboxlift.delivery.journal import SendLockedError
     from inboxlift.stages.send import DeliveryError
-    from inboxlift.stages.ingest import ConcurrentIngestError, ImportMappingError
+    from inboxlift.stages.ingest import ConcurrentIngestError, ImportFormatError, ImportMappingError
     from inboxlift.stages.plan import UnknownCampaignError
     from inboxlift.stages.segments import NoChampionError
 
     from inboxlift.stages.recommend import NoChampionError as NoRecommenderError
 
-    return (ImportMappingError, ConcurrentIngestError, NoChampionError, NoRecommenderError, FileNotFoundError,
+    return (ImportMappingError, ImportFormatError, ConcurrentIngestError, NoChampionError, NoRecommenderError, FileNotFoundError,
             MissingInputError, UnknownCampaignError, SettingsError, CommandError, DeliveryError, SendLockedError)
 
 
@@ -226,24 +256,41 @@ def _with_stage_defaults(stage: Stage, args: argparse.Namespace) -> argparse.Nam
     return argparse.Namespace(**{**vars(parser.parse_args([])), **vars(args)})
 
 
-def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> None:
+def _run_stage(ctx: RunContext, stage: Stage, args: argparse.Namespace) -> list:
+    """Run one stage, print its summary and its warnings (inboxlift.diagnostics); return the warnings."""
+    from inboxlift.diagnostics import diagnose_stage, report
+
+    print(f"== {stage.name}: {stage.help}", flush=True)
+    result = stage.run(ctx, args)
+    _print_result(result)
+    warnings = diagnose_stage(ctx, stage.name, result)
+    report(warnings)
+    return warnings
+
+
+def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> int | None:
     if args.command == "run":
-        stage = STAGES[args.stage]
-        print(f"== {stage.name}: {stage.help}", flush=True)
-        _print_result(stage.run(ctx, args))
+        _run_stage(ctx, STAGES[args.stage], args)
     elif args.command == "run-all":
         if (not args.no_generate and settings.env == "local"
                 and landing_is_empty(settings.paths.landing_dir) and not ctx.lake.exists("events")):
             print("== generate: the local lake and landing folder are empty, so synthetic data is generated",
                   flush=True)
             _print_result(generate_default_data(ctx))
+        from inboxlift.diagnostics import EMPTY_OUTBOX_EXIT, final_outbox, report
+
+        warnings = []
         for name in RUN_ALL:
             stage = STAGES[name]
-            print(f"== {stage.name}: {stage.help}", flush=True)
-            _print_result(stage.run(ctx, _with_stage_defaults(stage, args)))
+            warnings += _run_stage(ctx, stage, _with_stage_defaults(stage, args))
         print("\n== tables", flush=True)
         print_tables(ctx)
         print_locations(settings)
+        # Ran to the end with nothing to send, for a reason the shop can fix: not a success.
+        empty = final_outbox(ctx, warnings)
+        report(empty)
+        if empty:
+            return EMPTY_OUTBOX_EXIT
     elif args.command == "tables":
         print_tables(ctx)
     elif args.command == "generate":
@@ -269,7 +316,11 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
     elif args.command == "import":
         from inboxlift.stages.ingest import run_import
 
-        _print_result(run_import(ctx, shape=args.shape, path=args.path, echo=lambda text: None))
+        from inboxlift.diagnostics import diagnose_stage, report
+
+        result = run_import(ctx, shape=args.shape, path=args.path, echo=lambda text: None)
+        _print_result(result)
+        report(diagnose_stage(ctx, "import", result))
 
 
 if __name__ == "__main__":

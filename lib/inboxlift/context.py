@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pyspark.sql import SparkSession
 
@@ -17,3 +18,5 @@ class RunContext:
     settings: Settings
     lake: Lake
     clock: Clock
+    # Databricks' dbutils (for dbsecret: references), None elsewhere: see inboxlift.workspace.
+    dbutils: Any = None

@@ -82,7 +82,7 @@ def _render_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_render(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.render import run_render
 
-    report = run_render(ctx, campaign_id=args.campaign, environ=os.environ)
+    report = run_render(ctx, campaign_id=args.campaign, environ=os.environ, dbutils=ctx.dbutils)
     if not (args.export or getattr(args, "command", None) == "run-all"):
         return report
     return [report.summary(), *export_outputs(ctx, campaign_id=args.campaign)]
@@ -130,7 +130,7 @@ def _run_send(ctx: RunContext, args: argparse.Namespace) -> Any:
     from inboxlift.stages.send import run_send
 
     options = dict(campaign_id=args.campaign, dry_run=args.dry_run, limit=args.limit,
-                   resend_unknown=args.resend_unknown, environ=os.environ)
+                   resend_unknown=args.resend_unknown, environ=os.environ, dbutils=ctx.dbutils)
     if not ctx.settings.delivery.is_embedded or args.dry_run:
         return run_send(ctx, **options)
     # The local mode: an SMTP server on loopback keeps what is sent, for the duration of the stage.
@@ -187,7 +187,18 @@ def _run_maintain(ctx: RunContext, args: argparse.Namespace) -> list[str]:
         ctx.lake.optimize(name)
         removed = ctx.lake.vacuum(name, retention_hours=args.retention_hours)
         lines.append(f"{name}: optimized, {len(removed)} old files vacuumed")
+    lines.append(_remove_stale_checkpoints(ctx))
     return lines
+
+
+def _remove_stale_checkpoints(ctx: RunContext) -> str:
+    from inboxlift.checkpoints import remove_stale_checkpoints
+
+    spark = ctx.settings.spark
+    removed = remove_stale_checkpoints(spark.checkpoint_dir, now=ctx.clock.now(),
+                                       older_than=dt.timedelta(hours=spark.checkpoint_retention_hours))
+    return f"checkpoints: {len(removed)} folders older than {spark.checkpoint_retention_hours} h removed " \
+           f"from {spark.checkpoint_dir}"
 
 
 STAGES: dict[str, Stage] = {
@@ -213,7 +224,8 @@ STAGES: dict[str, Stage] = {
               _send_arguments, _run_send),
         Stage("report", "attribution, A/B tests and holdout uplift per campaign (campaign_results, "
               "campaign_experiments, plots, report.html)", _no_arguments, _run_report),
-        Stage("maintain", "delete expired quarantine rows, compact and vacuum every table", _maintain_arguments,
+        Stage("maintain", "delete expired quarantine rows and old checkpoints, compact and vacuum every table",
+              _maintain_arguments,
               _run_maintain),
     ]
 }

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from pyspark.sql import SparkSession
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
 
 from inboxlift.settings import SparkSettings
 
@@ -36,17 +37,36 @@ class SessionInfo:
     is_databricks: bool
     has_delta_jars: bool
     is_connect: bool = False
+    # Set for a session the project did not build: where its checkpoints go, or why not where settings say.
+    checkpoint_note: str = ""
 
     def describe(self) -> str:
         where = "Databricks" if self.is_databricks else ("local" if self.is_local else "cluster")
         kind = "Spark Connect" if self.is_connect else "classic"
         delta = "native Delta jars on the classpath" if self.has_delta_jars else "no Delta jars (delta-rs backend)"
-        return f"Spark {self.spark.version} ({where}, {kind}, master {master_of(self.spark)}); {delta}"
+        text = f"Spark {self.spark.version} ({where}, {kind}, master {master_of(self.spark)}); {delta}"
+        return f"{text}\n{self.checkpoint_note}" if self.checkpoint_note else text
 
 
 def is_connect_session(spark: SparkSession) -> bool:
     """Whether ``spark`` is a Spark Connect client (no JVM in this process to talk to)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> DataFrame:
+    """``frame`` kept for reuse: persisted on a classic session, locally checkpointed on Spark Connect.
+
+    A Connect client sends the whole plan tree with every command, and protobuf refuses a message
+    nested more than 100 levels deep; the recommender's evaluation (splits, rankings, blends, ranked
+    lists) passes that depth, and ``RankingEvaluator`` then fails with ``Exceeded
+    upb_DecodeOptions_MaxDepth``. A local checkpoint replaces the plan with a reference to the
+    computed rows (eagerly), so what is built on it starts shallow again. Release either with
+    ``unpersist()``.
+    """
+    level = storage_level or StorageLevel.MEMORY_AND_DISK
+    if is_connect_session(frame.sparkSession):
+        return frame.localCheckpoint(eager=True, storageLevel=level)
+    return frame.persist(level)
 
 
 def master_of(spark: SparkSession) -> str:
@@ -91,6 +111,28 @@ def delta_classes_loaded(spark: SparkSession) -> bool:
         condition = getattr(exc, "getCondition", lambda: None)() or ""
         return condition != "DATA_SOURCE_NOT_FOUND" and "DATA_SOURCE_NOT_FOUND" not in str(exc)
     return True
+
+
+def align_checkpoint_dir(spark: SparkSession, wanted: str) -> str:
+    """Point an existing session's ``spark.checkpoint.dir`` at ``wanted`` where Spark allows it; say what holds.
+
+    Spark reads the checkpoint directory when its context starts, and refuses to change
+    ``spark.checkpoint.dir`` afterwards (``CANNOT_MODIFY_CONFIG``); ``setCheckpointDir`` needs the
+    ``sparkContext``, which Spark Connect does not have. So on Databricks the job cluster sets it
+    (``deploy/databricks.yml``) and this only checks, and says so when the two disagree.
+    """
+    if "://" not in wanted:
+        wanted = str(Path(wanted).absolute())
+    current = spark.conf.get("spark.checkpoint.dir", None) or None
+    if current == wanted:
+        return f"checkpoints: {current}"
+    try:
+        spark.conf.set("spark.checkpoint.dir", wanted)
+    except Exception:  # noqa: BLE001 - CANNOT_MODIFY_CONFIG (classic and Connect raise different types)
+        where = current or "nowhere: ALS runs without checkpoints"
+        return (f"checkpoints: {where} (spark.checkpoint_dir {wanted} can only be set when the cluster starts: "
+                "put it in the cluster's spark.checkpoint.dir)")
+    return f"checkpoints: {wanted}"
 
 
 def _machine_memory_gib() -> float:
@@ -163,7 +205,8 @@ def build_session(
         spark = active or SparkSession.builder.getOrCreate()
         connect = is_connect_session(spark)
         return SessionInfo(spark, is_local=False, is_databricks=is_databricks(environ),
-                           has_delta_jars=is_databricks(environ) or delta_classes_loaded(spark), is_connect=connect)
+                           has_delta_jars=is_databricks(environ) or delta_classes_loaded(spark), is_connect=connect,
+                           checkpoint_note=align_checkpoint_dir(spark, settings.checkpoint_dir))
 
     # Set before the JVM starts so every Python worker runs this interpreter.
     os.environ["PYSPARK_PYTHON"] = sys.executable

@@ -50,6 +50,9 @@ class SparkSettings:
     log_level: str = "WARN"
     ui_enabled: bool = True
     checkpoint_dir: str = "var/checkpoints"
+    # `inboxlift run maintain` deletes checkpoint folders under checkpoint_dir untouched this long: Spark
+    # leaves ALS's checkpoints behind, and a run still writing must keep its own.
+    checkpoint_retention_hours: int = 24
     extra_conf: dict[str, str] = field(default_factory=dict)
 
 
@@ -160,11 +163,66 @@ class ClickstreamImport:
 
 
 @dataclass(frozen=True)
+class CustomersImport:
+    """A customers export (one row per customer): our field -> the export's column ("" = the export has none)."""
+
+    user_id: str = "CustomerID"
+    email: str = "Email"
+    first_name: str = "FirstName"
+    locale: str = ""
+    timezone: str = ""
+    country: str = "Country"
+    birthday: str = ""
+    signup_ts: str = "SignupDate"
+    email_consent: str = "EmailConsent"
+    consent_ts: str = "ConsentDate"
+    # Without it, a record counts as of the import (a later import of the same customer wins).
+    updated_at: str = ""
+    # For signup_ts, consent_ts, updated_at (and birthday when not YYYY-MM-DD): as for invoice_lines.
+    timestamp_format: str = "iso"
+    timezone_of_times: str = "UTC"
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
+class CatalogueImport:
+    """A catalogue export (one row per product): our field -> the export's column ("" = the export has none)."""
+
+    item_id: str = "StockCode"
+    name: str = "Name"
+    description: str = ""
+    category_path: str = "Category"
+    brand: str = ""
+    price: str = "Price"
+    currency: str = ""
+    image_url: str = "ImageURL"
+    url: str = "URL"
+    stock: str = "Stock"
+    launched_at: str = "LaunchDate"
+    updated_at: str = ""
+    # The currency of prices when the export has no currency column.
+    default_currency: str = "GBP"
+    timestamp_format: str = "iso"
+    timezone_of_times: str = "UTC"
+    delimiter: str = ","
+
+
+@dataclass(frozen=True)
 class ImportSettings:
     """Column mappings for real retailers' exports (``inboxlift import --shape ...``)."""
 
     invoice_lines: InvoiceLinesImport = field(default_factory=InvoiceLinesImport)
     clickstream: ClickstreamImport = field(default_factory=ClickstreamImport)
+    customers: CustomersImport = field(default_factory=CustomersImport)
+    catalogue: CatalogueImport = field(default_factory=CatalogueImport)
+    # Stock codes are upper-cased ("85123a" is "85123A"); the codes as written are kept in item_aliases.
+    # "keep" leaves them as written (a shop whose codes differ only by case).
+    item_id_case: Literal["upper", "keep"] = "upper"
+    # Rows of the sample checked before the full import: a format that fails on most of it stops the import.
+    format_sample_rows: int = 1000
+    # Products priced from invoice lines: the median unit price of customer (not anonymous) sale
+    # lines over the last this many days of each item's sales.
+    price_window_days: int = 90
 
 
 @dataclass(frozen=True)
@@ -173,8 +231,9 @@ class IngestSettings:
 
     # Money is stored as decimal(12, 2); strings longer than this are rejected.
     max_string_length: int = 2000
-    # The shop's first day: events before it are quarantined (as are events after "now" + skew).
-    shop_opened: str = "2020-01-01"
+    # The shop's first day (YYYY-MM-DD): events before it are quarantined (as are events after
+    # "now" + skew). Unset: no lower bound (a retailer's history may go back decades).
+    shop_opened: str | None = None
     future_skew_minutes: int = 10
     # Review ratings outside this range are quarantined as bad_rating.
     rating_min: int = 1
@@ -239,6 +298,9 @@ class FeatureSettings:
     lapsed_days: int = 180
     # Item features.
     new_arrival_days: int = 30
+    # A product whose stock the shop never gave (no catalogue file, or no stock column) counts as in
+    # stock; false: as out of stock (a shop that always sends stock and wants gaps to mean "none").
+    unknown_stock_in_stock: bool = True
     trend_recent_days: int = 7
     trend_baseline_days: int = 28
     # Pseudo-events per day added to both rates, so an item going from 0 to 1 view is not "infinitely" trending.
@@ -758,12 +820,54 @@ class Settings:
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
     report: ReportSettings = field(default_factory=ReportSettings)
 
+    def __post_init__(self) -> None:
+        if self.mlflow.registry_uri == UNITY_CATALOG_REGISTRY:
+            # Unity Catalog refuses a model name that is not catalog.schema.model.
+            for key, name in (("segments.registered_model", self.segments.registered_model),
+                              ("recommend.registered_model", self.recommend.registered_model)):
+                if not THREE_PART_NAME.match(name):
+                    raise SettingsError(
+                        f"setting '{key}' is {name!r}, but with mlflow.registry_uri {UNITY_CATALOG_REGISTRY!r} a "
+                        "model name must be three-part, catalog.schema.model (e.g. '{catalog}.{schema}.model')")
+
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""
         raw = dataclasses.asdict(self)
         for dotted, value in overrides.items():
             _set_dotted(raw, dotted, value, source)
         return _build(Settings, raw, source=source, path="")
+
+
+UNITY_CATALOG_REGISTRY = "databricks-uc"
+# Unity Catalog identifiers: letters, digits and underscores here (hyphens would need quoting in SQL).
+# A part may be a placeholder still to be filled (see with_catalog_names).
+_UC_PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|\{catalog\}|\{schema\})"
+THREE_PART_NAME = re.compile(rf"^{_UC_PART}\.{_UC_PART}\.{_UC_PART}$")
+# Placeholders a settings value may hold, filled from storage.catalog and storage.schema after every
+# override: one --set storage.schema=... (the bundle's per-user schema in dev) moves tables, volume paths
+# and model names together.
+_CATALOG_PLACEHOLDERS = ("{catalog}", "{schema}")
+
+
+def _fill_catalog_placeholders(raw: Any, *, catalog: str | None, schema: str | None, path: str = "") -> Any:
+    if isinstance(raw, dict):
+        return {k: _fill_catalog_placeholders(v, catalog=catalog, schema=schema, path=f"{path}.{k}" if path else k)
+                for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_fill_catalog_placeholders(v, catalog=catalog, schema=schema, path=path) for v in raw]
+    if isinstance(raw, str) and any(p in raw for p in _CATALOG_PLACEHOLDERS):
+        if not (catalog and schema):
+            raise SettingsError(f"setting '{path}' is {raw!r}, which needs storage.catalog and storage.schema set")
+        return raw.replace("{catalog}", catalog).replace("{schema}", schema)
+    return raw
+
+
+def with_catalog_names(settings: Settings) -> Settings:
+    """``settings`` with ``{catalog}`` and ``{schema}`` in any value replaced by ``storage.catalog``/``schema``."""
+    raw = dataclasses.asdict(settings)
+    storage = raw["storage"]
+    filled = _fill_catalog_placeholders(raw, catalog=storage["catalog"], schema=storage["schema"])
+    return settings if filled == raw else _build(Settings, filled, source="{catalog}/{schema} placeholders", path="")
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any, source: str) -> None:
@@ -966,15 +1070,35 @@ def load_settings(
             settings = settings.with_overrides(from_env, source="environment (INBOXLIFT__...)")
     if overrides:
         settings = settings.with_overrides(overrides, source="command line (--set)")
-    return settings
+    return with_catalog_names(settings)
+
+
+def packaged_conf_dir() -> Path | None:
+    """The ``conf`` folder the wheel carries (package ``inboxlift.conf``), or None in a source checkout."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("inboxlift.conf")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    return folder if (folder / "local.yml").is_file() else None
 
 
 def default_conf_dir(environ: Mapping[str, str]) -> str:
-    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` folder of a source checkout."""
+    """``INBOXLIFT_CONF_DIR``, else ``./conf``, else the ``conf`` the wheel carries, else a source checkout's.
+
+    The packaged one is what a Databricks job or notebook finds: the repository is not there.
+    """
     if environ.get("INBOXLIFT_CONF_DIR"):
         return environ["INBOXLIFT_CONF_DIR"]
     if Path("conf").is_dir():
         return "conf"
+    packaged = packaged_conf_dir()
+    if packaged is not None:
+        return str(packaged)
     return str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -991,8 +1115,20 @@ def resolve_secret(reference: str, *, environ: Mapping[str, str], dbutils: Any =
             raise SettingsError(f"secret {reference!r}: environment variable {name} is not set")
         return value
     if kind == "dbsecret" and "/" in name:
-        if dbutils is None:
-            raise SettingsError(f"secret {reference!r} needs Databricks (dbutils), which this run does not have")
         scope, key = name.split("/", 1)
-        return dbutils.secrets.get(scope=scope, key=key)
+        if dbutils is None:
+            raise SettingsError(
+                f"secret {reference!r} is in the Databricks secret scope {scope!r}, but this run has no dbutils "
+                "(it is not on Databricks, and neither pyspark.dbutils nor databricks-sdk could provide one); "
+                "outside Databricks use an env:NAME reference")
+        try:
+            value = dbutils.secrets.get(scope=scope, key=key)
+        except Exception as exc:  # noqa: BLE001 - dbutils raises JVM or SDK errors of no common type
+            raise SettingsError(
+                f"secret {reference!r}: Databricks has no key {key!r} in the secret scope {scope!r}, or this "
+                f"identity may not read it (`databricks secrets put-secret {scope} {key}` creates it): "
+                f"{type(exc).__name__}") from exc
+        if not value:
+            raise SettingsError(f"secret {reference!r}: the key {key!r} in the secret scope {scope!r} is empty")
+        return value
     raise SettingsError(f"secret reference {reference!r} must be 'env:NAME' or 'dbsecret:scope/key'")

@@ -39,10 +39,12 @@ FALLBACK_LOCALE = "en"
 
 @dataclass(frozen=True)
 class FrequencyCap:
-    """At most ``max_emails`` emails (any campaign, planned or sent) per user in the last ``days`` days."""
+    """At most ``max_per_day`` emails a day and ``max_emails`` in the last ``days`` days (any campaign,
+    planned or sent) per user; the campaign first in priority order takes the place."""
 
     max_emails: int = 2
     days: int = 7
+    max_per_day: int = 1
 
 
 @dataclass(frozen=True)
@@ -160,8 +162,8 @@ def _check(campaign_id: str, spec: CampaignDefinition, source: str) -> None:
         raise bad("quiet_hours", "leave no hour to send in")
     if spec.min_products < 0 or spec.max_products < max(1, spec.min_products):
         raise bad("max_products", f"must be >= 1 and >= min_products ({spec.min_products})")
-    if spec.frequency_cap.max_emails < 1 or spec.frequency_cap.days < 1:
-        raise bad("frequency_cap", "needs max_emails >= 1 and days >= 1")
+    if spec.frequency_cap.max_emails < 1 or spec.frequency_cap.days < 1 or spec.frequency_cap.max_per_day < 1:
+        raise bad("frequency_cap", "needs max_emails >= 1, days >= 1 and max_per_day >= 1")
     if spec.cooldown_days < 0:
         raise bad("cooldown_days", "must be >= 0")
     if spec.experiment.horizon_days < 1:

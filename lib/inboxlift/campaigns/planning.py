@@ -8,6 +8,8 @@ priority``, lower priority first). :func:`plan_campaign` then applies, in order:
    :func:`inboxlift.consent.with_mail_permission` as of the planning time (``unknown_user``,
    ``no_consent``, ``unsubscribed``, ``bounced``, ``complained``, ``suppressed``),
    ``already_received`` (this campaign planned for the user in the last ``cooldown_days``),
+   ``daily_cap`` (``frequency_cap.max_per_day`` emails, 1 by default, already planned for the
+   user that day by campaigns before this one in priority order: the higher priority goes),
    ``frequency_cap`` (``frequency_cap.max_emails`` emails of any campaign in the last
    ``frequency_cap.days`` days: the plans of earlier days, and of that day those of the campaigns
    before this one in priority order, see :func:`decide_campaign`),
@@ -35,7 +37,7 @@ from inboxlift.campaigns.definitions import FALLBACK_LOCALE, HOLDOUT, Campaign
 from inboxlift.consent import BLOCK_REASONS, with_mail_permission
 from inboxlift.transforms.features_user import valid_timezone
 
-EXCLUSION_REASONS = (*BLOCK_REASONS, "already_received", "frequency_cap", "too_few_products")
+EXCLUSION_REASONS = (*BLOCK_REASONS, "already_received", "daily_cap", "frequency_cap", "too_few_products")
 PLAN_COLUMNS = ["campaign_id", "campaign_type", "plan_date", "user_id", "variant", "template", "locale",
                 "subject_template", "send_at", "reason", "item_ids", "item_sources", "context", "plan_run_id",
                 "planned_at"]
@@ -183,8 +185,9 @@ def _win_back(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date) -> tup
     best = _category_best_sellers(inputs.item_features, new_only=False)
     in_favourites = _in_top_categories(lapsing, best, POPULAR_IN_CATEGORY)
     overall = (inputs.item_features.where(F.col("is_in_stock"))
-               .withColumn("r", F.row_number().over(Window.orderBy(F.col("purchases_90d").desc(),
-                                                                   F.col("views_90d").desc(), F.col("item_id"))))
+               # Global and small: one row per in-stock item, an order over the catalogue, not over users.
+               .withColumn("r", F.row_number().over(Window.orderBy(
+                   F.col("purchases_90d").desc(), F.col("views_90d").desc(), F.col("item_id"))))
                .where(F.col("r") <= PER_CATEGORY))
     fallback = lapsing.select("user_id").crossJoin(F.broadcast(overall.select("item_id", "r"))).select(
         "user_id", "item_id", F.lit(POPULAR).alias("source"), (F.lit(10_000) + F.col("r")).cast("int").alias("priority"))
@@ -300,6 +303,7 @@ def _exclusion(campaign: Campaign) -> Column:
     cap = campaign.frequency_cap
     checks = [
         ("already_received", F.col("_same_campaign") > 0),
+        ("daily_cap", F.col("_today_emails") >= cap.max_per_day),
         ("frequency_cap", F.col("_recent_emails") >= cap.max_emails),
     ]
     reason = F.col("blocked_reason")
@@ -320,6 +324,7 @@ def _history_counts(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date,
     history = history.where(F.col("plan_date") <= F.lit(plan_date))
     return history.groupBy("user_id").agg(
         F.count_if(F.col("plan_date") >= F.lit(cap_from)).alias("_recent_emails"),
+        F.count_if(F.col("plan_date") == F.lit(plan_date)).alias("_today_emails"),
         F.count_if((F.col("campaign_id") == campaign.id) & (F.col("plan_date") >= F.lit(cool_from))
                    ).alias("_same_campaign"))
 
@@ -369,7 +374,7 @@ def decide_campaign(inputs: PlanInputs, campaign: Campaign, *, plan_date: dt.dat
              .join(profile, "user_id", "left")
              .join(features, "user_id", "left")
              .join(_history_counts(inputs, campaign, plan_date, later_campaigns), "user_id", "left"))
-    frame = frame.fillna({"_recent_emails": 0, "_same_campaign": 0})
+    frame = frame.fillna({"_recent_emails": 0, "_today_emails": 0, "_same_campaign": 0})
     frame = frame.withColumn("_excluded", _exclusion(campaign))
     # Products only for the users no earlier rule excluded; too few of them is the last reason.
     eligible = frame.where(F.col("_excluded").isNull()).select("user_id")

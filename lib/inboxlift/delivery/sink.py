@@ -26,8 +26,11 @@ class MaildirHandler:
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.maildir = mailbox.Maildir(str(self.folder), create=True)
+        # ``mailbox.Maildir(create=True)`` makes tmp/new/cur only when the folder itself is new: an
+        # existing (e.g. empty) folder would refuse every message, so the three are made here.
+        for sub in ("tmp", "new", "cur"):
+            (self.folder / sub).mkdir(parents=True, exist_ok=True)
+        self.maildir = mailbox.Maildir(str(self.folder), create=False)
         self.accepted = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:

@@ -136,7 +136,7 @@ def fit_sentiment(reviews: DataFrame, *, params: SentimentParams, mlflow_setting
     """
     import mlflow
 
-    from inboxlift.models.tracking import tracked_run
+    from inboxlift.models.tracking import model_code_paths, tracked_run
 
     require_columns(reviews, REVIEW_COLUMNS, step="fit_sentiment")
     labelled = reviews.transform(label_reviews, test_percent=params.test_percent)
@@ -177,7 +177,8 @@ def fit_sentiment(reviews: DataFrame, *, params: SentimentParams, mlflow_setting
             # Requirements are given, not inferred: inference reloads the model in a fresh Spark
             # process, which costs minutes and finds nothing beyond pyspark.
             info = mlflow.spark.log_model(model, artifact_path=MODEL_ARTIFACT, signature=_model_signature(),
-                                          pip_requirements=mlflow.spark.get_default_pip_requirements())
+                                          pip_requirements=mlflow.spark.get_default_pip_requirements(),
+                                          code_paths=model_code_paths())
     finally:
         train.unpersist()
     return SentimentFit(model=model, run_id=run.info.run_id, model_uri=info.model_uri, metrics=metrics,

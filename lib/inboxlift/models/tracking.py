@@ -42,6 +42,18 @@ def _absolute_tracking_uri(uri: str) -> str:
     return uri
 
 
+def model_code_paths() -> list[str]:
+    """What every logged model carries as ``code_paths``: the ``inboxlift`` package folder.
+
+    MLflow puts it on ``sys.path`` when the model is loaded, so a model loads (and anything of the
+    project it uses is importable) in a process where the wheel is not installed: a serving
+    endpoint, another workspace, a plain ``mlflow.pyfunc.load_model``.
+    """
+    import inboxlift
+
+    return [str(Path(inboxlift.__file__).resolve().parent)]
+
+
 def configure_mlflow(settings: MlflowSettings) -> str:
     """Point MLflow at ``settings`` and return the id of the experiment (created when missing).
 

@@ -22,7 +22,8 @@ from inboxlift.transforms.features import (
     REVIEW_SCORE_SCHEMA, aggregate_user_items, aggregate_users, assemble_user_features, interactions_from_user_items,
     item_features, select_reviews,
 )
-from inboxlift.transforms.features_common import cutoff_of
+from inboxlift.transforms.features_common import cutoff_of, filter_events_as_of
+from inboxlift.transforms.features_returns import net_of_returns
 
 EVENTS, USERS, PRODUCTS = "events", "users", "products"
 USER_FEATURES, ITEM_FEATURES, INTERACTIONS, REVIEW_SENTIMENT = (
@@ -68,6 +69,9 @@ def run_features(ctx: RunContext, *, as_of: dt.date | None = None) -> FeaturesRe
     as_of = as_of or ctx.clock.today()
     settings = ctx.settings.features
     events, users, products = _read(ctx, EVENTS), _read(ctx, USERS), _read(ctx, PRODUCTS)
+    # Purchases net of cancellations and returns (transforms.features_returns); only returns up to the
+    # as-of cut-off count, so a later return does not change features of an earlier day.
+    events = events.transform(filter_events_as_of, as_of=as_of, with_user=False).transform(net_of_returns)
 
     reviews = events.transform(select_reviews, as_of=as_of)
     params = SentimentParams.from_settings(settings)

@@ -61,9 +61,8 @@ file listing, checks and readers in :mod:`inboxlift.stages.ingest_sources`, the 
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import datetime as dt
-import io
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,12 +110,17 @@ from inboxlift.stages.ingest_sources import (
     root_uri,
 )
 from inboxlift.storage import WriteId
+from inboxlift.stages.ingest_formats import ImportFormatError, check_export_formats, header_names
 from inboxlift.transforms.imports import (
+    ALIASES_TABLE,
     IMPORT_EVENT_TYPES,
     derive_products,
     derive_users,
     export_columns,
+    item_aliases,
+    map_catalogue,
     map_clickstream,
+    map_customers,
     map_invoice_lines,
 )
 from inboxlift.transforms.ingest import (
@@ -143,13 +147,13 @@ from inboxlift.transforms.ingest import (
 )
 
 __all__ = ["FILES_SCHEMA", "FILES_TABLE", "RUNS_TABLE", "ConcurrentIngestError", "EntityCounts", "FailedFile",
-           "ImportMappingError", "IngestBatchError",
+           "ImportFormatError", "ImportMappingError", "IngestBatchError",
            "IngestInterrupted", "IngestReport", "LeaseLostError", "ReconciliationError", "purge_quarantine",
            "run_import", "run_ingest"]
 
 # Where a batch may be interrupted by fail_after_files (tests), in the order a batch reaches them.
 STEPS = ("planned", "users_quarantine", "users", "products_quarantine", "products",
-         "events_quarantine", "events", "suppressions", "logged")
+         "events_quarantine", "events", "suppressions", "item_aliases", "logged")
 
 _SUFFIXES = {
     "users": (".csv", ".csv.gz"),
@@ -241,6 +245,8 @@ class IngestReport:
     failed_files: tuple[FailedFile, ...] = ()
     # The holder of an expired lease this run took over (a run that died), if any.
     took_over_from: str | None = None
+    # What an import assumed for what its files did not say (stated in the summary).
+    defaults: tuple[str, ...] = ()
 
     def counts(self, entity: str) -> EntityCounts:
         for counts in self.entities:
@@ -267,6 +273,7 @@ class IngestReport:
                 lines.append(f"  {c.entity}: {c.conflicting_duplicates} duplicates differ from the copy kept")
         for f in self.failed_files:
             lines.append(f"  failed file (batch {f.batch}, {f.kind}) {f.path}: {f.reason}: {f.detail}")
+        lines += [f"  default: {d}" for d in self.defaults]
         return "\n".join(lines)
 
 
@@ -368,6 +375,8 @@ def _run(ctx: RunContext, listings: list[DataFrame | None], *, roots: dict[str, 
             # Every export's header is checked before anything is planned or written.
             checked_exports = check_files(ctx, exports, redo=False)
             _check_export_headers(ctx, checked_exports)
+            # A wrong timestamp or number format is one error naming a bad value, not every line quarantined.
+            check_export_formats(ctx, checked_exports)
         per_batch = max(1, ctx.settings.ingest.files_per_batch)
         for start in range(0, len(fresh), per_batch):
             chunk = fresh[start:start + per_batch]
@@ -383,7 +392,8 @@ def _run(ctx: RunContext, listings: list[DataFrame | None], *, roots: dict[str, 
             results.append((plan, _process(ctx, plan, records, failure)))
     finally:
         lease.release()
-    report = _report(run_id, results, recovered, lease)
+    report = dataclasses.replace(_report(run_id, results, recovered, lease),
+                                 defaults=import_defaults(ctx, {f.kind for plan, _ in results for f in plan.files}))
     echo(report.summary())
     return report
 
@@ -418,7 +428,7 @@ def _process(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], 
         _log_batch(ctx, plan, counts)
         failure.reached("logged")
         return counts
-    except (IngestInterrupted, ConcurrentIngestError, ReconciliationError, ImportMappingError):
+    except (IngestInterrupted, ConcurrentIngestError, ReconciliationError, ImportMappingError, ImportFormatError):
         raise
     except Exception as exc:  # noqa: BLE001 - any other failure becomes one message naming the files
         paths = [f.path for f in plan.files]
@@ -441,16 +451,10 @@ def _read_count(plan: BatchPlan, records: dict[str, FileRecords], kind: str, *, 
 def _headers(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], kind: str,
              delimiter: str) -> tuple[DataFrame, list[int]]:
     """Each readable file's header record (its first): ``source_file, header_pos, header_line, header_fields``."""
-    rows = [(p, records[p].first_pos, records[p].first_line, _header_names(records[p].first_line, delimiter))
+    rows = [(p, records[p].first_pos, records[p].first_line, header_names(records[p].first_line, delimiter))
             for p in plan.files_of(kind) if records[p].records]
     schema = "source_file string, header_pos bigint, header_line string, header_fields array<string>"
     return ctx.spark.createDataFrame(rows, schema), sorted({len(r[3]) for r in rows})
-
-
-def _header_names(header_line: str | None, delimiter: str) -> list[str]:
-    text = (header_line or "").lstrip("\ufeff")
-    fields = next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
-    return [name.strip().lstrip("\ufeff").lower() for name in fields]
 
 
 def _csv_records(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], kind: str, *,
@@ -488,25 +492,64 @@ def _ingest_landing(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRec
     return counts
 
 
+def _ingest_entity_export(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], *, shape: str,
+                          rules: Rules, failure: _Failure, cached: list[DataFrame]) -> list[EntityCounts]:
+    """A customers or catalogue export: its rows validated as users or products, merged like landing files."""
+    mapping = mapping_of(ctx, shape)
+    kind = "users" if shape == "customers" else "products"
+    parsed = _csv_records(ctx, plan, records, shape, columns=export_columns(mapping), delimiter=mapping.delimiter)
+    if kind == "users":
+        mapped, validate = parsed.transform(map_customers, mapping=mapping), validate_users
+    else:
+        mapped = parsed.transform(map_catalogue, mapping=mapping, item_case=ctx.settings.ingest.imports.item_id_case)
+        mapped, validate = _cache(mapped, cached), validate_products
+    validated = mapped.transform(validate, rules=rules, timestamp_format=mapping.timestamp_format,
+                                 timezone=mapping.timezone_of_times, default_updated_at=plan.planned_at)
+    classified = _cache(validated.transform(classify_upserts, key=_KEYS[kind]), cached)
+    counts = _count(classified, _read_count(plan, records, shape, has_header=True), entity=shape,
+                    files=plan.count_of(shape), failed_files=len(plan.failed_of(shape)))
+    accepted_ids = _upsert(ctx, plan, classified, kind=kind, entity=shape, counts=counts,
+                           failed=plan.failed_of(shape), failure=failure)
+    if kind == "products":
+        aliases = mapped.join(accepted_ids.distinct(), on="item_id", how="left_semi").withColumn(
+            "reasons", F.array().cast("array<string>"))
+        _merge_aliases(ctx, plan, aliases, shape=shape)
+    return [counts]
+
+
+def _merge_aliases(ctx: RunContext, plan: BatchPlan, records: DataFrame, *, shape: str) -> None:
+    """Keep each stock code as written that normalisation changed (``item_aliases``), once per batch."""
+    rows = item_aliases(records, shape=shape, seen_at=F.lit(plan.planned_at))
+    if rows.isEmpty():
+        return
+    ctx.lake.merge(ALIASES_TABLE, rows, keys=["alias"], update_condition="s.item_id <> t.item_id",
+                   write_id=WriteId(f"ingest:{ALIASES_TABLE}", plan.batch))
+
+
 def _ingest_export(ctx: RunContext, plan: BatchPlan, records: dict[str, FileRecords], *, shape: str, rules: Rules,
                    failure: _Failure, cached: list[DataFrame]) -> list[EntityCounts]:
+    if shape in ("customers", "catalogue"):
+        return _ingest_entity_export(ctx, plan, records, shape=shape, rules=rules, failure=failure, cached=cached)
     mapping = mapping_of(ctx, shape)
     is_invoice = isinstance(mapping, InvoiceLinesImport)
+    item_case = ctx.settings.ingest.imports.item_id_case
     parsed = _csv_records(ctx, plan, records, shape, columns=export_columns(mapping), delimiter=mapping.delimiter)
-    mapped = (parsed.transform(map_invoice_lines, mapping=mapping) if is_invoice
+    mapped = (parsed.transform(map_invoice_lines, mapping=mapping, item_case=item_case) if is_invoice
               else parsed.transform(map_clickstream, mapping=mapping))
-    carry = ("country", "description") if is_invoice else ()
+    carry = ("country", "description", "item_alias") if is_invoice else ()
     validated = _cache(mapped.transform(
         validate_events, rules=rules, event_types=(*EVENT_TYPES, *IMPORT_EVENT_TYPES),
         timestamp_format=mapping.timestamp_format, timezone=mapping.timezone, allow_anonymous=is_invoice,
-        excluded_item_ids=tuple(mapping.non_product_codes) if is_invoice else (), carry=carry,
+        excluded_item_ids=tuple(str(normalise_code(c, item_case)) for c in mapping.non_product_codes) if is_invoice
+        else (), carry=carry,
     ), cached)
 
     counts: list[EntityCounts] = []
     batch_ids: dict[str, DataFrame | None] = {}
     derived = {
         "users": derive_users(validated, with_country=is_invoice),
-        "products": derive_products(validated, with_details=is_invoice),
+        "products": derive_products(validated, with_details=is_invoice,
+                                    price_window_days=ctx.settings.ingest.imports.price_window_days),
     }
     for kind, records_of_kind in derived.items():
         classified = _cache(records_of_kind.transform(classify_upserts, key=_KEYS[kind]), cached)
@@ -520,7 +563,42 @@ def _ingest_export(ctx: RunContext, plan: BatchPlan, records: dict[str, FileReco
                                     read=_read_count(plan, records, shape, has_header=True),
                                     files=plan.count_of(shape), failed=plan.failed_of(shape),
                                     batch_ids=batch_ids, failure=failure, cached=cached))
+    if is_invoice:
+        _merge_aliases(ctx, plan, validated, shape=shape)
+    failure.reached("item_aliases")
     return counts
+
+
+def normalise_code(code: str, case: str) -> str:
+    """A configured stock code (non_product_codes) as stored: the rule :func:`normalise_item_id` applies."""
+    return code.upper() if case == "upper" else code
+
+
+def import_defaults(ctx: RunContext, kinds: set[str]) -> tuple[str, ...]:
+    """The summary's lines on what the shop's files did not say and what is assumed instead."""
+    shapes = kinds & {"invoice_lines", "clickstream", "customers", "catalogue"}
+    if not shapes:
+        return ()
+    have = {kind for kind in ("users", "products") if ctx.lake.exists(kind)}
+    lines = []
+    imports, features = ctx.settings.ingest.imports, ctx.settings.features
+    if "invoice_lines" in shapes:
+        lines.append(f"product prices from invoice lines: the median unit price of customer lines over the last "
+                     f"{imports.price_window_days} days of each item's sales (ingest.imports.price_window_days); "
+                     f"a catalogue file's prices win")
+    if "products" in have:
+        unknown = "in stock" if features.unknown_stock_in_stock else "out of stock"
+        lines.append(f"products without a stock figure count as {unknown} (features.unknown_stock_in_stock); "
+                     f"without a launch date they are never new arrivals")
+    if imports.item_id_case == "upper":
+        lines.append(f"stock codes upper-cased (ingest.imports.item_id_case); the codes as written are in "
+                     f"{ALIASES_TABLE}")
+    if "users" in have:
+        has_email = not ctx.lake.read("users").where(F.col("email").isNotNull()).isEmpty()
+        if not has_email:
+            lines.append("no customer has an e-mail address or consent yet: nobody can be mailed until a customers "
+                         "file is imported (inboxlift import --shape customers FILE)")
+    return tuple(lines)
 
 
 def _upsert(ctx: RunContext, plan: BatchPlan, classified: DataFrame, *, kind: str, entity: str,
@@ -668,7 +746,7 @@ def _check_export_headers(ctx: RunContext, checked: dict[str, tuple[LandingFile,
         if records is None or not records.records:
             continue
         mapping = mapping_of(ctx, landing.kind)
-        names = _header_names(records.first_line, mapping.delimiter)
+        names = header_names(records.first_line, mapping.delimiter)
         wanted = export_columns(mapping)
         missing = [f"{ours} -> {theirs!r}" for ours, theirs in wanted.items() if theirs.strip().lower() not in names]
         if missing:

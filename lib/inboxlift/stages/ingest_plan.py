@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, MapType, StringType, StructField, StructType, TimestampType
 
 from inboxlift.context import RunContext
-from inboxlift.settings import ClickstreamImport, InvoiceLinesImport
+from inboxlift.settings import CatalogueImport, ClickstreamImport, CustomersImport, InvoiceLinesImport
 from inboxlift.stages.ingest_lease import ConcurrentIngestError
 from inboxlift.stages.ingest_sources import (
     FileFailure,
@@ -38,7 +38,7 @@ from inboxlift.storage import WriteId
 FILES_TABLE = "ingest_files"
 RUNS_TABLE = "ingest_runs"
 LANDING_KINDS = ("users", "products", "events")
-IMPORT_SHAPES = ("invoice_lines", "clickstream")
+IMPORT_SHAPES = ("invoice_lines", "clickstream", "customers", "catalogue")
 PLANNED, FAILED = "planned", "failed"
 _SNAPSHOT_TABLES = ("events", "users", "products")
 
@@ -238,7 +238,7 @@ def _record_failures(ctx: RunContext, plan: BatchPlan, failed: list[LandingFile]
     lake.merge(FILES_TABLE, source.select(*lake.read(FILES_TABLE).columns), keys=["batch", "path"])
 
 
-def mapping_of(ctx: RunContext, shape: str) -> InvoiceLinesImport | ClickstreamImport:
+def mapping_of(ctx: RunContext, shape: str) -> InvoiceLinesImport | ClickstreamImport | CustomersImport | CatalogueImport:
     if shape not in IMPORT_SHAPES:
         raise ValueError(f"unknown export shape {shape!r}; the shapes are {', '.join(IMPORT_SHAPES)}")
     return getattr(ctx.settings.ingest.imports, shape)

@@ -24,6 +24,7 @@ from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_ca
 from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, decide_campaign, split_decisions
 from inboxlift.consent import SUPPRESSIONS_TABLE
 from inboxlift.context import RunContext
+from inboxlift.transforms.features_returns import net_of_returns
 
 PLAN_TABLE = "campaign_plan"
 EXCLUSIONS_TABLE = "campaign_exclusions"
@@ -80,7 +81,8 @@ def _required(ctx: RunContext, name: str) -> DataFrame:
 def plan_inputs(ctx: RunContext) -> PlanInputs:
     """The tables planning reads, as of the clock's now."""
     now = ctx.clock.now()
-    events = _required(ctx, "events")
+    # A purchase cancelled or returned in full was not bought (transforms.features_returns).
+    events = _required(ctx, "events").transform(net_of_returns)
     purchases = (events.where((F.col("event_type") == "purchase") & (F.col("event_ts") < F.lit(now))
                               & F.col("user_id").isNotNull() & F.col("item_id").isNotNull())
                  .select("user_id", "item_id", "event_ts"))

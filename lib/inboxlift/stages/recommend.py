@@ -19,7 +19,7 @@ scored on the same test window), otherwise ``challenger``.
   the top-level category, in-stock neighbours only.
 
 A user's list is filled in this order: the served recommender (``als``, ``hybrid`` or ``itemcf``), up to
-``content_slots`` new arrivals (in-stock items the model has no factors for) most similar by content
+``content_slots`` new arrivals (in-stock items with ``item_features.is_new_arrival``) most similar by content
 to the user's strongest interactions, then ``popular_in_category`` and ``popular``. Every source skips
 items the user bought (except ``consumable_categories``), reviewed negatively, or that are out of stock.
 The id maps ``id_map_users`` (``user_id, user_idx``) and ``id_map_items`` (``item_id, item_idx``)
@@ -82,6 +82,7 @@ from inboxlift.models.similar import (
 )
 from inboxlift.models.tracking import tracked_run, tracking_client
 from inboxlift.transforms.features_common import cutoff_of, latest_row_per_key
+from inboxlift.transforms.features_returns import net_of_returns
 
 EVENTS, PRODUCTS = "events", "products"
 USER_FEATURES, ITEM_FEATURES, INTERACTIONS, REVIEW_SENTIMENT = (
@@ -235,7 +236,8 @@ def _maps(ctx: RunContext, updates: tuple[IdMapUpdate, IdMapUpdate]) -> tuple[Da
 def run_recommend_train(ctx: RunContext) -> RecommendTrainReport:
     """Choose, evaluate against the baselines, log and register the recommender; promote it if it beats the champion."""
     s, fs = ctx.settings.recommend, ctx.settings.features
-    events, item_features = _read(ctx, EVENTS), _read(ctx, ITEM_FEATURES)
+    # Purchases net of returns, as the features count them (a cancelled order is no interaction).
+    events, item_features = _read(ctx, EVENTS).transform(net_of_returns), _read(ctx, ITEM_FEATURES)
     cutoff = cutoff_of(ctx.clock.today())
     interaction_events = events.where(F.col("event_type").isin(*INTERACTION_TYPES)).where(
         F.col("event_ts") < F.lit(cutoff).cast("timestamp"))
@@ -459,7 +461,8 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
     cutoff = cutoff_of(ctx.clock.today())
 
     user_features, item_features = _read(ctx, USER_FEATURES), _read(ctx, ITEM_FEATURES)
-    interactions, products, events = _read(ctx, INTERACTIONS), _read(ctx, PRODUCTS), _read(ctx, EVENTS)
+    interactions, products = _read(ctx, INTERACTIONS), _read(ctx, PRODUCTS)
+    events = _read(ctx, EVENTS).transform(net_of_returns)
     id_maps = update_id_maps(ctx, users=user_features.select(USER_ID),
                              items=item_features.select(ITEM_ID).unionByName(interactions.select(ITEM_ID)))
     user_map, item_map = _maps(ctx, id_maps)
@@ -496,8 +499,10 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
         content_similar_rows = content_similar(vectors, k=s.content_similar_items, block_size=s.user_block_size,
                                                chunk_size=s.item_block_size,
                                                candidate_ids=in_stock.select(F.col(ITEM_IDX).alias(ID)))
-        with_factors = model.itemFactors.select(F.col("id").alias(ITEM_IDX))
-        new_items = in_stock.join(with_factors, on=ITEM_IDX, how="left_anti")
+        # New arrivals are items launched lately (item_features.is_new_arrival), not items the model
+        # happens to lack factors for: those are mostly old stock with few sales.
+        new_items = to_indexes(item_features.where(F.col("is_in_stock") & F.col("is_new_arrival")).select(ITEM_ID),
+                               item_map=item_map)
         interactions_idx = to_indexes(interactions.select(USER_ID, ITEM_ID, CONFIDENCE), user_map=user_map,
                                       item_map=item_map)
         strongest = Window.partitionBy(USER_IDX).orderBy(F.col(CONFIDENCE).desc(), F.col(ITEM_IDX))

@@ -100,7 +100,8 @@ def item_features(events: DataFrame, *, products: DataFrame, review_scores: Data
         ITEM_ID,
         F.lit(as_of).alias("as_of_date"),
         CATEGORY, BRAND, PRICE, "currency",
-        F.coalesce(F.col(IN_STOCK), F.lit(False)).alias("is_in_stock"),
+        # Unknown stock (no catalogue, or no stock column) is read as features.unknown_stock_in_stock.
+        F.coalesce(F.col(IN_STOCK), F.lit(settings.unknown_stock_in_stock)).alias("is_in_stock"),
         F.coalesce((launch_age >= 0) & (launch_age < settings.new_arrival_days), F.lit(False)).alias("is_new_arrival"),
         launch_age.alias("days_since_launch"),
         *[zero(f"{name}{window_suffix(d)}") for d in windows for name in WINDOW_COUNTS],

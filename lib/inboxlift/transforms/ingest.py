@@ -181,7 +181,8 @@ class Rules:
     """The validation thresholds of one batch; ``now`` is the batch's planning time, so a redo judges alike."""
 
     now: dt.datetime
-    shop_opened: dt.datetime
+    # None: no lower bound (ingest.shop_opened unset).
+    shop_opened: dt.datetime | None = None
     future_skew_minutes: int = 10
     max_string_length: int = 2000
     rating_min: int = 1
@@ -189,7 +190,8 @@ class Rules:
 
     @classmethod
     def from_settings(cls, settings: IngestSettings, *, now: dt.datetime) -> "Rules":
-        opened = dt.datetime.combine(dt.date.fromisoformat(settings.shop_opened), dt.time(), tzinfo=dt.timezone.utc)
+        opened = (dt.datetime.combine(dt.date.fromisoformat(settings.shop_opened), dt.time(), tzinfo=dt.timezone.utc)
+                  if settings.shop_opened else None)
         return cls(now=now, shop_opened=opened, future_skew_minutes=settings.future_skew_minutes,
                    max_string_length=settings.max_string_length, rating_min=settings.rating_min,
                    rating_max=settings.rating_max)
@@ -472,7 +474,7 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
         "missing_timestamp": present & F.col("_ts_text").isNull(),
         "bad_timestamp": F.col("_ts_text").isNotNull() & F.col("event_ts").isNull(),
         "future_timestamp": F.col("event_ts") > F.lit(rules.latest_allowed),
-        "before_shop_opened": F.col("event_ts") < F.lit(rules.shop_opened),
+        "before_shop_opened": (F.col("event_ts") < F.lit(rules.shop_opened)) if rules.shop_opened else F.lit(False),
         "non_numeric_price": F.col("_price_text").isNotNull() & ~F.col("_is_price_number"),
         "negative_price": F.col("_is_price_number") & (F.col("_price_text").try_cast("double") < 0),
         "price_out_of_range": F.col("_is_price_number") & F.col("price").isNull(),
@@ -498,8 +500,15 @@ def validate_events(records: DataFrame, *, rules: Rules, event_types: Sequence[s
     )
 
 
-def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
+def validate_users(records: DataFrame, *, rules: Rules, timestamp_format: str = "iso", timezone: str = "UTC",
+                   default_updated_at: dt.datetime | None = None) -> DataFrame:
     """Landing-shaped user records (text) -> typed, normalised users with their reasons.
+
+    Args:
+        timestamp_format, timezone: how ``signup_ts``, ``consent_ts``, ``updated_at`` are written
+            (:func:`parse_timestamp`; exports may differ from landing files' ISO-8601).
+        default_updated_at: ``updated_at`` of records without one (an export with no such column:
+            the import's time), instead of quarantining them as ``missing_timestamp``.
 
     Returns ``source_file, pos, line``, the fields of :data:`USER_FIELDS`, ``reasons``, ``payload_hash``.
     """
@@ -516,11 +525,12 @@ def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
         "timezone": raw["timezone"],
         # Two-letter country codes are upper-cased; longer names (from exports) are kept as written.
         "country": F.when(F.length(raw["country"]) == 2, F.upper(raw["country"])).otherwise(raw["country"]),
-        "birthday": parse_date(raw["birthday"]),
-        "signup_ts": parse_timestamp(raw["signup_ts"]),
+        "birthday": parse_date(raw["birthday"], fmt=timestamp_format, zone=timezone),
+        "signup_ts": parse_timestamp(raw["signup_ts"], fmt=timestamp_format, zone=timezone),
         "email_consent": parse_flag(raw["email_consent"]),
-        "consent_ts": parse_timestamp(raw["consent_ts"]),
-        "updated_at": parse_timestamp(raw["updated_at"]),
+        "consent_ts": parse_timestamp(raw["consent_ts"], fmt=timestamp_format, zone=timezone),
+        "updated_at": _with_default(parse_timestamp(raw["updated_at"], fmt=timestamp_format, zone=timezone),
+                                    raw["updated_at"], default_updated_at),
     }
     present = F.col("parse_error").isNull()
     latest = F.lit(rules.latest_allowed)
@@ -532,7 +542,7 @@ def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
         **_base_checks(text),
         "missing_user_id": present & raw["user_id"].isNull(),
         "bad_id": _bad_ids(["user_id"]),
-        "missing_timestamp": present & raw["updated_at"].isNull(),
+        "missing_timestamp": present & typed["updated_at"].isNull() & raw["updated_at"].isNull(),
         "bad_timestamp": unparsed("signup_ts") | unparsed("consent_ts") | unparsed("updated_at"),
         # A future updated_at would win every later merge: it is as wrong as a future event.
         "future_timestamp": F.greatest(typed["updated_at"], typed["consent_ts"], typed["signup_ts"]) > latest,
@@ -549,8 +559,11 @@ def validate_users(records: DataFrame, *, rules: Rules) -> DataFrame:
     )
 
 
-def validate_products(records: DataFrame, *, rules: Rules) -> DataFrame:
+def validate_products(records: DataFrame, *, rules: Rules, timestamp_format: str = "iso", timezone: str = "UTC",
+                      default_updated_at: dt.datetime | None = None) -> DataFrame:
     """Landing-shaped product records (text) -> typed, normalised products with their reasons.
+
+    ``timestamp_format``, ``timezone``, ``default_updated_at``: as for :func:`validate_users`.
 
     Returns ``source_file, pos, line``, the fields of :data:`PRODUCT_FIELDS`, ``reasons``, ``payload_hash``.
     """
@@ -572,15 +585,16 @@ def validate_products(records: DataFrame, *, rules: Rules) -> DataFrame:
         "url": raw["url"],
         "stock": stock,
         "in_stock": stock > 0,
-        "launched_at": parse_date(raw["launched_at"]),
-        "updated_at": parse_timestamp(raw["updated_at"]),
+        "launched_at": parse_date(raw["launched_at"], fmt=timestamp_format, zone=timezone),
+        "updated_at": _with_default(parse_timestamp(raw["updated_at"], fmt=timestamp_format, zone=timezone),
+                                    raw["updated_at"], default_updated_at),
     }
     present = F.col("parse_error").isNull()
     checks = {
         **_base_checks(text),
         "missing_item_id": present & raw["item_id"].isNull(),
         "bad_id": _bad_ids(["item_id"]),
-        "missing_timestamp": present & raw["updated_at"].isNull(),
+        "missing_timestamp": present & typed["updated_at"].isNull() & raw["updated_at"].isNull(),
         "bad_timestamp": raw["updated_at"].isNotNull() & typed["updated_at"].isNull(),
         "future_timestamp": typed["updated_at"] > F.lit(rules.latest_allowed),
         "non_numeric_price": raw["price"].isNotNull() & ~is_number(raw["price"]),
@@ -597,6 +611,13 @@ def validate_products(records: DataFrame, *, rules: Rules) -> DataFrame:
         reasons_array(checks).alias("reasons"),
         F.xxhash64(*[typed[f.name] for f in PRODUCT_FIELDS.fields]).alias("payload_hash"),
     )
+
+
+def _with_default(parsed: Column, raw: Column, default: dt.datetime | None) -> Column:
+    """The parsed value; where the text is absent, ``default`` (a bad text stays null: bad_timestamp)."""
+    if default is None:
+        return parsed
+    return F.when(raw.isNull(), F.lit(default).cast("timestamp")).otherwise(parsed)
 
 
 def top_category(category_path: Column) -> Column:

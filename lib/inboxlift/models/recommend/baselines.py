@@ -43,7 +43,7 @@ def item_popularity(events: DataFrame, *, item_categories: DataFrame, end: dt.da
     if candidate_items is not None:
         ranked = ranked.join(candidate_items.select(ITEM_IDX).distinct(), on=ITEM_IDX, how="inner")
     order = [F.col("popularity").desc(), F.col(ITEM_IDX).asc()]
-    # One row per item with recent interactions: a global order over the catalogue, not over users.
+    # Global and small: one row per item with recent interactions, an order over the catalogue, not over users.
     return ranked.select(
         ITEM_IDX, "category", "popularity",
         F.row_number().over(Window.orderBy(*order)).alias("pop_rank"),

@@ -60,7 +60,7 @@ def new_id_rows(ids: DataFrame, *, existing: DataFrame | None, id_col: str, idx_
     numbered = fresh.withColumn(bucket, F.pmod(F.xxhash64(F.col(id_col)), F.lit(buckets))).withColumn(
         position, F.row_number().over(Window.partitionBy(bucket).orderBy(id_col)))
     sizes = numbered.groupBy(bucket).agg(F.count(F.lit(1)).alias("_size"))
-    # At most `buckets` rows: a window without partitions is fine here.
+    # Global and small: at most `buckets` rows.
     before = Window.orderBy(bucket).rowsBetween(Window.unboundedPreceding, -1)
     offsets = sizes.select(bucket, "_size", F.coalesce(F.sum("_size").over(before), F.lit(0)).alias("_offset"))
     totals = offsets.agg(F.sum("_size").alias("added"))

@@ -21,6 +21,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from inboxlift.models.recommend.data import ITEM_IDX, USER_IDX
+from inboxlift.session import materialize
 from inboxlift.transforms.features_common import require_columns
 
 METRICS = ("precision", "recall", "ndcg", "map", "catalog_coverage")
@@ -81,7 +82,7 @@ def ranking_metrics(recommended: DataFrame, relevant: DataFrame, *, users: DataF
         metrics: the evaluator metrics wanted (the tuning search asks for ``("ndcg",)`` alone); the
             others are reported as NaN.
     """
-    lists = ranked_lists(recommended, relevant, users=users, k=k).persist()
+    lists = materialize(ranked_lists(recommended, relevant, users=users, k=k))
     try:
         # One job counts the users and the distinct items recommended (and fills the cache); each
         # metric then reads the cached lists.

@@ -20,6 +20,7 @@ from pyspark.ml.recommendation import ALSModel
 from inboxlift.models.recommend.data import ITEM_IDX, USER_IDX
 from inboxlift.models.recommend.evaluate import METRICS, Evaluation, metric_name
 from inboxlift.models.recommend.training import ALS_KIND, TrainedRecommender
+from inboxlift.models.tracking import model_code_paths
 from inboxlift.settings import RecommendSettings
 
 MODEL_ARTIFACT = "als_model"
@@ -128,7 +129,8 @@ def log_recommender(trained: TrainedRecommender, *, data: Mapping[str, Any], set
         mlflow.log_figure(plot_validation_curve(trained, k=k), "plots/validation_curve.png")
     mlflow.log_dict(dict(examples), "recommend/example_recommendations.json")
     mlflow.spark.log_model(trained.model, artifact_path=MODEL_ARTIFACT, signature=model_signature(),
-                           pip_requirements=mlflow.spark.get_default_pip_requirements())
+                           pip_requirements=mlflow.spark.get_default_pip_requirements(),
+                           code_paths=model_code_paths())
     return MODEL_ARTIFACT
 
 

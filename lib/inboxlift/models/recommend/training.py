@@ -55,6 +55,7 @@ from inboxlift.models.recommend.itemcf import (
     recent_baskets,
 )
 from inboxlift.models.recommend.tuning import TuningPoint, plan, successive_halving
+from inboxlift.session import materialize
 from inboxlift.settings import RecommendSettings
 
 ALS_KIND, ITEMCF_KIND, HYBRID_KIND = "als", "itemcf", "hybrid"
@@ -191,17 +192,17 @@ class RecommenderTraining:
 
     def split(self, name: str, *, train_cutoff: dt.datetime, end: dt.datetime) -> SplitData:
         s = self.settings
-        pairs = self.pairs_before(train_cutoff).persist()
+        pairs = materialize(self.pairs_before(train_cutoff))
         window = to_indexes(window_items(self.events, start=train_cutoff, end=end, relevance=s.relevance),
                             user_map=self.user_map, item_map=self.item_map)
         new_to_user = window.join(pairs.select(USER_IDX, ITEM_IDX), on=[USER_IDX, ITEM_IDX], how="left_anti")
         with_relevant = new_to_user.select(USER_IDX).distinct()
-        users = with_relevant.join(pairs.select(USER_IDX).distinct(), on=USER_IDX, how="inner").persist()
-        relevant = new_to_user.join(users, on=USER_IDX, how="inner").persist()
-        popularity = item_popularity(self.events, item_categories=self.item_categories_by_id, end=train_cutoff,
-                                     days=s.popularity_days, item_map=self.item_map).persist()
-        categories = user_top_categories(with_confidence(pairs, weights=self.default_weights),
-                                         item_categories=self.item_categories, n=s.fallback_categories).persist()
+        users = materialize(with_relevant.join(pairs.select(USER_IDX).distinct(), on=USER_IDX, how="inner"))
+        relevant = materialize(new_to_user.join(users, on=USER_IDX, how="inner"))
+        popularity = materialize(item_popularity(self.events, item_categories=self.item_categories_by_id,
+                                                 end=train_cutoff, days=s.popularity_days, item_map=self.item_map))
+        categories = materialize(user_top_categories(with_confidence(pairs, weights=self.default_weights),
+                                                     item_categories=self.item_categories, n=s.fallback_categories))
         counts = (users.agg(F.count(F.lit(1)).alias("evaluated"))
                   .crossJoin(with_relevant.agg(F.count(F.lit(1)).alias("with_relevant")))
                   .crossJoin(pairs.agg(F.countDistinct(ITEM_IDX).alias("items"))).first())
@@ -244,7 +245,7 @@ class RecommenderTraining:
 
     def score(self, ranking: DataFrame, data: SplitData, *, metrics: tuple[str, ...] | None = None) -> RankingMetrics:
         # Persisted: a ranking (an ALS scoring pass, or item-CF's joins) feeds the lists and the coverage.
-        top = ranking.where(F.col("rank") <= self.settings.k).persist()
+        top = materialize(ranking.where(F.col("rank") <= self.settings.k))
         try:
             extra = {} if metrics is None else {"metrics": metrics}
             return ranking_metrics(top, data.relevant, users=data.users, k=self.settings.k,
@@ -262,8 +263,8 @@ class RecommenderTraining:
         k = self.settings.k
         depth = CANDIDATE_FACTOR * k if weights else k
         out: dict[str, DataFrame] = {}
-        als = self.als_ranking(model, data, k=depth).persist() if model is not None else None
-        cf = self.itemcf_ranking(data, itemcf, k=depth).persist() if itemcf is not None else None
+        als = materialize(self.als_ranking(model, data, k=depth)) if model is not None else None
+        cf = materialize(self.itemcf_ranking(data, itemcf, k=depth)) if itemcf is not None else None
         if als is not None:
             out[ALS_KIND] = als
         if cf is not None:

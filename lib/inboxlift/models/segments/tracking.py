@@ -17,6 +17,7 @@ from pyspark.sql import types as T
 from inboxlift.models.segments.estimator import SegmentModel
 from inboxlift.models.segments.features import PREDICTION, SEGMENT_ID, SEGMENT_NAME
 from inboxlift.models.segments.search import COST, SEARCH_COST, SILHOUETTE, STABILITY_MEAN, STABILITY_MIN
+from inboxlift.models.tracking import model_code_paths
 from inboxlift.settings import SegmentSettings
 
 MODEL_ARTIFACT = "segment_pipeline"
@@ -111,7 +112,8 @@ def log_segment_model(model: SegmentModel, *, features: DataFrame, data: Mapping
     # process, which starts a second Spark session; the pipeline needs pyspark only.
     mlflow.spark.log_model(model.pipeline, artifact_path=MODEL_ARTIFACT,
                            signature=model_signature(features, model.params),
-                           pip_requirements=mlflow.spark.get_default_pip_requirements())
+                           pip_requirements=mlflow.spark.get_default_pip_requirements(),
+                           code_paths=model_code_paths())
     return MODEL_ARTIFACT
 
 
