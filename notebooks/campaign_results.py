@@ -7,25 +7,34 @@
 # MAGIC the report's figures. Everything comes from the library (`inboxlift.stages.report`); the methods
 # MAGIC are described in the README, "Results and experiments".
 # MAGIC
-# MAGIC Run `inboxlift run report` first. As a plain script:
+# MAGIC Run `inboxlift run report` first. On Databricks the widgets choose the environment (`env`) and the
+# MAGIC catalog and schema (empty: the settings'). As a plain script:
 # MAGIC `python notebooks/campaign_results.py --env local --set storage.lake_dir=... --set paths.output_dir=...`
 # MAGIC (the same `--env`, `--conf-dir`, `--set`, `--now` as the `inboxlift` command).
 
 # COMMAND ----------
 
-import os
-import sys
+# MAGIC %md
+# MAGIC Install the wheel `databricks bundle deploy` uploaded with this notebook: the bundle puts notebooks
+# MAGIC in `<root>/files/notebooks/` and the wheel in `<root>/artifacts/.internal/`. Elsewhere, point this
+# MAGIC cell at a wheel built with `python -m pip wheel --no-deps --wheel-dir dist .`. Run as a plain
+# MAGIC script, the cell is a comment and the installed library is used.
+
+# COMMAND ----------
+
+# MAGIC %pip install ../../artifacts/.internal/inboxlift-0.1.0-py3-none-any.whl
+
+# COMMAND ----------
 
 import pandas as pd
 
-from inboxlift.cli import build_context, build_parser, load_from_args
+from inboxlift.notebook import open_notebook
 from inboxlift.reporting.plots import report_figures
 from inboxlift.stages.report import load_report
 
-# The `settings` command takes the common options; arguments a notebook host adds are ignored.
-args, _ = build_parser(os.environ).parse_known_args(["settings", *sys.argv[1:]])
-settings = load_from_args(args, os.environ)
-ctx = build_context(settings, now=args.now, environ=os.environ)
+# On Databricks `dbutils` is the notebook's (widgets); as a script there is none (command line).
+notebook = open_notebook(globals().get("dbutils"))
+ctx, settings = notebook.ctx, notebook.ctx.settings
 pd.set_option("display.width", 200)
 pd.set_option("display.max_colwidth", 120)
 
