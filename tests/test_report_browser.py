@@ -106,3 +106,14 @@ def test_report_page_is_self_contained_and_readable(browser, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     print(f"\nscreenshot: {shot}")
     context.close()
+
+
+def test_figures_draw_rates_of_zero_and_of_everything():
+    """0 of n and n of n: the Wilson bounds meet the rate (within rounding) and the bars still draw."""
+    results = _results()
+    # 0 of 3 per day, 0 of 6 in all: a Wilson lower bound of 5.6e-17 for 0 of 3.
+    results.loc[results["variant"] == "A", ["unique_clicks", "delivered"]] = [0, 3]
+    results.loc[results["variant"] == "B", "unique_clicks"] = results.loc[results["variant"] == "B", "delivered"]
+    results.loc[results["variant"] == "holdout", "window_conversions"] = 0
+    pngs = {stem: png_bytes(f) for stem, f in report_figures(results, _experiments(), alpha=0.05).items()}
+    assert all(data[:8] == b"\x89PNG\r\n\x1a\n" for data in pngs.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 
 from inboxlift.campaigns.definitions import HOLDOUT
@@ -66,8 +67,9 @@ def rates_figure(results: pd.DataFrame, *, alpha: float) -> "Figure":
                 low, high = wilson(k, n, alpha=alpha)
                 rate = k / n if n else 0.0
                 rates.append(rate * 100)
-                lows.append((rate - (low if low is not None else rate)) * 100)
-                highs.append(((high if high is not None else rate) - rate) * 100)
+                # Clipped at 0: for 0 of n the Wilson bound can land a rounding error above the rate.
+                lows.append(max(0.0, rate - (low if low is not None else rate)) * 100)
+                highs.append(max(0.0, (high if high is not None else rate) - rate) * 100)
             ax.bar(shown, rates, yerr=[lows, highs], capsize=4, color=[_colour(v, order) for v in shown])
             ax.set_ylabel("%")
             ax.set_title(f"{campaign_id}: {title}", fontsize=9)
@@ -90,7 +92,9 @@ def uplift_figure(experiments: pd.DataFrame) -> "Figure":
         point = (rows["difference"] * scale).to_numpy(dtype=float)
         low = (rows["difference_low"] * scale).to_numpy(dtype=float)
         high = (rows["difference_high"] * scale).to_numpy(dtype=float)
-        ax.errorbar(point, y, xerr=[point - low, high - point], fmt="o", capsize=4, color=_COLOURS[0])
+        # A percentile bootstrap interval need not contain its point estimate: bars start at the point.
+        ax.errorbar(point, y, xerr=[np.clip(point - low, 0, None), np.clip(high - point, 0, None)], fmt="o",
+                    capsize=4, color=_COLOURS[0])
         ax.axvline(0, color=_HOLDOUT_COLOUR, linewidth=1)
         ax.set_yticks(y, campaigns)
         ax.set_title(label, fontsize=9)
