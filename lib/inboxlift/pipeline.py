@@ -184,6 +184,12 @@ def _run_segment(ctx: RunContext, args: argparse.Namespace) -> Any:
     return run_segment(ctx)
 
 
+def _run_report(ctx: RunContext, args: argparse.Namespace) -> Any:
+    from inboxlift.stages.report import run_report
+
+    return run_report(ctx)
+
+
 def _maintain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention-hours", type=int, default=None,
                         help="vacuum files unreferenced for longer than this (default: storage.vacuum_retention_hours)")
@@ -236,6 +242,8 @@ STAGES: dict[str, Stage] = {
               _send_arguments, _run_send),
         Stage("simulate-responses", "the generated shop answers delivered emails: opens, clicks, purchases as "
               "landing events, with planted truth (generated shop only)", _simulate_arguments, _run_simulate),
+        Stage("report", "attribution, A/B tests and holdout uplift per campaign (campaign_results, "
+              "campaign_experiments, plots, report.html)", _no_arguments, _run_report),
         Stage("maintain", "delete expired quarantine rows and old checkpoints, compact and vacuum every table",
               _maintain_arguments,
               _run_maintain),
@@ -244,7 +252,7 @@ STAGES: dict[str, Stage] = {
 
 # The stages run-all executes, in order (maintenance is scheduled on its own).
 RUN_ALL = ["ingest", "features", "segment-train", "segment", "recommend-train", "recommend", "plan", "render",
-           "send", "simulate-responses"]
+           "send", "simulate-responses", "report"]
 # Stages for the generated shop only: never a task of the Databricks bundle.
 GENERATED_SHOP_ONLY = ("simulate-responses",)
 

@@ -837,6 +837,44 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class ReportSettings:
+    """``inboxlift run report``: attribution windows and the statistics of ``campaign_results`` and
+    ``campaign_experiments`` (README "Results and experiments")."""
+
+    # An order within this many days after a human click on a message is credited to it (click-through)...
+    click_through_days: float = 3.0
+    # ...and, with no such click, within this many days after a human open (view-through).
+    view_through_days: float = 1.0
+    # Treated and holdout recipients alike: orders within this many days of the planned send time
+    # count for the holdout uplift (the same window for both arms, so the comparison is fair).
+    uplift_window_days: float = 3.0
+    # Two-sided significance level of the A/B tests and the level of every interval (0.05: 95%).
+    alpha: float = 0.05
+    # Power at which the minimum detectable effect is quoted.
+    power: float = 0.8
+    # Poisson bootstrap replicates of the revenue uplift (run in Spark, over the converting recipients).
+    bootstrap_replicates: int = 400
+    bootstrap_seed: int = 7
+    # Fewer recipients than this in an arm and a test says "not enough data yet", horizon or not.
+    min_recipients_per_arm: int = 100
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> SettingsError:
+            return SettingsError(f"setting 'report.{key}' {why}")
+
+        for key in ("click_through_days", "view_through_days", "uplift_window_days"):
+            if getattr(self, key) < 0:
+                raise bad(key, f"must be 0 or more, got {getattr(self, key)}")
+        for key in ("alpha", "power"):
+            if not 0 < getattr(self, key) < 1:
+                raise bad(key, f"must be between 0 and 1, got {getattr(self, key)}")
+        if self.bootstrap_replicates < 20:
+            raise bad("bootstrap_replicates", f"must be at least 20, got {self.bootstrap_replicates}")
+        if self.min_recipients_per_arm < 1:
+            raise bad("min_recipients_per_arm", f"must be at least 1, got {self.min_recipients_per_arm}")
+
+
+@dataclass(frozen=True)
 class Settings:
     env: str = "local"
     spark: SparkSettings = field(default_factory=SparkSettings)
@@ -853,6 +891,7 @@ class Settings:
     render: RenderSettings = field(default_factory=RenderSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
+    report: ReportSettings = field(default_factory=ReportSettings)
 
     def __post_init__(self) -> None:
         if self.mlflow.registry_uri == UNITY_CATALOG_REGISTRY:

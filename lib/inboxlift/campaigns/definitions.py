@@ -21,6 +21,7 @@ file. Types and their audience rules are in :mod:`inboxlift.campaigns.planning`.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,22 @@ class Audience:
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """A campaign's A/B test, read once at a fixed horizon (README "Results and experiments").
+
+    The test holds the sends of ``horizon_days`` days from ``start``; its verdict is read once the
+    last of those days has had its whole attribution window. Until then the report shows the
+    interim numbers and says "not enough data yet", so looking early cannot pick a winner by chance.
+    """
+
+    horizon_days: int = 14
+    # The first send day of the test, YYYY-MM-DD (default: the campaign's first send day).
+    start: str | None = None
+    # The variant the others are compared with (default: the first one of ``split``).
+    control: str | None = None
+
+
+@dataclass(frozen=True)
 class CampaignDefinition:
     type: Literal["weekly_picks", "abandoned_cart", "browse_abandonment", "win_back", "new_arrivals", "birthday",
                   "cross_sell"]
@@ -92,6 +109,7 @@ class CampaignDefinition:
     priority: int = 50
     enabled: bool = True
     audience: Audience = field(default_factory=Audience)
+    experiment: Experiment = field(default_factory=Experiment)
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,11 @@ class Campaign:
 
     id: str
     spec: CampaignDefinition
+
+    @property
+    def control(self) -> str:
+        """The variant an A/B test compares the others with."""
+        return self.spec.experiment.control or next(iter(self.spec.split))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.spec, name)
@@ -143,6 +166,16 @@ def _check(campaign_id: str, spec: CampaignDefinition, source: str) -> None:
         raise bad("frequency_cap", "needs max_emails >= 1, days >= 1 and max_per_day >= 1")
     if spec.cooldown_days < 0:
         raise bad("cooldown_days", "must be >= 0")
+    if spec.experiment.horizon_days < 1:
+        raise bad("experiment.horizon_days", f"must be at least 1, got {spec.experiment.horizon_days}")
+    if spec.experiment.start is not None:
+        try:
+            dt.date.fromisoformat(spec.experiment.start)
+        except ValueError:
+            raise bad("experiment.start", f"must be a date YYYY-MM-DD, got {spec.experiment.start!r}") from None
+    if spec.experiment.control is not None and spec.experiment.control not in spec.split:
+        raise bad("experiment.control", f"must be one of the variants {sorted(spec.split)}, "
+                  f"got {spec.experiment.control!r}")
 
 
 def _quiet_length(quiet: QuietHours) -> int:

@@ -1,0 +1,134 @@
+"""``campaign_results``: per campaign x variant (holdout included) x send day, counts and rates with
+Wilson intervals; and the per-recipient sums the holdout revenue bootstrap needs. Spark built-ins only.
+
+Rates and their denominators: ``delivery_rate`` and ``bounce_rate`` per sent message; ``open_rate``,
+``click_rate`` (unique clicks), ``conversion_rate`` (messages with an attributed order),
+``unsubscribe_rate`` and ``complaint_rate`` per delivered message; ``window_conversion_rate`` per
+recipient (treated or held out: what the holdout uplift compares).
+"""
+
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from scipy.stats import norm
+
+from inboxlift.transforms.features_common import require_columns
+
+GROUP = ["campaign_id", "variant", "send_date"]
+COUNTS = ["recipients", "sent", "delivered", "bounced", "opens", "clicks", "unique_clicks", "conversions",
+          "orders", "revenue", "unsubscribes", "complaints", "window_conversions", "window_orders",
+          "window_revenue"]
+# rate -> (numerator, denominator)
+RATES = {
+    "delivery_rate": ("delivered", "sent"),
+    "bounce_rate": ("bounced", "sent"),
+    "open_rate": ("opens", "delivered"),
+    "click_rate": ("unique_clicks", "delivered"),
+    "conversion_rate": ("conversions", "delivered"),
+    "unsubscribe_rate": ("unsubscribes", "delivered"),
+    "complaint_rate": ("complaints", "delivered"),
+    "window_conversion_rate": ("window_conversions", "recipients"),
+}
+RESULT_COLUMNS = [*GROUP, *COUNTS,
+                  *[c for rate in RATES for c in (rate, f"{rate}_low", f"{rate}_high")],
+                  "is_window_closed"]
+
+
+def z_value(alpha: float) -> float:
+    """The two-sided normal quantile of level ``1 - alpha`` (1.959964 for 0.05)."""
+    return float(norm.ppf(1 - alpha / 2))
+
+
+def wilson_bounds(successes: Column, trials: Column, *, z: float) -> tuple[Column, Column]:
+    """The Wilson score interval of ``successes / trials`` as two Columns (null when ``trials`` is 0)."""
+    n = trials.cast("double")
+    p = successes.cast("double") / n
+    z2 = z * z
+    centre = (p + F.lit(z2) / (2 * n)) / (1 + F.lit(z2) / n)
+    half = F.lit(z) * F.sqrt(p * (1 - p) / n + F.lit(z2) / (4 * n * n)) / (1 + F.lit(z2) / n)
+    valid = trials > 0
+    return (F.when(valid, F.greatest(centre - half, F.lit(0.0))),
+            F.when(valid, F.least(centre + half, F.lit(1.0))))
+
+
+def aggregate_results(outcomes: DataFrame, *, alpha: float, window_closed_before: Column | None = None) -> DataFrame:
+    """Per-recipient outcomes (:func:`inboxlift.transforms.attribution.recipient_outcomes`) -> the
+    ``campaign_results`` rows (``RESULT_COLUMNS``).
+
+    ``window_closed_before``: a timestamp Column; a day's ``is_window_closed`` says whether every
+    recipient's attribution and uplift windows had ended before it (its counts are final).
+    """
+    require_columns(outcomes, ["campaign_id", "variant", "send_date", "send_at", "is_sent", "is_delivered",
+                               "is_bounced", "is_opened", "is_clicked", "clicks", "attributed_orders",
+                               "attributed_revenue", "is_unsubscribed", "is_complained", "window_orders",
+                               "window_revenue"], step="aggregate_results")
+    count = lambda condition: F.count_if(condition).cast("long")  # noqa: E731
+    grouped = outcomes.groupBy(*GROUP).agg(
+        F.count("*").cast("long").alias("recipients"),
+        count(F.col("is_sent")).alias("sent"),
+        count(F.col("is_delivered")).alias("delivered"),
+        count(F.col("is_bounced")).alias("bounced"),
+        count(F.col("is_opened")).alias("opens"),
+        F.sum("clicks").cast("long").alias("clicks"),
+        count(F.col("is_clicked")).alias("unique_clicks"),
+        count(F.col("attributed_orders") > 0).alias("conversions"),
+        F.sum("attributed_orders").cast("long").alias("orders"),
+        F.round(F.sum("attributed_revenue"), 2).alias("revenue"),
+        count(F.col("is_unsubscribed")).alias("unsubscribes"),
+        count(F.col("is_complained")).alias("complaints"),
+        count(F.col("window_orders") > 0).alias("window_conversions"),
+        F.sum("window_orders").cast("long").alias("window_orders"),
+        F.round(F.sum("window_revenue"), 2).alias("window_revenue"),
+        F.max("send_at").alias("_last_send_at"),
+    )
+    z = z_value(alpha)
+    rates = []
+    for rate, (num, den) in RATES.items():
+        low, high = wilson_bounds(F.col(num), F.col(den), z=z)
+        rates += [F.when(F.col(den) > 0, F.col(num) / F.col(den)).alias(rate), low.alias(f"{rate}_low"),
+                  high.alias(f"{rate}_high")]
+    # A day is closed for all its variants at once: holdout and treated rows of a day stay comparable.
+    day_last = F.max("_last_send_at").over(Window.partitionBy("campaign_id", "send_date").rowsBetween(
+        Window.unboundedPreceding, Window.unboundedFollowing))
+    closed = (day_last < window_closed_before) if window_closed_before is not None else F.lit(True)
+    return grouped.select(*GROUP, *COUNTS, *rates, F.coalesce(closed, F.lit(False)).alias("is_window_closed"))
+
+
+def bootstrap_revenue_sums(outcomes: DataFrame, *, replicates: int, seed: int) -> DataFrame:
+    """Poisson bootstrap sums of window revenue per campaign, arm (treated / holdout) and replicate.
+
+    Each recipient gets a Poisson(1) weight per replicate, drawn from a hash of (seed, campaign,
+    day, user, replicate) by the inverse CDF, so a rerun draws the same weights. Only recipients
+    with revenue are expanded: the weights of the others sum, per arm, to a Poisson(n) number
+    that the caller draws (:func:`inboxlift.campaigns.experiments.revenue_uplift`). Returns
+    ``campaign_id, is_treated, replicate, weight, weighted_revenue`` and, per campaign and arm, the
+    recipient count ``n`` and the count of recipients without revenue ``n_zero`` (repeated per row).
+    """
+    require_columns(outcomes, ["campaign_id", "send_date", "user_id", "is_treated", "window_revenue"],
+                    step="bootstrap_revenue_sums")
+    arms = outcomes.groupBy("campaign_id", "is_treated").agg(
+        F.count("*").alias("n"), F.count_if(F.col("window_revenue") <= 0).alias("n_zero"))
+    spenders = outcomes.where(F.col("window_revenue") > 0)
+    expanded = spenders.select("campaign_id", "send_date", "user_id", "is_treated", "window_revenue",
+                               F.explode(F.sequence(F.lit(0), F.lit(replicates - 1))).alias("replicate"))
+    u = F.pmod(F.xxhash64(F.lit(seed), "campaign_id", "send_date", "user_id", "replicate"),
+               F.lit(1 << 30)) / F.lit(float(1 << 30))
+    weight = poisson_one(u)
+    sums = expanded.groupBy("campaign_id", "is_treated", "replicate").agg(
+        F.sum(weight).cast("long").alias("weight"), F.sum(weight * F.col("window_revenue")).alias("weighted_revenue"))
+    return arms.join(sums, ["campaign_id", "is_treated"], how="left")
+
+
+# P(X <= k) for X ~ Poisson(1), k = 0..9: a uniform number above k of these is a draw of k.
+_POISSON_ONE_CDF = [0.36787944117144233, 0.7357588823428847, 0.9196986029286058, 0.9810118431238462,
+                    0.9963401531726563, 0.9994058151824183, 0.9999167588507405, 0.9999897508033289,
+                    0.999998874797402, 0.9999998885745217]
+
+
+def poisson_one(u: Column) -> Column:
+    """A Poisson(1) draw from a uniform number ``u`` in [0, 1) (inverse CDF, capped at 10)."""
+    draw = F.lit(0)
+    for threshold in _POISSON_ONE_CDF:
+        draw = draw + (u >= F.lit(threshold)).cast("int")
+    return draw

@@ -1,0 +1,178 @@
+"""The report stage on hand-built tables (tests/report_data.py): attribution counted by hand, both
+tables, idempotence, the figures, the page and the MLflow run; the notebook executed on the result."""
+
+from __future__ import annotations
+
+import dataclasses
+import runpy
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from pyspark.sql import functions as F
+
+from conftest import settings_in
+from inboxlift.clock import FixedClock
+from inboxlift.context import RunContext
+from inboxlift.models.tracking import tracking_client
+from inboxlift.storage import Lake
+from inboxlift.stages.report import EXPERIMENTS_TABLE, RESULTS_TABLE, run_report
+from inboxlift.transforms.attribution import attribute_orders, human_touches, orders_of
+from report_data import CAMPAIGNS_YAML, D10, EXPECTED, write_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def reported(spark, spark_info, base_settings, tmp_path_factory):
+    """The hand-built tables reported twice: (context, first run, second run, both tables after the first)."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    campaigns = tmp_path / "campaigns.yml"
+    campaigns.write_text(CAMPAIGNS_YAML, encoding="utf-8")
+    settings = settings_in(base_settings, tmp_path)
+    settings = dataclasses.replace(
+        settings, paths=dataclasses.replace(settings.paths, campaigns_file=str(campaigns)),
+        report=dataclasses.replace(settings.report, min_recipients_per_arm=1, bootstrap_replicates=50))
+    lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
+    ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at("2026-11-20T12:00:00"))
+    write_tables(spark, lake)
+    first = run_report(ctx)
+    tables = _results(ctx), _experiments(ctx)
+    second = run_report(ctx)
+    return ctx, first, second, tables
+
+
+def _results(ctx: RunContext) -> dict:
+    rows = ctx.lake.read(RESULTS_TABLE).collect()
+    return {(r.campaign_id, r.variant, r.send_date): r.asDict() for r in rows}
+
+
+def _experiments(ctx: RunContext) -> list:
+    return ctx.lake.read(EXPERIMENTS_TABLE).orderBy("campaign_id", "test", "metric", "variant").collect()
+
+
+def test_attribution_counts_match_the_hand_worked_story(reported):
+    ctx, _, _, (results, _) = reported
+    assert set(results) == set(EXPECTED)
+    for key, expected in EXPECTED.items():
+        got = {k: results[key][k] for k in expected}
+        assert got == pytest.approx(expected), key
+    # Wilson 95% for 3 of 3 (wb A click rate), by hand: centre (1 + z²/6) / (1 + z²/3) = 0.719252,
+    # half-width z * sqrt(z²/36) / (1 + z²/3) = 0.280747 -> [0.4385, 1].
+    a = results[("wb", "A", D10)]
+    assert a["click_rate"] == 1.0
+    assert a["click_rate_low"] == pytest.approx(0.4385, abs=1e-4) and a["click_rate_high"] == 1.0
+    # Rates over no trials are null, not 0 or NaN.
+    holdout = results[("wb", "holdout", D10)]
+    assert holdout["click_rate"] is None and holdout["click_rate_low"] is None
+    assert holdout["window_conversion_rate"] == 0.5
+    assert all(r["is_window_closed"] for r in results.values())
+
+
+def test_a_second_run_leaves_the_same_tables(reported):
+    ctx, first, second, (results, experiments) = reported
+    assert _results(ctx) == results
+    assert _experiments(ctx) == experiments
+    assert first.result_rows == second.result_rows == len(EXPECTED)
+
+
+def test_experiments_hold_one_row_per_test(reported):
+    _, _, _, (_, experiments) = reported
+    # One A/B test per metric for wb (cs has one variant), two holdout tests per campaign.
+    tests = {(e.campaign_id, e.test, e.metric): e for e in experiments}
+    assert set(tests) == {("wb", "ab", "clicks"), ("wb", "ab", "conversions"), ("wb", "holdout", "conversions"),
+                          ("wb", "holdout", "revenue"), ("cs", "holdout", "conversions"), ("cs", "holdout", "revenue")}
+    clicks = tests[("wb", "ab", "clicks")]
+    assert (clicks.n_variant, clicks.successes_variant, clicks.n_control, clicks.successes_control) == (2, 0, 3, 3)
+    assert clicks.status == "final" and clicks.variant == "B" and clicks.control == "A"
+    # wb holdout conversions: treated 4 of 7 in the window, holdout 1 of 2.
+    uplift = tests[("wb", "holdout", "conversions")]
+    assert (uplift.successes_variant, uplift.n_variant, uplift.successes_control, uplift.n_control) == (4, 7, 1, 2)
+    assert uplift.difference == pytest.approx(4 / 7 - 1 / 2)
+    revenue = tests[("wb", "holdout", "revenue")]
+    assert revenue.difference == pytest.approx((70 + 45) / 7 - 40 / 2)
+    assert revenue.difference_low <= revenue.difference <= revenue.difference_high
+
+
+def test_figures_page_and_mlflow_run(reported):
+    ctx, _, run, _ = reported
+    folder = Path(ctx.settings.paths.output_dir) / "report"
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert pngs == ["cumulative_by_day.png", "rates_by_variant.png", "uplift_by_campaign.png"]
+    assert all((folder / p).read_bytes()[:8] == PNG for p in pngs)
+    page = (folder / "report.html").read_text("utf-8")
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    assert "wb" in page and "holdout uplift" in page
+
+    client = tracking_client(ctx.settings.mlflow)
+    logged = client.get_run(run.run_id)
+    assert logged.data.tags["inboxlift.stage"] == "report"
+    assert logged.data.metrics["tests"] == 6
+    artifacts = sorted(a.path for a in client.list_artifacts(run.run_id, "report"))
+    assert artifacts == ["report/campaign_experiments.csv", "report/cumulative_by_day.png", "report/rates_by_variant.png",
+                         "report/report.html", "report/uplift_by_campaign.png"]
+    downloaded = Path(mlflow.artifacts.download_artifacts(run_id=run.run_id, artifact_path="report/report.html",
+                                                          tracking_uri=mlflow.get_tracking_uri()))
+    assert downloaded.read_text("utf-8") == page
+
+
+def test_nothing_sent_yet_gives_empty_tables_and_a_page_saying_so(ctx, tmp_path):
+    spark = ctx.spark
+    ctx.lake.append("campaign_plan", spark.createDataFrame(
+        [("wb", "2026-11-19", "u1", "A")], "campaign_id string, plan_date string, user_id string, variant string")
+        .select("campaign_id", F.to_date("plan_date").alias("plan_date"), "user_id", "variant",
+                F.lit(None).cast("timestamp").alias("send_at")))
+    ctx.lake.append("outbox", spark.createDataFrame(
+        [], "message_id string, campaign_id string, plan_date date, user_id string, variant string, status string, "
+            "send_at timestamp"))
+    ctx.lake.append("events", spark.createDataFrame(
+        [], "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, quantity int, "
+            "price decimal(12,2), message_id string, properties map<string,string>"))
+    run = run_report(ctx)
+    assert run.result_rows == 0 and run.verdicts == ()
+    assert ctx.lake.read(RESULTS_TABLE).isEmpty() and ctx.lake.read(EXPERIMENTS_TABLE).isEmpty()
+    page = (tmp_path / "output" / "report" / "report.html").read_text("utf-8")
+    assert "No campaign has sent anything yet." in page
+
+
+def test_last_touch_prefers_the_latest_click_and_ignores_machine_opens(spark):
+    """The attribution transform alone on three orders of one user."""
+    events = spark.createDataFrame([
+        ("c1", "u", "email_click", "2026-11-01 10:00:00", None, "mA", None),
+        ("c2", "u", "email_click", "2026-11-02 10:00:00", None, "mB", None),
+        ("v1", "u", "email_open", "2026-11-02 11:00:00", None, "mA", {"is_machine_open": "false"}),
+        ("v2", "u", "email_open", "2026-11-06 08:00:00", None, "mA", {"is_machine_open": "true"}),
+        # Inside both clicks' windows: the later click (mB) wins over the earlier click and the later open.
+        ("p1", "u", "purchase", "2026-11-02 12:00:00", "o1", None, None),
+        # Exactly 3 days after mB's click: the window is half-open, so no click; no human open within 1 day.
+        ("p2", "u", "purchase", "2026-11-05 10:00:00", "o2", None, None),
+        # Only a machine open before it: no touch.
+        ("p3", "u", "purchase", "2026-11-06 09:00:00", "o3", None, None),
+    ], "event_id string, user_id string, event_type string, ts string, order_id string, message_id string, "
+       "properties map<string,string>").select(
+        "event_id", "user_id", "event_type", F.to_timestamp("ts").alias("event_ts"), "order_id",
+        F.lit(1).alias("quantity"), F.lit(10).cast("decimal(12,2)").alias("price"), "message_id", "properties")
+    messages = spark.createDataFrame([("mA", "u"), ("mB", "u")], "message_id string, user_id string")
+    credited = attribute_orders(orders_of(events), human_touches(events), messages, click_through_days=3,
+                                view_through_days=1)
+    assert {r.message_id: (r.attributed_orders, r.attributed_revenue) for r in credited.collect()} == {"mB": (1, 10.0)}
+
+
+def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):
+    s = reported[0].settings
+    overrides = {"storage.lake_dir": s.storage.lake_dir, "mlflow.tracking_uri": s.mlflow.tracking_uri,
+                 "mlflow.artifact_location": s.mlflow.artifact_location, "paths.output_dir": s.paths.output_dir,
+                 "paths.campaigns_file": s.paths.campaigns_file}
+    argv = ["campaign_results.py", "--conf-dir", str(ROOT / "conf"), "--now", "2026-11-20T12:00:00"]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={value}"]
+    monkeypatch.setattr(sys, "argv", argv)
+    namespace = runpy.run_path(str(ROOT / "notebooks" / "campaign_results.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "5 rows in campaign_results" in out
+    assert "wb" in out and "holdout" in out
+    assert sorted(namespace["figures"]) == ["cumulative_by_day", "rates_by_variant", "uplift_by_campaign"]
+    assert len(namespace["experiments"]) == 6
