@@ -22,7 +22,7 @@ from databricks.bundles.volumes import Volume
 
 from inboxlift.cli import build_parser
 from inboxlift.notebook import WIDGETS
-from inboxlift.pipeline import RUN_ALL, STAGES
+from inboxlift.pipeline import GENERATED_SHOP_ONLY, RUN_ALL, STAGES
 from inboxlift.settings import THREE_PART_NAME, load_settings
 from inboxlift.storage.names import TableNames
 
@@ -32,7 +32,7 @@ TARGETS = ["dev", "prod"]
 USER = "jane.doe@shop.example"      # the deploying user, as ${workspace.current_user.userName}
 SERVICE_PRINCIPAL = "6f1c2b7e-0000-4000-8000-00000000abcd"
 # Stages that exist for the generated shop only and must not run on a real one.
-LOCAL_ONLY_STAGES = {"simulate-responses"}
+LOCAL_ONLY_STAGES = set(GENERATED_SHOP_ONLY)
 REFERENCE = re.compile(r"\$\{([^}]+)\}")
 
 
@@ -170,8 +170,6 @@ def test_every_stage_task_runs_a_stage_the_cli_knows_with_arguments_it_accepts(b
                 continue
             build_parser({}).parse_args(params)   # exits (fails the test) on an option the stage lacks
             assert [lib.whl for lib in task.libraries] == ["../dist/*.whl"]
-    if unknown == ["report"]:
-        pytest.xfail("the report stage (issue 21) is not on this branch yet; every other task's stage exists")
     assert not unknown, f"tasks whose stage does not exist: {unknown}"
 
 
@@ -187,9 +185,8 @@ def test_the_pipeline_job_has_every_stage_in_dependency_order_and_maintenance_it
             assert dependency.task_key in tasks, f"{task.task_key} depends on unknown task {dependency.task_key}"
     stage_tasks = set(_stage_tasks(pipeline))
     expected = [s for s in RUN_ALL if s not in LOCAL_ONLY_STAGES]
-    assert set(expected) <= stage_tasks
+    assert set(expected) == stage_tasks, "the job's stage tasks are run-all's stages, local-only ones aside"
     assert not stage_tasks & LOCAL_ONLY_STAGES
-    assert stage_tasks - set(expected) <= {"report"}, "only report may be a task run-all does not run"
 
     def upstream(key: str) -> set[str]:
         seen: set[str] = set()
@@ -202,7 +199,7 @@ def test_the_pipeline_job_has_every_stage_in_dependency_order_and_maintenance_it
                 todo += [d.task_key for d in tasks[name].depends_on]
         return seen
 
-    order = [*expected, "report"]
+    order = expected
     for key in stage_tasks:
         # Every stage before this one in run-all's order feeds it, except the other model branch.
         before = set(order[:order.index(key)])
