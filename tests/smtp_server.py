@@ -67,7 +67,9 @@ class ScriptedHandler:
         return "250 OK"
 
     async def handle_QUIT(self, server, session, envelope):
-        if self.hold_quit:
+        # Only a session that delivered something is held: the driver's relay check (connect,
+        # EHLO, QUIT before any task sends) goes through at once.
+        if self.hold_quit and getattr(session, "delivered", 0):
             self.quitting.set()
             while not self.release.is_set():
                 await asyncio.sleep(0.05)
@@ -105,6 +107,7 @@ class ScriptedHandler:
             server.transport.abort()
             return "421 never seen"
         self.received.append(Received(envelope.mail_from, rcpt, envelope.original_content))
+        session.delivered = getattr(session, "delivered", 0) + 1
         return "250 2.0.0 queued"
 
 

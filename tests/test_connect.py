@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _settings(work: Path) -> dict[str, object]:
     return {
         "spark.remote": "local[2]",
-        "spark.driver_memory": "2g",
+        # 3g as the test session: the Connect server also holds every fitted model in its ML cache.
+        "spark.driver_memory": "3g",
         "spark.shuffle_partitions": 2,
         "spark.checkpoint_dir": work / "checkpoints",
         "storage.lake_dir": work / "lake",

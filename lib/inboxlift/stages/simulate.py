@@ -131,7 +131,7 @@ def holdout_units(plan: DataFrame, *, from_s: int, until_s: int) -> DataFrame:
 
 def priced_catalogue(products: DataFrame, items_truth: DataFrame) -> DataFrame:
     """``CATALOGUE_COLUMNS``: the shop's products with a price, ranked 0.. by planted popularity."""
-    # One row per item; a window over the whole catalogue (products, not users) in one partition.
+    # Global and small: one row per item, a window over the whole catalogue (products, not users).
     by_popularity = Window.orderBy("popularity_rank", "item_id")
     return (products.where(F.col("price").isNotNull())
             .join(items_truth.select("item_id", "popularity_rank"), "item_id", "inner")
