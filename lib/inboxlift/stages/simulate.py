@@ -245,6 +245,11 @@ def _write_events(ctx: RunContext, outcomes: DataFrame, *, now_s: int, first_day
         shutil.rmtree(staging, ignore_errors=True)
         if staging.parent.is_dir() and not any(staging.parent.iterdir()):
             staging.parent.rmdir()
+    wanted = [*EVENT_TYPES, "_pending"]
+    if not all(key in metrics for key in wanted):
+        # Spark Connect returns no observed metrics for a write command: count in one more job.
+        metrics = events.agg(*[F.count_if(is_due & (F.col("event_type") == t)).alias(t) for t in EVENT_TYPES],
+                             F.count_if(~is_due).alias("_pending")).first().asDict()
     return {t: int(metrics[t]) for t in EVENT_TYPES}, int(metrics["_pending"]), files
 
 
