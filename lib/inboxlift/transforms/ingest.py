@@ -170,6 +170,7 @@ QUARANTINE_TABLE = StructType([
 ])
 
 _TRIMMED = " \t\n\r\x0b\x0c\u00a0\ufeff"
+_TRIMMED_SQL = "".join(f"\\u{ord(c):04x}" for c in _TRIMMED)  # the same characters as SQL escapes
 _NUMBER = r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$"
 _SECONDS_PER_DAY = 86_400
 _TRUE = ("true", "t", "yes", "y", "1")
@@ -341,7 +342,8 @@ def parse_json_lines(lines: DataFrame, *, fields: StructType) -> DataFrame:
     schema = StructType([StructField(f.name, StringType()) for f in fields.fields] + [StructField(corrupt, StringType())])
     # Each step reads the previous one's column: an expression inside CASE WHEN is not shared by
     # Spark's common-subexpression elimination, and JSON parsing is the costliest step of all.
-    text = F.ltrim(F.col("line"), F.lit(_TRIMMED))
+    # SQL's TRIM(LEADING ... FROM ...): the two-argument ltrim() logs a deprecation warning per query.
+    text = F.expr(f"TRIM(LEADING '{_TRIMMED_SQL}' FROM line)")
     parsed = F.from_json(F.col("_text"), schema, {"mode": "PERMISSIVE", "columnNameOfCorruptRecord": corrupt})
     is_blank = F.coalesce(F.col("_text") == "", F.lit(True))
     # from_json accepts arrays and scalars only by flagging them corrupt; an object line starts with "{".
