@@ -33,6 +33,12 @@ def _overrides(work: Path) -> list[str]:
         "generate.dirty_rate": 0.0,
         "segments.k_max": 4,
         "segments.stability_seeds": "[7]",
+        # One candidate per recommender (the search is tested in test_recommend*.py): every stage still runs.
+        "recommend.ranks": "[8]",
+        "recommend.reg_params": "[0.1]",
+        "recommend.alphas": "[1.0]",
+        "recommend.hybrid_weights": "[0.5]",
+        "recommend.max_iter": 5,
     }
     out = ["--conf-dir", str(ROOT / "conf")]
     for key, value in settings.items():

@@ -82,29 +82,33 @@ def run_features(ctx: RunContext, *, as_of: dt.date | None = None) -> FeaturesRe
                                as_of=as_of)
     else:
         scores = ctx.spark.createDataFrame([], REVIEW_SCORE_SCHEMA)
-    ctx.lake.overwrite(REVIEW_SENTIMENT, scores, overwrite_schema=True)
+    written = {REVIEW_SENTIMENT: ctx.lake.overwrite(REVIEW_SENTIMENT, scores, overwrite_schema=True)}
     # Read back, so features use the scores as stored instead of re-running the model.
     review_scores = ctx.lake.read(REVIEW_SENTIMENT)
 
     # The (user, item) aggregate feeds interactions and user features; computed once.
     user_items = events.transform(aggregate_user_items, as_of=as_of, settings=settings).persist()
     try:
-        ctx.lake.overwrite(INTERACTIONS, user_items.transform(interactions_from_user_items, as_of=as_of),
-                           overwrite_schema=True)
-        ctx.lake.overwrite(ITEM_FEATURES, events.transform(item_features, products=products,
-                                                           review_scores=review_scores, as_of=as_of,
-                                                           settings=settings), overwrite_schema=True)
+        written[INTERACTIONS] = ctx.lake.overwrite(
+            INTERACTIONS, user_items.transform(interactions_from_user_items, as_of=as_of), overwrite_schema=True)
+        written[ITEM_FEATURES] = ctx.lake.overwrite(
+            ITEM_FEATURES, events.transform(item_features, products=products, review_scores=review_scores,
+                                            as_of=as_of, settings=settings), overwrite_schema=True)
         aggregates = aggregate_users(events, users=users, products=products, review_scores=review_scores,
                                      as_of=as_of, settings=settings, user_items=user_items).persist()
         try:
-            ctx.lake.overwrite(USER_FEATURES, users.transform(assemble_user_features, aggregates=aggregates,
-                                                              as_of=as_of, settings=settings), overwrite_schema=True)
+            written[USER_FEATURES] = ctx.lake.overwrite(
+                USER_FEATURES, users.transform(assemble_user_features, aggregates=aggregates, as_of=as_of,
+                                               settings=settings), overwrite_schema=True)
         finally:
             aggregates.unpersist()
     finally:
         user_items.unpersist()
 
-    rows = {name: ctx.lake.read(name).count() for name in OUTPUT_TABLES}
+    # Each table was replaced whole, so the rows its write reports are its rows; a backend that does
+    # not report them (native Delta) is counted.
+    rows = {name: written[name].rows_written if written[name].rows_written is not None
+            else ctx.lake.read(name).count() for name in OUTPUT_TABLES}
     return FeaturesReport(
         as_of=as_of, cutoff=cutoff_of(as_of), rows=rows, sentiment_metrics=fit.metrics, sentiment_counts=fit.counts,
         sentiment_run_id=fit.run_id, sentiment_model_uri=fit.model_uri, sentiment_skipped=fit.skipped,
