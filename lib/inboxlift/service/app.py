@@ -217,7 +217,7 @@ class TrackingService:
             except EventLogError:
                 return await _unavailable()(scope, receive, send)
         await send({"type": "http.response.start", "status": 302,
-                    "headers": [*_PRIVATE_RAW, (b"location", _location(payload.target)), _NO_BODY]})
+                    "headers": [*_REDIRECT_RAW, (b"location", _location(payload.target)), _NO_BODY]})
         await send({"type": "http.response.body", "body": b""})
 
     async def open(self, scope: Scope, receive: Receive, send: Send, token: str) -> None:
@@ -340,6 +340,10 @@ class TrackingService:
 
 _PRIVATE_RAW = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in PRIVATE.items()]
 _NO_BODY = (b"content-length", b"0")
+# A redirect has no body and no HTTP/1.1 cache keeps it under no-store (nor does an HTTP/1.0 one
+# without Expires), so Pragma, Expires and nosniff would only add work: each header costs h11 ~1 µs
+# to check and write, on every click (docs/serve.md, "Where the time goes").
+_REDIRECT_RAW = [(k, v) for k, v in _PRIVATE_RAW if k in (b"cache-control", b"referrer-policy")]
 _PIXEL_RAW = [*_PRIVATE_RAW, (b"content-type", b"image/gif"), (b"content-length", str(len(PIXEL)).encode("latin-1"))]
 
 
