@@ -17,6 +17,8 @@ compares the MAC in constant time and returns a typed payload, or None for anyth
 token is too old is decided per purpose: unsubscribe tokens never expire (RFC 8058: a one-click link
 in a years-old email must still work, and a stolen one can only unsubscribe its own recipient);
 click and open tokens are refused after ``max_age`` (``render.tracking_token_max_age_days``).
+The tracking service verifies with a :class:`Verifier`: the same answers, with the key's HMAC set up
+once per purpose instead of once per token.
 """
 
 from __future__ import annotations
