@@ -22,12 +22,14 @@ import httpx
 import pytest
 
 from inboxlift import tokens
+from inboxlift.clock import SystemClock
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING
-from inboxlift.service import EventLog, EventLogError, finalise_leftovers
+from inboxlift.service import EventLog, EventLogError, build_app, event_line, finalise_leftovers
+from inboxlift.service.app import _EventIds
 from inboxlift.service.agents import AgentRules
 from inboxlift.service.pages import issue_form_token, negotiate_locale
-from inboxlift.settings import ServeSettings, SettingsError
-from service_server import KEY, Server, event_files, flood, in_progress_files, read_events
+from inboxlift.settings import ServeSettings, SettingsError, load_settings
+from service_server import KEY, ROOT, Server, event_files, flood, in_progress_files, read_events
 
 UTC = dt.timezone.utc
 SIGNING_KEY = KEY.encode()
@@ -540,6 +542,148 @@ def test_a_write_that_fails_is_an_error_and_the_log_recovers(tmp_path):
     assert [json.loads(x)["event_id"] for p in event_files(folder) for x in p.read_bytes().splitlines()] == ["e3"]
 
 
+# ---- the hot path, in process ----------------------------------------------------------------
+
+async def _asgi(app, method: str, path: str, *, query: bytes = b"", root_path: str = "",
+                user_agent: bytes = b"test") -> tuple[list[dict], dict]:
+    """One request straight into the ASGI app: the messages it sent, and the scope it saw."""
+    messages: list[dict] = []
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": root_path + path, "raw_path": (root_path + path).encode(),
+             "query_string": query, "root_path": root_path, "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8080), "headers": [(b"host", b"127.0.0.1:8080"), (b"user-agent", user_agent)]}
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    await app(scope, receive, send)
+    return messages, scope
+
+
+def test_clicks_and_opens_answer_the_same_ahead_of_the_router_as_through_it(tmp_path):
+    # GET and HEAD of /c/ and /o/ skip Starlette's middleware and router; an app mounted under a root
+    # path goes through them (as does any other method). Both ways must give the same bytes.
+    settings = load_settings("local", conf_dir=ROOT / "conf", environ={},
+                             overrides={"paths.landing_dir": str(tmp_path / "landing")})
+    app = build_app(settings=settings, key=SIGNING_KEY, clock=SystemClock())
+    message_id, issuer = message()
+    _, forger = message(key=b"someone-elses-signing-key-0123456789abcdef")
+    _, old = message(issued_at=now() - dt.timedelta(days=181))
+    click, opened = issuer.click(1, "i1", TARGET), issuer.open()
+    not_found = {"type": "http.response.start", "status": 404, "headers": [
+        (b"cache-control", b"no-store, no-cache, must-revalidate, max-age=0"), (b"pragma", b"no-cache"),
+        (b"expires", b"0"), (b"referrer-policy", b"no-referrer"), (b"x-content-type-options", b"nosniff"),
+        (b"content-length", b"10"), (b"content-type", b"text/plain; charset=utf-8")]}
+    # A redirect carries only the headers that mean something without a body.
+    redirect = {"type": "http.response.start", "status": 302, "headers": [
+        not_found["headers"][0], not_found["headers"][3], (b"location", TARGET.encode()), (b"content-length", b"0")]}
+    pixel = {"type": "http.response.start", "status": 200, "headers": [
+        *not_found["headers"][:5], (b"content-type", b"image/gif"), (b"content-length", b"43")]}
+    cases = [  # method, path, query, the answer's start, body
+        ("GET", f"/c/{_altered(click)}", b"", not_found, b"Not found\n"),
+        ("GET", f"/c/{forger.click(1, 'i1', TARGET)}", b"", not_found, b"Not found\n"),
+        ("GET", f"/c/{old.click(1, 'i1', TARGET)}", b"", not_found, b"Not found\n"),
+        ("GET", f"/c/{opened}", b"", not_found, b"Not found\n"),
+        ("GET", f"/c/{issuer.click(2, 'i1', 'javascript:alert(1)')}", b"", not_found, b"Not found\n"),
+        ("GET", f"/c/{click}", b"u=1&u=2", not_found, b"Not found\n"),
+        ("GET", f"/o/{click}.gif", b"", not_found, b"Not found\n"),
+        ("GET", f"/o/{_altered(opened)}.gif", b"", not_found, b"Not found\n"),
+        ("HEAD", f"/c/{click}", b"", redirect, b""),
+        ("HEAD", f"/o/{opened}.gif", b"", pixel, gif_pixel()),
+        ("GET", f"/c/{click}", b"url=https://evil.example/", redirect, b""),
+        ("GET", f"/o/{opened}.gif", b"", pixel, gif_pixel()),
+    ]
+
+    async def scenario() -> None:
+        async with app.router.lifespan_context(app):
+            for method, path, query, start, body in cases:
+                fast, fast_scope = await _asgi(app, method, path, query=query)
+                routed, routed_scope = await _asgi(app, method, path, query=query, root_path="/mounted")
+                assert fast == routed == [start, {"type": "http.response.body", "body": body}], (method, path)
+                assert "app" not in fast_scope and "app" in routed_scope  # the two ways were taken
+            # Only other paths and methods reach the router from the root: Starlette's 405 and 404.
+            for method, path, status in (("PUT", f"/c/{click}", 405), ("POST", f"/o/{opened}.gif", 405),
+                                         ("GET", f"/c/{click}/x", 404), ("GET", "/o/.gif", 404),
+                                         ("GET", "/c/", 404)):
+                answer, scope = await _asgi(app, method, path)
+                assert answer[0]["status"] == status and "app" in scope, (method, path)
+            # A disk that refuses the write: 503 with Retry-After both ways, never the redirect or the GIF.
+            def failing_write(data: bytes) -> None:
+                raise OSError(28, "No space left on device")
+
+            writes, app.state.service.log._write = app.state.service.log._write, failing_write
+            for path in (f"/c/{click}", f"/o/{opened}.gif"):
+                for root_path in ("", "/mounted"):
+                    (start, body), _ = await _asgi(app, "GET", path, root_path=root_path)
+                    assert start["status"] == 503 and (b"retry-after", b"30") in start["headers"], (path, root_path)
+                    assert not any(name == b"location" for name, _ in start["headers"])
+                    assert body["body"] == b"Service unavailable\n"
+            app.state.service.log._write = writes
+
+    asyncio.run(scenario())
+    events = [json.loads(x) for p in event_files(tmp_path / "landing" / "events" / "serve")
+              for x in p.read_bytes().splitlines()]
+    # The two genuine GETs, each answered twice (ahead of the router and through it); HEAD records nothing.
+    assert sorted(e["event_type"] for e in events) == ["email_click"] * 2 + ["email_open"] * 2
+    assert {e["message_id"] for e in events} == {message_id}
+    assert {e["properties"]["ua_class"] for e in events} == {"other"}
+
+
+def gif_pixel() -> bytes:
+    return bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+
+
+def test_event_lines_are_the_json_a_general_encoder_writes():
+    # event_line puts the line together from json's string escaper; it must be the very bytes that
+    # json.dumps writes for the same record: quotes, backslashes, control and line-separator
+    # characters escaped, other non-ASCII as UTF-8, empty values left out.
+    at = dt.datetime(2026, 11, 20, 12, 0, 0, 123456, tzinfo=UTC)
+    odd = 'u"1\\\n\t\x00\u2028é日'
+    line = event_line(event_type="email_click", at=at, user_id=odd, campaign_id="wk-47", message_id="<m@x>",
+                      item_id="i1", properties={"variant": "", "link_position": "0", 'k"\\': odd})
+    record = json.loads(line)
+    expected = {"event_id": record["event_id"], "event_type": "email_click", "event_ts": "2026-11-20T12:00:00.123Z",
+                "user_id": odd, "item_id": "i1", "campaign_id": "wk-47", "message_id": "<m@x>",
+                "properties": {"link_position": "0", 'k"\\': odd}}
+    assert line == (json.dumps(expected, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    assert list(record) == list(expected)
+    scoped = event_line(event_type="unsubscribe", at=at.astimezone(dt.timezone(dt.timedelta(hours=8))),
+                        user_id="u1", campaign_id="", message_id="", properties={"scope": "all", "method": "page"})
+    record = json.loads(scoped)
+    assert record == {"event_id": record["event_id"], "event_type": "unsubscribe",
+                      "event_ts": "2026-11-20T12:00:00.123Z", "user_id": "u1", "campaign_type": "all",
+                      "properties": {"scope": "all", "method": "page"}}
+    assert scoped.endswith(b"}\n") and scoped.count(b"\n") == 1
+
+
+def test_event_ids_are_random_version_4_uuids_and_a_forked_child_draws_its_own():
+    ids = _EventIds()
+    drawn = [ids() for _ in range(1000)]  # several refills of the 128-id buffer
+    assert len(set(drawn)) == 1000
+    for text in drawn:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    from inboxlift.service import app as app_module
+
+    app_module._uuid4()  # the process's buffer now holds ids not handed out yet
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.close(read)
+        os.write(write, "".join(app_module._uuid4() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        from_child = pipe.read().decode()
+    os.waitpid(child, 0)
+    # Without the reset at fork, the child would hand out the parent's next ids.
+    from_parent = "".join(app_module._uuid4() for _ in range(4))
+    assert len(from_child) == len(from_parent) == 144 and from_child != from_parent
+
+
 # ---- rules ------------------------------------------------------------------------------------
 
 def test_user_agent_classes():
@@ -554,6 +698,9 @@ def test_user_agent_classes():
     assert rules.classify("SomethingNew/1.0", None) == "other"
     assert rules.classify(None, None) == "none" and rules.classify("  ", None) == "none"
     assert rules.is_machine("scanner") and not rules.is_machine("webmail_proxy")
+    # Addresses are remembered: asked again, the same answers.
+    assert rules.classify(DESKTOP, "17.1.2.3") == "apple_proxy" and rules.classify(DESKTOP, "18.1.2.3") == "desktop"
+    assert rules.classify(DESKTOP, "not an address") == "desktop"
 
 
 def test_language_negotiation():

@@ -228,3 +228,31 @@ def test_the_tokens_module_imports_without_spark():
     code = ("import sys; sys.path.insert(0, %r); import inboxlift.tokens; "
             "assert not [m for m in sys.modules if m.startswith(('pyspark', 'inboxlift.render'))]" % str(lib))
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_servers_verifier_answers_as_the_functions_do():
+    # inboxlift serve verifies with a Verifier (each purpose's HMAC keyed once); every answer, genuine
+    # or not, must be the functions' own.
+    from inboxlift.tokens import Verifier
+
+    tokens = MessageTokens(key=KEY, issued_at=ISSUED, **IDS)
+    other = MessageTokens(key=b"another-signing-key-0123456789abcdef", issued_at=ISSUED, **IDS)
+    genuine = [tokens.click(0, None, TARGET), tokens.click(300, "i1", TARGET), tokens.open(),
+               tokens.unsubscribe("weekly_picks"), tokens.unsubscribe(None)]
+    candidates = [*genuine, *(_flipped(t, n) for t in genuine for n in (0, 7, 30, -1)),
+                  *(t[:-3] for t in genuine), other.click(1, "i1", TARGET), other.open(),
+                  other.unsubscribe("weekly_picks"), genuine[0] + "=", "", "A", "é" * 40]
+    verifier = Verifier(KEY)
+    max_age = dt.timedelta(days=180)
+    for now in (ISSUED, ISSUED + max_age + dt.timedelta(seconds=1)):
+        for token in candidates:
+            assert verifier.click(token, now=now, max_age=max_age) == verify_click(
+                token, key=KEY, now=now, max_age=max_age), token
+            assert verifier.open(token, now=now, max_age=max_age) == verify_open(
+                token, key=KEY, now=now, max_age=max_age), token
+            assert verifier.unsubscribe(token) == verify_unsubscribe(token, key=KEY), token
+    assert verifier.click(genuine[1], now=ISSUED, max_age=max_age) == ClickToken(
+        position=300, item_id="i1", target=TARGET, issued_at=ISSUED, **IDS)
+    assert verifier.click(genuine[1], now=ISSUED + max_age + dt.timedelta(seconds=1), max_age=max_age) is None
+    with pytest.raises(ValueError):
+        Verifier(b"too-short")

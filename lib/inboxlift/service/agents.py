@@ -28,6 +28,8 @@ class AgentRules:
     machine_open_after: dt.timedelta
     # A handful of browsers and proxies send most requests: their classes are remembered (bounded).
     _known: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # ...and a few addresses (the proxy's, Apple's relays): whether each is Apple's, also bounded.
+    _known_addresses: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, serve: ServeSettings) -> "AgentRules":
@@ -53,11 +55,19 @@ class AgentRules:
         return self.is_machine(ua_class) or opened_at - issued_at <= self.machine_open_after
 
     def _is_apple(self, client_ip: str) -> bool:
+        known = self._known_addresses.get(client_ip)
+        if known is not None:
+            return known
         try:
             address = ipaddress.ip_address(client_ip)
         except ValueError:
-            return False
-        return any(address in network for network in self.apple_networks)
+            found = False
+        else:
+            found = any(address in network for network in self.apple_networks)
+        if len(self._known_addresses) >= KNOWN_AGENTS:
+            self._known_addresses.clear()
+        self._known_addresses[client_ip] = found
+        return found
 
     def _by_agent(self, user_agent: str) -> str:
         # Real user agents are a few hundred characters; a longer header is not searched in full.

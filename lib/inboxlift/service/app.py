@@ -23,8 +23,8 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
-import uuid
 from pathlib import Path
 from typing import AsyncIterator, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -35,6 +35,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from inboxlift import tokens
 from inboxlift.clock import Clock
@@ -60,7 +61,8 @@ NO_STORE = {"Cache-Control": "no-store, no-cache, must-revalidate, max-age=0", "
 PRIVATE = {**NO_STORE, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 ONE_CLICK = {"List-Unsubscribe": "One-Click"}
 FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# json's escaper for ensure_ascii=False (its C version when there is one): quotes and escapes a str.
+_quote = json.encoder.encode_basestring
 # White space (line breaks included) and control characters: never in a redirect.
 _UNSAFE_IN_URL = re.compile(r"[\s\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u206f\ufeff]")
 # Every printable ASCII character but the space stays as it is in a redirect; only others are %-encoded.
@@ -74,7 +76,37 @@ def events_dir(settings: Settings) -> Path:
 
 def _iso(instant: dt.datetime) -> str:
     # isoformat is twice as fast as strftime; the clock gives UTC, so the offset is always +00:00.
-    return instant.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if instant.tzinfo is not dt.timezone.utc:
+        instant = instant.astimezone(dt.timezone.utc)
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _EventIds:
+    """Random (version 4) UUIDs as text, as ``str(uuid.uuid4())`` makes them, drawn from 4 kB of
+    ``os.urandom`` at a time: one system call per 128 events instead of one per event. A forked
+    child starts with an empty buffer, so parent and child never hand out the same ids."""
+
+    __slots__ = ("_hex", "_at")
+    _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._hex, self._at = "", 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex, at = os.urandom(4096).hex(), 0
+        h = self._hex[at:at + 32]
+        self._at = at + 32
+        # 122 random bits: the version nibble is 4 and the variant's two high bits are 10 (RFC 9562).
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{self._VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+_uuid4 = _EventIds()
+os.register_at_fork(after_in_child=_uuid4.reset)
 
 
 def event_line(*, event_type: str, at: dt.datetime, user_id: str, campaign_id: str, message_id: str,
@@ -83,18 +115,26 @@ def event_line(*, event_type: str, at: dt.datetime, user_id: str, campaign_id: s
 
     A consent event's scope (``properties["scope"]``: ``all`` or a campaign type) is also written as
     the landing key ``campaign_type``, which is what ingest scopes suppressions by.
+
+    The same bytes as ``json.dumps(record, ensure_ascii=False, separators=(",", ":"))`` with the
+    keys in this order, put together from json's own string escaper: every click and open writes
+    one, and a general encoder walking a dict costs more than the few fixed keys need.
     """
-    record = {"event_id": str(uuid.uuid4()), "event_type": event_type, "event_ts": _iso(at), "user_id": user_id}
-    if properties.get("scope"):
-        record["campaign_type"] = properties["scope"]
+    parts = ['{"event_id":"', _uuid4(), '","event_type":', _quote(event_type), ',"event_ts":"', _iso(at),
+             '","user_id":', _quote(user_id)]
+    scope = properties.get("scope")
+    if scope:
+        parts += (',"campaign_type":', _quote(scope))
     if item_id:
-        record["item_id"] = item_id
+        parts += (',"item_id":', _quote(item_id))
     if campaign_id:
-        record["campaign_id"] = campaign_id
+        parts += (',"campaign_id":', _quote(campaign_id))
     if message_id:
-        record["message_id"] = message_id
-    record["properties"] = {k: v for k, v in properties.items() if v}
-    return _ENCODER.encode(record).encode("utf-8") + b"\n"
+        parts += (',"message_id":', _quote(message_id))
+    parts.append(',"properties":{')
+    parts.append(",".join(f"{_quote(k)}:{_quote(v)}" for k, v in properties.items() if v))
+    parts.append("}}\n")
+    return "".join(parts).encode("utf-8")
 
 
 class TrackingService:
@@ -104,6 +144,7 @@ class TrackingService:
         tokens.check_key(key)
         self.settings = settings
         self.key = key
+        self.verifier = tokens.Verifier(key)
         self.clock = clock
         self.max_age = settings.render.tracking_token_max_age
         self.form_max_age = dt.timedelta(minutes=settings.serve.form_max_age_minutes)
@@ -117,17 +158,24 @@ class TrackingService:
 
     # ---- helpers ----------------------------------------------------------------------------
 
-    def _ua_class(self, request: Request) -> str:
-        return self.agents.classify(request.headers.get("user-agent"), request.client.host if request.client else None)
+    def _ua_class(self, scope: Scope) -> str:
+        # From the scope, as Starlette's Request reads them: the first User-Agent, the client's address.
+        user_agent = None
+        for name, value in scope["headers"]:
+            if name == b"user-agent":
+                user_agent = value.decode("latin-1")
+                break
+        client = scope.get("client")
+        return self.agents.classify(user_agent, client[0] if client else None)
 
     @staticmethod
     def _not_found() -> Response:
         return PlainTextResponse("Not found\n", status_code=404, headers=PRIVATE)
 
     @staticmethod
-    def _query_is_ambiguous(request: Request) -> bool:
+    def _query_is_ambiguous(scope: Scope) -> bool:
         # The raw query from the scope: building request.url costs more than the whole check.
-        query = request.scope.get("query_string", b"")
+        query = scope.get("query_string", b"")
         return bool(query) and tokens.single_values(query.decode("latin-1")) is None
 
     async def _record(self, line: bytes) -> Response | None:
@@ -135,7 +183,7 @@ class TrackingService:
         try:
             await self.log.append(line)
         except EventLogError:
-            return PlainTextResponse("Service unavailable\n", status_code=503, headers={**PRIVATE, "Retry-After": "30"})
+            return _unavailable()
         return None
 
     def _page(self, page: Page) -> Response:
@@ -148,45 +196,54 @@ class TrackingService:
 
     # ---- routes -----------------------------------------------------------------------------
 
-    async def click(self, request: Request) -> Response:
-        now = self.clock.now()
-        payload = tokens.verify_click(request.path_params["token"], key=self.key, now=now, max_age=self.max_age)
-        if payload is None or self._query_is_ambiguous(request) or not _is_web_url(payload.target):
-            return self._not_found()
-        if request.method == "GET":
-            ua_class = self._ua_class(request)
-            failed = await self._record(event_line(
-                event_type="email_click", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
-                message_id=payload.message_id, item_id=payload.item_id, properties={
-                    "variant": payload.variant, "link_position": str(payload.position),
-                    "target_hash": payload.target_hash, "ua_class": ua_class,
-                    "is_machine_click": _flag(self.agents.is_machine(ua_class))}))
-            if failed:
-                return failed
-        return _answer(302, b"", [*_PRIVATE_RAW, (b"location", _location(payload.target))])
+    # Clicks and opens are the hot path: ASGI apps of their own that TrackingApp calls straight from
+    # the path (Starlette's routing, middleware, Request and Response cost more than the click).
+    # Their answers are the same bytes either way; other methods still get Starlette's 405.
 
-    async def open(self, request: Request) -> Response:
+    async def click(self, scope: Scope, receive: Receive, send: Send, token: str) -> None:
         now = self.clock.now()
-        payload = tokens.verify_open(request.path_params["token"], key=self.key, now=now, max_age=self.max_age)
-        if payload is None or self._query_is_ambiguous(request):
-            return self._not_found()
-        if request.method == "GET":
-            ua_class = self._ua_class(request)
+        payload = self.verifier.click(token, now=now, max_age=self.max_age)
+        if payload is None or self._query_is_ambiguous(scope) or not _is_web_url(payload.target):
+            return await self._not_found()(scope, receive, send)
+        if scope["method"] == "GET":
+            ua_class = self._ua_class(scope)
+            try:
+                await self.log.append(event_line(
+                    event_type="email_click", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
+                    message_id=payload.message_id, item_id=payload.item_id, properties={
+                        "variant": payload.variant, "link_position": str(payload.position),
+                        "target_hash": payload.target_hash, "ua_class": ua_class,
+                        "is_machine_click": _flag(self.agents.is_machine(ua_class))}))
+            except EventLogError:
+                return await _unavailable()(scope, receive, send)
+        await send({"type": "http.response.start", "status": 302,
+                    "headers": [*_REDIRECT_RAW, (b"location", _location(payload.target)), _NO_BODY]})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def open(self, scope: Scope, receive: Receive, send: Send, token: str) -> None:
+        now = self.clock.now()
+        payload = self.verifier.open(token, now=now, max_age=self.max_age)
+        if payload is None or self._query_is_ambiguous(scope):
+            return await self._not_found()(scope, receive, send)
+        if scope["method"] == "GET":
+            ua_class = self._ua_class(scope)
             is_machine = self.agents.is_machine_open(ua_class, issued_at=payload.issued_at, opened_at=now)
-            failed = await self._record(event_line(
-                event_type="email_open", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
-                message_id=payload.message_id, properties={
-                    "variant": payload.variant, "ua_class": ua_class, "is_machine_open": _flag(is_machine),
-                    "seconds_since_issued": str(max(0, int((now - payload.issued_at).total_seconds())))}))
-            if failed:
-                return failed
-        return _answer(200, PIXEL, _PIXEL_RAW)
+            try:
+                await self.log.append(event_line(
+                    event_type="email_open", at=now, user_id=payload.user_id, campaign_id=payload.campaign_id,
+                    message_id=payload.message_id, properties={
+                        "variant": payload.variant, "ua_class": ua_class, "is_machine_open": _flag(is_machine),
+                        "seconds_since_issued": str(max(0, int((now - payload.issued_at).total_seconds())))}))
+            except EventLogError:
+                return await _unavailable()(scope, receive, send)
+        await send({"type": "http.response.start", "status": 200, "headers": _PIXEL_RAW})
+        await send({"type": "http.response.body", "body": PIXEL})
 
     async def preferences(self, request: Request) -> Response:
         token = request.path_params["token"]
-        payload = tokens.verify_unsubscribe(token, key=self.key)
+        payload = self.verifier.unsubscribe(token)
         locale = negotiate_locale(request.query_params.get("lang"), request.headers.get("accept-language"))
-        if payload is None or self._query_is_ambiguous(request):
+        if payload is None or self._query_is_ambiguous(request.scope):
             return self._page(self.pages.problem(locale=locale, status=404, reason="invalid_link"))
         if request.method == "POST":
             return await self._post(request, token, payload)
@@ -234,7 +291,7 @@ class TrackingService:
         return event_line(event_type=event_type, at=at, user_id=payload.user_id, campaign_id=payload.campaign_id,
                           message_id=payload.message_id, properties={
                               "variant": payload.variant, "campaign_type": payload.campaign_type, "scope": scope,
-                              "method": method, "ua_class": self._ua_class(request)})
+                              "method": method, "ua_class": self._ua_class(request.scope)})
 
     def _same_origin(self, request: Request) -> bool:
         """A browser's form post names its page's origin; one from another site is refused.
@@ -282,14 +339,16 @@ class TrackingService:
 
 
 _PRIVATE_RAW = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in PRIVATE.items()]
-_PIXEL_RAW = [*_PRIVATE_RAW, (b"content-type", b"image/gif")]
+_NO_BODY = (b"content-length", b"0")
+# A redirect has no body and no HTTP/1.1 cache keeps it under no-store (nor does an HTTP/1.0 one
+# without Expires), so Pragma, Expires and nosniff would only add work: each header costs h11 ~1 µs
+# to check and write, on every click (docs/serve.md, "Where the time goes").
+_REDIRECT_RAW = [(k, v) for k, v in _PRIVATE_RAW if k in (b"cache-control", b"referrer-policy")]
+_PIXEL_RAW = [*_PRIVATE_RAW, (b"content-type", b"image/gif"), (b"content-length", str(len(PIXEL)).encode("latin-1"))]
 
 
-def _answer(status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> Response:
-    """A response from headers encoded once: clicks and opens are the hot path (docs/serve.md)."""
-    response = Response(body, status_code=status)
-    response.raw_headers = [*raw_headers, (b"content-length", str(len(body)).encode("latin-1"))]
-    return response
+def _unavailable() -> Response:
+    return PlainTextResponse("Service unavailable\n", status_code=503, headers={**PRIVATE, "Retry-After": "30"})
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
@@ -320,6 +379,42 @@ def _location(url: str) -> bytes:
     return f"{parts.scheme}://{netloc}{rest}".encode("ascii")
 
 
+class _Route:
+    """A click or open handler as the ASGI endpoint of a Starlette route (for methods it refuses with
+    405, and for an app mounted under a root path, which TrackingApp leaves to the router)."""
+
+    def __init__(self, handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send, scope["path_params"]["token"])
+
+
+class TrackingApp(Starlette):
+    """Starlette, with ``GET``/``HEAD`` of ``/c/<token>`` and ``/o/<token>.gif`` answered before its
+    middleware and router: exactly the paths those routes match (a token is one non-empty path
+    segment), answered by the same handlers. Anything else takes the routed way."""
+
+    def __init__(self, *, service: TrackingService, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.state.service = service
+        self._click = service.click
+        self._open = service.open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD") and not scope.get("root_path"):
+            path = scope["path"]
+            if path.startswith("/c/"):
+                token = path[3:]
+                if token and "/" not in token:
+                    return await self._click(scope, receive, send, token)
+            elif path.startswith("/o/") and path.endswith(".gif"):
+                token = path[3:-4]
+                if token and "/" not in token:
+                    return await self._open(scope, receive, send, token)
+        await super().__call__(scope, receive, send)
+
+
 def build_app(*, settings: Settings, key: bytes, clock: Clock) -> Starlette:
     """The service's ASGI app; its event log starts and stops with the app's lifespan."""
     service = TrackingService(settings=settings, key=key, clock=clock)
@@ -334,11 +429,9 @@ def build_app(*, settings: Settings, key: bytes, clock: Clock) -> Starlette:
             await service.log.close()
 
     routes = [
-        Route("/c/{token}", service.click, methods=["GET"]),
-        Route("/o/{token}.gif", service.open, methods=["GET"]),
+        Route("/c/{token}", _Route(service.click), methods=["GET"]),
+        Route("/o/{token}.gif", _Route(service.open), methods=["GET"]),
         Route("/u/{token}", service.preferences, methods=["GET", "POST"]),
         Route("/healthz", service.healthz, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.service = service
-    return app
+    return TrackingApp(service=service, routes=routes, lifespan=lifespan)

@@ -170,11 +170,12 @@ class EventLog:
         """
         if self._executor is None:
             raise EventLogError("the event log is not started")
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
         self._pending.append(line)
         self._waiters.append(waiter)
         if not self._flushing:
-            asyncio.get_running_loop().create_task(self._flush())
+            loop.create_task(self._flush())
         await waiter
 
     async def _flush(self) -> None:
