@@ -7,8 +7,8 @@ their ``users``. An SMTP sink that accepts and discards (``aiosmtpd``) runs in i
 
 - **stage**: ``inboxlift.stages.send.run_send`` as ``inboxlift run send`` calls it: the selection and
   the consent check, the join to the bodies, ``mapInArrow`` over ``--connections`` tasks (one SMTP
-  connection each, the journal fsync'd per message), and the commit (``deliveries``, the outbox's
-  ``sent`` statuses). Rate limits off. Its CPU is every process of this benchmark but the sink's: the
+  connection each, the journal fsync'd per message), and the commit (``deliveries``; a sent
+  message's outbox row is not rewritten, its status is read from ``deliveries``). Rate limits off. Its CPU is every process of this benchmark but the sink's: the
   driver, the JVM and the Python workers.
 - **plain**: one Python process reads the same rows with pyarrow and, for each, makes its bytes with
   the same function (``inboxlift.render.eml.message_bytes``) and sends them with ``smtplib`` over one

@@ -16,6 +16,7 @@ from inboxlift.campaigns.definitions import parse_campaigns
 from inboxlift.campaigns.planning import PlanInputs, plan_campaign
 from inboxlift.clock import FixedClock
 from inboxlift.delivery.journal import runs_dir
+from inboxlift.delivery.outbox import read_outbox, with_delivered_status
 from inboxlift.render.eml import message_bytes
 from inboxlift.stages.send import DeliveryError, run_send
 
@@ -77,8 +78,9 @@ def deliveries(ctx, spark):
 
 
 def outbox_statuses(ctx) -> dict[str, tuple[str, str | None]]:
+    """The statuses the outbox's readers see (sent from deliveries: inboxlift.delivery.outbox)."""
     return {r.user_id + ("" if r.campaign_id == "c1" else "/" + r.campaign_id): (r.status, r.status_reason)
-            for r in ctx.lake.read("outbox").select("user_id", "campaign_id", "status", "status_reason").collect()}
+            for r in read_outbox(ctx.lake).select("user_id", "campaign_id", "status", "status_reason").collect()}
 
 
 def test_every_due_message_arrives_once_with_the_outbox_headers_and_the_tables_reconcile(ctx, spark):
@@ -238,6 +240,44 @@ def test_a_relay_that_refuses_tls_or_auth_stops_the_run_before_anything_is_touch
         # Nothing was lost: with the relay fixed, the same messages go.
         report = run_send(sending_ctx(ctx, port))
     assert report.states == {"sent": 2} and len(handler.received) == 2
+
+
+def test_sending_does_not_rewrite_the_outbox_rows_the_readers_see_them_sent(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([message("u1"), message("u2")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("u1"), user("u2")], USERS))
+    version = ctx.lake.version("outbox")
+    handler = ScriptedHandler()
+    with smtp_server(handler) as port:
+        report = run_send(sending_ctx(ctx, port))
+        again = run_send(sending_ctx(ctx, port))
+    assert report.states == {"sent": 2} and again.due == 0 and len(handler.received) == 2
+    # The table is as render left it (no commit, bodies not rewritten); its readers see the 250s.
+    assert ctx.lake.version("outbox") == version
+    assert {r.status for r in ctx.lake.read("outbox").collect()} == {"rendered"}
+    assert outbox_statuses(ctx) == {"u1": ("sent", None), "u2": ("sent", None)}
+
+
+def test_the_outbox_reads_sent_for_the_messages_deliveries_records_sent(spark):
+    outbox = spark.createDataFrame([
+        ("m1", "rendered", None),            # delivered: sent
+        ("m2", "withdrawn", "unsubscribed"),  # withdrawn while it was leaving: the 250 wins
+        ("m3", "rendered", None),            # deferred, then bounced: not sent
+        ("m4", "sent", None),                # written sent by an earlier release
+        ("m5", "withdrawn", "no_consent"),   # skipped
+        ("m6", None, None),
+    ], "message_id string, status string, status_reason string")
+    deliveries = spark.createDataFrame([
+        ("m1", 1, "sent"), ("m2", 1, "deferred"), ("m2", 2, "sent"), ("m3", 1, "deferred"), ("m3", 2, "bounced"),
+        ("m5", 1, "skipped"), ("m9", 1, "sent"),   # m9: no outbox row, adds none
+    ], "message_id string, attempt int, state string")
+    expected = [("m1", "sent", None), ("m2", "sent", None), ("m3", "rendered", None), ("m4", "sent", None),
+                ("m5", "withdrawn", "no_consent"), ("m6", None, None)]
+    assert_df_equality(with_delivered_status(outbox, deliveries=deliveries),
+                       spark.createDataFrame(expected, "message_id string, status string, status_reason string"),
+                       ignore_row_order=True, ignore_nullable=True)
+    assert with_delivered_status(outbox, deliveries=None) is outbox
+    empty = deliveries.limit(0)
+    assert sorted(with_delivered_status(outbox, deliveries=empty).collect()) == sorted(outbox.collect())
 
 
 def test_an_empty_outbox_sends_nothing(ctx, spark):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from pyspark.sql import functions as F
 
+from inboxlift.delivery.outbox import read_outbox
 from inboxlift.stages.send import run_send
 
 from smtp_server import ScriptedHandler, smtp_server
@@ -139,4 +140,4 @@ def test_killed_after_every_reply_before_the_commit_nothing_is_sent_twice(ctx, s
         report = run_send(sending_ctx(ctx, port))
     assert report.recovered == {"sent": 12} and report.due == 0 and resumed.received == []
     assert sorted(r.message_id for r in handler.received) == sorted(f"<{mid(u)}>" for u in USER_IDS)
-    assert ctx.lake.read("outbox").where(F.col("status") == "sent").count() == 12
+    assert read_outbox(ctx.lake).where(F.col("status") == "sent").count() == 12

@@ -94,10 +94,11 @@ def export_outputs(ctx: RunContext, *, campaign_id: str | None = None) -> list[s
     rendered message by user id), under paths.output_dir."""
     from pyspark.sql import functions as F
 
+    from inboxlift.delivery.outbox import read_outbox
     from inboxlift.stages.render import STATUS_RENDERED, export_eml, preview
 
     out = Path(ctx.settings.paths.output_dir)
-    outbox = ctx.lake.read("outbox")
+    outbox = read_outbox(ctx.lake)
     if campaign_id is not None:
         outbox = outbox.where(F.col("campaign_id") == campaign_id)
     # One row per campaign.

@@ -1,4 +1,4 @@
-"""From run journals to tables: ``deliveries``, the outbox's ``sent``/``withdrawn``, ``suppressions``.
+"""From run journals to tables: ``deliveries``, the outbox's ``withdrawn``, ``suppressions``.
 
 :func:`commit_runs` is the one path by which a send run's outcomes reach the tables, whether the run
 finished (its own folder, plus the rows it skipped) or died (its folder, found by the next run):
@@ -6,8 +6,9 @@ finished (its own folder, plus the rows it skipped) or died (its folder, found b
 1. the journals' lines become one ``deliveries`` row per message and attempt (:func:`journal_rows`:
    the ``end`` line's state, ``unknown`` for a ``start`` without one), merged by
    ``(message_id, attempt)``, so committing a folder twice writes the same rows;
-2. the outbox: ``sent`` after a 250 (whatever its status then), ``withdrawn`` with the consent
-   reason for a message skipped while still ``rendered``;
+2. the outbox: ``withdrawn`` with the consent reason for a message skipped while still
+   ``rendered``. A sent message's row is not rewritten: ``deliveries`` holds its 250, and readers
+   see it ``sent`` through :mod:`inboxlift.delivery.outbox`;
 3. ``suppressions``: a ``bounced`` row for each hard bounce, and ``soft_bounced`` for an address whose
    last ``soft_bounce_threshold`` messages in a row failed on 4xx replies (no ``sent`` since);
 4. the folder is marked committed and removed.
@@ -39,7 +40,7 @@ from inboxlift.delivery.journal import END, JOURNAL_SCHEMA, START, mark_committe
 from inboxlift.storage import Lake
 
 OUTBOX_TABLE = "outbox"
-STATUS_SENT, STATUS_WITHDRAWN, STATUS_RENDERED = "sent", "withdrawn", "rendered"
+STATUS_WITHDRAWN, STATUS_RENDERED = "withdrawn", "rendered"
 
 
 JOURNAL_GLOB = "part-*.jsonl"
@@ -136,13 +137,15 @@ def commit_runs(lake: Lake, folders: list[Path], *, extra: DataFrame | None = No
         # One row per run, state and reason.
         counts = tuple(sorted((r["run_id"], r["state"], r["reason"], r["count"])
                               for r in rows.groupBy("run_id", "state", "reason").count().collect()))
+        bounced = soft = 0
         if counts:
             lake.merge(S.DELIVERIES_TABLE, rows, keys=S.DELIVERIES_KEY)
-            if outbox is not None:
+            # The counts say which of the next steps have rows to work on; the others cost no job.
+            present = {(state, reason) for _, state, reason, _ in counts}
+            if outbox is not None and any(state == S.SKIPPED for state, _ in present):
                 _update_outbox(lake, outbox, rows)
-            bounced, soft = _suppress(lake, rows, now=now, threshold=soft_bounce_threshold)
-        else:
-            bounced = soft = 0
+            if any(state == S.BOUNCED for state, _ in present) or (S.FAILED, S.RETRIES_EXHAUSTED) in present:
+                bounced, soft = _suppress(lake, rows, now=now, threshold=soft_bounce_threshold)
     finally:
         rows.unpersist()
     for folder in folders:
@@ -151,22 +154,16 @@ def commit_runs(lake: Lake, folders: list[Path], *, extra: DataFrame | None = No
 
 
 def _update_outbox(lake: Lake, outbox: DataFrame, rows: DataFrame) -> None:
-    """``sent`` after a 250; ``withdrawn`` (the skip reason) for a skipped message still ``rendered``."""
-    changed = rows.where(F.col("state").isin(S.SENT, S.SKIPPED)).select(
-        "message_id", F.col("state").alias("_state"), F.col("reason").alias("_reason"))
-    if changed.isEmpty():
-        return
-    # changed holds each message once (the journal's rows are one per message and attempt, and a run
-    # attempts a message once).
-    is_sent = F.col("_state") == F.lit(S.SENT)
-    updates = (outbox.join(changed, "message_id", how="inner")
-               .withColumn("status", F.when(is_sent, F.lit(STATUS_SENT)).otherwise(F.lit(STATUS_WITHDRAWN)))
-               .withColumn("status_reason", F.when(is_sent, F.lit(None).cast("string")).otherwise(F.col("_reason")))
+    """``withdrawn`` (the skip reason) for a skipped message still ``rendered``."""
+    skipped = rows.where(F.col("state") == F.lit(S.SKIPPED)).select("message_id", F.col("reason").alias("_reason"))
+    # skipped holds each message once (the rows are one per message and attempt, and a run attempts
+    # a message once).
+    updates = (outbox.join(skipped, "message_id", how="inner")
+               .withColumn("status", F.lit(STATUS_WITHDRAWN)).withColumn("status_reason", F.col("_reason"))
                .select(*outbox.columns))
-    # A 250 wins over anything (render may have withdrawn the message meanwhile); a skip only
-    # withdraws a message still waiting to leave.
+    # A skip only withdraws a message still waiting to leave.
     lake.merge(OUTBOX_TABLE, updates, keys=["message_id"], insert_new=False,
-               update_condition=f"s.status = '{STATUS_SENT}' OR t.status = '{STATUS_RENDERED}'")
+               update_condition=f"t.status = '{STATUS_RENDERED}'")
 
 
 def _suppress(lake: Lake, rows: DataFrame, *, now: dt.datetime, threshold: int) -> tuple[int, int]:

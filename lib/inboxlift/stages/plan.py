@@ -24,6 +24,8 @@ from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_ca
 from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, decide_campaign, split_decisions
 from inboxlift.consent import SUPPRESSIONS_TABLE
 from inboxlift.context import RunContext
+from inboxlift.delivery.outbox import with_delivered_status
+from inboxlift.delivery.states import DELIVERIES_TABLE
 from inboxlift.transforms.features_returns import net_of_returns
 
 PLAN_TABLE = "campaign_plan"
@@ -89,6 +91,9 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
     history = None
     for name in (PLAN_TABLE, OUTBOX_TABLE):
         table = _optional(ctx, name)
+        if table is not None and name == OUTBOX_TABLE:
+            # Sent per deliveries, whatever the row says (inboxlift.delivery.outbox).
+            table = with_delivered_status(table, deliveries=_optional(ctx, DELIVERIES_TABLE))
         if table is None or "plan_date" not in table.columns:
             continue
         rows = table.where(F.col("variant") != HOLDOUT) if "variant" in table.columns else table

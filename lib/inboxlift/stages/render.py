@@ -10,7 +10,8 @@ writes:
   message. In the same merge, ``rendered`` messages that must not leave are
   retired (``status = withdrawn``, ``status_reason`` says why): those whose user may not be mailed
   now (any campaign), and those of the rendered campaigns that the latest plan no longer holds or
-  whose re-render failed. A ``sent`` message is never changed; rows are never deleted;
+  whose re-render failed. A sent message (``deliveries`` holds its 250, :mod:`inboxlift.delivery.outbox`)
+  is never changed; rows are never deleted;
 - ``render_errors``: the rows that could not be rendered (a user not permitted mail included), with
   the reason; replaced for the rendered campaigns on every run, so fixed rows disappear and a
   re-run adds no duplicates.
@@ -36,6 +37,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.consent import SUPPRESSIONS_TABLE, with_mail_permission
 from inboxlift.context import RunContext
+from inboxlift.delivery.outbox import read_outbox, without_delivered
 from inboxlift.render.eml import eml_bytes
 from inboxlift.render.frames import (
     filter_sendable,
@@ -215,14 +217,15 @@ def _write_outbox(ctx: RunContext, messages: DataFrame, *, failures: DataFrame, 
     """Merge the new messages and the withdrawals (:func:`_withdrawals`) into ``outbox`` in one commit;
     returns the write and the withdrawals per campaign and reason."""
     _with_later_columns(ctx)
-    source, withdrawn = messages, []
+    # A sent message is never changed (deliveries records it sent while its row still says rendered:
+    # inboxlift.delivery.outbox); a withdrawn one comes back when it is rendered again.
+    source, withdrawn = without_delivered(messages, lake=ctx.lake), []
     if ctx.lake.exists(OUTBOX_TABLE):
-        retired = _withdrawals(ctx.lake.read(OUTBOX_TABLE), messages=messages, failures=failures,
+        retired = _withdrawals(read_outbox(ctx.lake), messages=messages, failures=failures,
                                campaigns=campaigns, users=users, suppressions=suppressions, now=now)
         # One row per campaign and reason; counted before the merge changes the outbox they come from.
         withdrawn = retired.groupBy("campaign_id", STATUS_REASON).count().collect()
-        source = messages.unionByName(retired)
-    # A sent message is never changed; a withdrawn one comes back when it is rendered again.
+        source = source.unionByName(retired)
     result = ctx.lake.merge(OUTBOX_TABLE, source, keys=["message_id"],
                             update_condition=f"t.status IN ('{STATUS_RENDERED}', '{STATUS_WITHDRAWN}')")
     return result, tuple(sorted((r["campaign_id"], r[STATUS_REASON], r["count"]) for r in withdrawn))
@@ -325,7 +328,7 @@ def export_eml(ctx: RunContext, *, campaign_id: str, to_dir: str | Path) -> Expo
     """
     folder = Path(to_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    outbox = ctx.lake.read(OUTBOX_TABLE).where(F.col("campaign_id") == F.lit(campaign_id))
+    outbox = read_outbox(ctx.lake).where(F.col("campaign_id") == F.lit(campaign_id))
     checked = outbox.transform(with_mail_permission, users=ctx.lake.read(USERS_TABLE),
                                suppressions=_optional(ctx, SUPPRESSIONS_TABLE), now=ctx.clock.now())
     skip = F.when(F.col("status") == F.lit(STATUS_RENDERED), F.col("blocked_reason")).otherwise(

@@ -28,6 +28,7 @@ from pyspark.sql import functions as F
 from inboxlift.campaigns.definitions import HOLDOUT, load_campaigns
 from inboxlift.campaigns.experiments import EXPERIMENT_COLUMNS, FINAL, ab_tests, experiments_frame, holdout_tests
 from inboxlift.context import RunContext
+from inboxlift.delivery.outbox import with_delivered_status
 from inboxlift.delivery.states import DELIVERIES_SCHEMA, DELIVERIES_TABLE
 from inboxlift.models.tracking import tracked_run
 from inboxlift.reporting.page import report_page
@@ -83,7 +84,11 @@ def campaign_recipients(ctx: RunContext) -> DataFrame:
     def need(name: str, stage: str) -> DataFrame:
         return ctx.lake.read_required(name, needed_by="report", hint=f"run {stage} first")
 
-    return recipients(need("campaign_plan", "plan"), need("outbox", "render and send"))
+    # The outbox's sent status comes from deliveries (inboxlift.delivery.outbox).
+    outbox = with_delivered_status(need("outbox", "render and send"),
+                                   deliveries=ctx.lake.read(DELIVERIES_TABLE) if ctx.lake.exists(DELIVERIES_TABLE)
+                                   else None)
+    return recipients(need("campaign_plan", "plan"), outbox)
 
 
 def campaign_outcomes(ctx: RunContext, rows: DataFrame) -> DataFrame:

@@ -240,15 +240,21 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
                                 now=now, campaign_id=campaign_id, resend_unknown=resend_unknown)
     suppressions = ctx.lake.read(SUPPRESSIONS_TABLE) if ctx.lake.exists(SUPPRESSIONS_TABLE) else None
     max_delay = dt.timedelta(hours=d.max_delay_hours) if d.max_delay_hours else None
-    # Light columns only; read by the counts, the skipped rows and the keys of the messages sent.
-    due = (statuses.where(F.col("send_status") == F.lit(DUE))
-           .transform(with_skip_reason, users=ctx.lake.read(USERS_TABLE), suppressions=suppressions, now=now,
-                      max_delay=max_delay)
-           .persist(StorageLevel.MEMORY_AND_DISK))
-    # Small: one row per status, one per skip reason.
-    by_status = {r["send_status"]: r["count"] for r in statuses.groupBy("send_status").count().collect()}
-    by_reason = {r["skip_reason"]: r["count"] for r in due.groupBy("skip_reason").count().collect()}
+    # Light columns only. Every rendered message gets its send status and, when due, its skip reason,
+    # in one persisted frame: the counts below materialise it in one job, and the skipped rows and the
+    # keys of the messages sent read it from there.
+    checked = statuses.transform(with_skip_reason, users=ctx.lake.read(USERS_TABLE), suppressions=suppressions,
+                                 now=now, max_delay=max_delay)
+    frame = checked.withColumn("skip_reason", F.when(F.col("send_status") == F.lit(DUE), F.col("skip_reason"))) \
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    # Small: one row per status and skip reason.
+    counts = frame.groupBy("send_status", "skip_reason").count().collect()
+    by_status: dict[str, int] = {}
+    for r in counts:
+        by_status[r["send_status"]] = by_status.get(r["send_status"], 0) + r["count"]
+    by_reason = {r["skip_reason"]: r["count"] for r in counts if r["send_status"] == DUE}
     sendable = by_reason.pop(None, 0)
+    due = frame.where(F.col("send_status") == F.lit(DUE))
     to_send = due.where(F.col("skip_reason").isNull())
     held_back = 0
     if limit is not None and sendable > limit:
@@ -260,8 +266,8 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
         not_yet_due=by_status.get(NOT_YET_DUE, 0), waiting=by_status.get(WAITING, 0),
         held_unknown=by_status.get(HELD_UNKNOWN, 0), held_back=held_back)
     if dry_run:
-        due.unpersist()
-    return report, to_send, due.where(F.col("skip_reason").isNotNull()), due
+        frame.unpersist()
+    return report, to_send, due.where(F.col("skip_reason").isNotNull()), frame
 
 
 def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str,
@@ -280,9 +286,11 @@ def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: Rela
         # The bodies stay where the outbox scan reads them; only the keys travel.
         keys = F.broadcast(keys)
     bodies = outbox.select(*[c for c in INPUT_COLUMNS if c != "attempt"]).join(keys, "message_id", how="inner")
-    # Hash partitioning by message id: balanced tasks, and a message lands in the same task if Spark
-    # runs the stage again (the journal then replays it).
-    results = bodies.repartition(connections, "message_id").mapInArrow(
+    # The scan's partitions merged into at most `connections` tasks, without a shuffle: the bodies go
+    # from the outbox's files to the Python workers once, not through a shuffle's disk and network
+    # too. A task Spark runs again reads the same files; and whichever task holds a message, the run's
+    # journal (every task's file) replays what was already attempted.
+    results = bodies.coalesce(connections).mapInArrow(
         functools.partial(send_batches, plan=plan), RESULT_DDL)
     # One row per state: the send job runs here, its output is only counted.
     return {r["state"]: r["count"] for r in results.groupBy("state").count().collect()}
