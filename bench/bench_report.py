@@ -7,19 +7,22 @@ opens, clicks (B's 15% more), purchases after clicks and in the background, unsu
 complaints, and ``--views`` product views that the report must read past. Then, alternating,
 ``--repeat`` times each:
 
-- Spark, as the stage runs it: :func:`inboxlift.transforms.attribution.recipients` persisted,
-  :func:`inboxlift.transforms.attribution.recipient_outcomes` (delivery outcomes, human
-  engagement, last-touch attribution, uplift windows) and
+- Spark, as the stage runs it: :func:`inboxlift.transforms.attribution.recipient_outcomes`
+  (recipients, delivery outcomes, human engagement, last-touch attribution, uplift windows; one
+  shuffle by message, one by user) persisted as the stage persists it (``--no-persist``: not), and
   :func:`inboxlift.transforms.campaign_results.aggregate_results` (counts, rates, Wilson intervals)
   over ``spark.read.parquet`` of the files, materialised (``noop`` sink): the per-recipient work of
   ``inboxlift run report``, everything but the Delta write, the driver statistics and the plots;
 - DuckDB: the same rows in one SQL query over ``read_parquet`` of the same files, materialised as a
   temporary table, with as many threads as Spark has cores.
 
-The best time of each counts. Every count column is summed over all rows in both results and compared.
-The Poisson bootstrap of the revenue uplift (Spark) is timed once, as information.
+The best time of each counts; the CPU seconds of each run (this process and the JVM, from /proc)
+are printed beside it. Every count column is summed over all rows in both results and compared.
+The Poisson bootstrap of the revenue uplift (Spark) is timed once, as information. ``--explain``
+prints Spark's plan; ``--breakdown`` times the plan's parts after the timed runs.
 
     .venv/bin/python bench/bench_report.py [--messages 1000000] [--views 5000000] [--repeat 2] [--keep]
+                                           [--no-persist] [--explain] [--breakdown]
     .venv/bin/python bench/bench_report.py --example var/report-example --messages 40000 --users 40000 --views 40000
 """
 
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from bench_render import tree_cpu_seconds
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -220,10 +224,44 @@ FROM grouped
 """
 
 
+def breakdown(spark: SparkSession, read: dict[str, DataFrame], r: Any) -> None:
+    """Time the parts of the outcomes' plan (each to the ``noop`` sink, twice, the better one; wall
+    and CPU seconds): the events' scan, the per-message step, the orders, the plan rows, then the
+    whole outcomes. What the last adds to the others is the per-user step."""
+    from inboxlift.transforms import attribution as a
+
+    def noop(frame: DataFrame) -> Callable[[], None]:
+        return lambda: frame.write.format("noop").mode("overwrite").save()
+
+    events = read["events"]
+    steps = {
+        "scan events (the columns read)": noop(events.select("event_id", "user_id", "event_type", "event_ts",
+                                                             "order_id", "quantity", "price", "message_id",
+                                                             "properties")),
+        "per message (window by message_id)": noop(a._message_rows(read["outbox"], read["deliveries"], events)),
+        "orders (grouped purchases)": noop(a.orders_of(events)),
+        "plan rows (broadcast semi join)": noop(a._plan_rows(read["plan"], read["outbox"])),
+        "outcomes (timeline windows, group by user)": noop(a.recipient_outcomes(
+            read["plan"], read["outbox"], read["deliveries"], events, click_through_days=r.click_through_days,
+            view_through_days=r.view_through_days, uplift_window_days=r.uplift_window_days)),
+    }
+    for name, action in steps.items():
+        wall, cpu = min(timed_cpu(action), timed_cpu(action))
+        print(f"  breakdown {name:<45} {wall:7.2f} s  CPU {cpu:6.2f} s", flush=True)
+
+
 def timed(action: Callable[[], Any]) -> float:
     start = time.perf_counter()
     action()
     return time.perf_counter() - start
+
+
+def timed_cpu(action: Callable[[], Any]) -> tuple[float, float]:
+    """Wall seconds and CPU seconds of this process and its children (the JVM, DuckDB's threads):
+    on a shared machine the CPU says what the work costs, the wall time also counts the waiting."""
+    cpu = tree_cpu_seconds(os.getpid()) or 0.0
+    wall = timed(action)
+    return wall, (tree_cpu_seconds(os.getpid()) or 0.0) - cpu
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -232,6 +270,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=1_000_000, help="distinct users (default 1M)")
     parser.add_argument("--views", type=int, default=5_000_000, help="product views among the events (default 5M)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine; the best counts (default 2)")
+    parser.add_argument("--persist", action=argparse.BooleanOptionalAction, default=True,
+                        help="persist the outcomes before aggregating them, as the stage does (default: yes)")
+    parser.add_argument("--explain", action="store_true", help="print the Spark plan (explain('formatted'))")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="before the timed runs, time the Spark plan's steps one prefix at a time")
     parser.add_argument("--keep", action="store_true", help="keep .bench/report (and reuse it next time)")
     parser.add_argument("--example", metavar="DIR", help="instead of timing: write the generated tables into a lake "
                         "under DIR and run the report stage on them (the README's example output)")
@@ -298,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     from inboxlift.settings import load_settings
     from pyspark import StorageLevel
 
-    from inboxlift.transforms.attribution import recipient_outcomes, recipients
+    from inboxlift.transforms.attribution import recipient_outcomes
     from inboxlift.transforms.campaign_results import (
         RESULT_COLUMNS,
         aggregate_results,
@@ -342,24 +385,30 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
 
         closed = NOW - dt.timedelta(days=max(r.click_through_days, r.view_through_days, r.uplift_window_days))
+        def outcomes_of() -> DataFrame:
+            return recipient_outcomes(read["plan"], read["outbox"], read["deliveries"], read["events"],
+                                      click_through_days=r.click_through_days,
+                                      view_through_days=r.view_through_days,
+                                      uplift_window_days=r.uplift_window_days)
+
         def spark_run() -> None:
-            # As the stage does: the recipients' join persisted, read by the outcomes three times.
-            rows = recipients(read["plan"], read["outbox"]).persist(StorageLevel.MEMORY_AND_DISK)
+            # As the stage does: the outcomes persisted (the stage reads them again for the bootstrap),
+            # aggregated from the cache; --no-persist aggregates them straight.
+            outcomes = outcomes_of()
+            if args.persist:
+                outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
             try:
-                outcomes = recipient_outcomes(rows, read["deliveries"], read["events"],
-                                              click_through_days=r.click_through_days,
-                                              view_through_days=r.view_through_days,
-                                              uplift_window_days=r.uplift_window_days)
                 result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed))
                 result.select(*RESULT_COLUMNS).write.format("noop").mode("overwrite").save()
             finally:
-                rows.unpersist()
+                if args.persist:
+                    outcomes.unpersist()
 
-        outcomes = recipient_outcomes(recipients(read["plan"], read["outbox"]), read["deliveries"], read["events"],
-                                      click_through_days=r.click_through_days, view_through_days=r.view_through_days,
-                                      uplift_window_days=r.uplift_window_days)
+        outcomes = outcomes_of()
         spark_result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed)).select(
             *RESULT_COLUMNS)
+        if args.explain:
+            spark_result.explain("formatted")
         sql = duckdb_sql(data, click_days=r.click_through_days, view_days=r.view_through_days,
                          uplift_days=r.uplift_window_days, z=z_value(r.alpha),
                          closed_before=closed.isoformat())
@@ -367,11 +416,19 @@ def main(argv: list[str] | None = None) -> int:
         con.execute(f"SET threads = {cores}")
         con.execute("SET TimeZone = 'UTC'")
 
-        spark_times, duck_times = [], []
+        spark_times, duck_times, spark_cpu, duck_cpu = [], [], [], []
         for attempt in range(args.repeat):
-            spark_times.append(timed(spark_run))
-            duck_times.append(timed(lambda: con.execute(f"CREATE OR REPLACE TEMP TABLE results AS {sql}")))
-            print(f"  try {attempt + 1}: Spark {spark_times[-1]:7.2f} s   DuckDB {duck_times[-1]:7.2f} s", flush=True)
+            wall, cpu = timed_cpu(spark_run)
+            spark_times.append(wall)
+            spark_cpu.append(cpu)
+            wall, cpu = timed_cpu(lambda: con.execute(f"CREATE OR REPLACE TEMP TABLE results AS {sql}"))
+            duck_times.append(wall)
+            duck_cpu.append(cpu)
+            print(f"  try {attempt + 1}: Spark {spark_times[-1]:7.2f} s (CPU {spark_cpu[-1]:6.2f} s)   "
+                  f"DuckDB {duck_times[-1]:7.2f} s (CPU {duck_cpu[-1]:6.2f} s)   load {os.getloadavg()[0]:.1f}",
+                  flush=True)
+        if args.breakdown:
+            breakdown(spark, read, r)
         boot_seconds = timed(lambda: bootstrap_revenue_sums(outcomes, replicates=r.bootstrap_replicates,
                                                             seed=r.bootstrap_seed).write.format("noop")
                              .mode("overwrite").save())
@@ -390,6 +447,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"DuckDB the same in SQL:                        {best_duck:8.2f} s (best of {args.repeat}, "
               f"{cores} threads)")
         print(f"ratio Spark / DuckDB: {ratio:.2f}x   goal: <= {GOAL:.0f}x   {'met' if ratio <= GOAL else 'NOT met'}")
+        print(f"CPU seconds of those runs: Spark {spark_cpu[spark_times.index(best_spark)]:.2f}, DuckDB "
+              f"{duck_cpu[duck_times.index(best_duck)]:.2f} (ratio by CPU "
+              f"{spark_cpu[spark_times.index(best_spark)] / max(duck_cpu[duck_times.index(best_duck)], 1e-9):.2f}x); "
+              f"load average now {os.getloadavg()[0]:.1f}")
         print(f"Spark Poisson bootstrap sums ({r.bootstrap_replicates} replicates), for information: "
               f"{boot_seconds:.2f} s")
         print("column sums: " + ("the same in both" if agree else "DIFFERENT"))

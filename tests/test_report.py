@@ -161,6 +161,27 @@ def test_last_touch_prefers_the_latest_click_and_ignores_machine_opens(spark):
     assert {r.message_id: (r.attributed_orders, r.attributed_revenue) for r in credited.collect()} == {"mB": (1, 10.0)}
 
 
+def test_last_touch_counts_a_click_at_the_order_instant_and_breaks_ties_by_message_id(spark):
+    """The timeline's order: a touch at the order's very instant counts (the window is [touch,
+    touch + days)), and of two clicks at one instant the smaller message id is credited."""
+    events = spark.createDataFrame([
+        ("c1", "u", "email_click", "2026-11-01 10:00:00", None, "mZ"),
+        ("c2", "u", "email_click", "2026-11-01 10:00:00", None, "mB"),
+        ("p1", "u", "purchase", "2026-11-01 10:00:00", "o1", None),
+        # A click one microsecond after an order does not count for it: o2, just inside the 10:00
+        # clicks' three days, is mB's again, not mC's.
+        ("c3", "u", "email_click", "2026-11-04 09:59:59.999999", None, "mC"),
+        ("p2", "u", "purchase", "2026-11-04 09:59:59.999998", "o2", None),
+    ], "event_id string, user_id string, event_type string, ts string, order_id string, message_id string").select(
+        "event_id", "user_id", "event_type", F.to_timestamp("ts").alias("event_ts"), "order_id",
+        F.lit(1).alias("quantity"), F.lit(10).cast("decimal(12,2)").alias("price"), "message_id",
+        F.lit(None).cast("map<string,string>").alias("properties"))
+    messages = spark.createDataFrame([("mZ", "u"), ("mB", "u"), ("mC", "u")], "message_id string, user_id string")
+    credited = attribute_orders(orders_of(events), human_touches(events), messages, click_through_days=3,
+                                view_through_days=1)
+    assert {r.message_id: r.attributed_orders for r in credited.collect()} == {"mB": 2}
+
+
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):
     s = reported[0].settings
     overrides = {"storage.lake_dir": s.storage.lake_dir, "mlflow.tracking_uri": s.mlflow.tracking_uri,

@@ -33,7 +33,7 @@ from inboxlift.delivery.states import DELIVERIES_SCHEMA, DELIVERIES_TABLE
 from inboxlift.models.tracking import tracked_run
 from inboxlift.reporting.page import report_page
 from inboxlift.reporting.plots import png_bytes, report_figures
-from inboxlift.transforms.attribution import recipient_outcomes, recipients
+from inboxlift.transforms.attribution import recipient_outcomes
 from inboxlift.transforms.campaign_results import RESULT_COLUMNS, aggregate_results, bootstrap_revenue_sums
 
 RESULTS_TABLE = "campaign_results"
@@ -79,23 +79,17 @@ def _replace(ctx: RunContext, name: str, frame: DataFrame) -> None:
         ctx.lake.append(name, frame)
 
 
-def campaign_recipients(ctx: RunContext) -> DataFrame:
-    """Every planned user of the campaign days that sent something (not persisted)."""
+def campaign_outcomes(ctx: RunContext) -> DataFrame:
+    """Per-recipient outcomes of every campaign day that sent something (not persisted)."""
     def need(name: str, stage: str) -> DataFrame:
         return ctx.lake.read_required(name, needed_by="report", hint=f"run {stage} first")
 
-    # The outbox's sent status comes from deliveries (inboxlift.delivery.outbox).
-    outbox = with_delivered_status(need("outbox", "render and send"),
-                                   deliveries=ctx.lake.read(DELIVERIES_TABLE) if ctx.lake.exists(DELIVERIES_TABLE)
-                                   else None)
-    return recipients(need("campaign_plan", "plan"), outbox)
-
-
-def campaign_outcomes(ctx: RunContext, rows: DataFrame) -> DataFrame:
-    """Per-recipient outcomes of the recipient ``rows`` (not persisted)."""
     r = ctx.settings.report
-    events = ctx.lake.read_required("events", needed_by="report", hint="run ingest first")
-    return recipient_outcomes(rows, _deliveries(ctx), events, click_through_days=r.click_through_days,
+    deliveries = _deliveries(ctx)
+    # The outbox's sent status comes from deliveries (inboxlift.delivery.outbox).
+    outbox = with_delivered_status(need("outbox", "render and send"), deliveries=deliveries)
+    return recipient_outcomes(need("campaign_plan", "plan"), outbox, deliveries,
+                              need("events", "ingest"), click_through_days=r.click_through_days,
                               view_through_days=r.view_through_days, uplift_window_days=r.uplift_window_days)
 
 
@@ -136,9 +130,8 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, outcomes: DataFrame) 
 def run_report(ctx: RunContext) -> ReportRun:
     """Recompute both tables, the figures and the page; log them to MLflow (module docstring)."""
     r = ctx.settings.report
-    # The recipients' join is read three times by the outcomes, and the outcomes twice.
-    rows = campaign_recipients(ctx).persist(StorageLevel.MEMORY_AND_DISK)
-    outcomes = campaign_outcomes(ctx, rows).persist(StorageLevel.MEMORY_AND_DISK)
+    # Read twice: by the results and by the revenue bootstrap.
+    outcomes = campaign_outcomes(ctx).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         results = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed_before(ctx)))
         _replace(ctx, RESULTS_TABLE, results.select(*RESULT_COLUMNS))
@@ -147,7 +140,6 @@ def run_report(ctx: RunContext) -> ReportRun:
         experiments = experiments_of(ctx, results_pd, outcomes)
     finally:
         outcomes.unpersist()
-        rows.unpersist()
     frame = ctx.spark.createDataFrame(experiments.astype(object).where(experiments.notna(), None)[EXPERIMENT_COLUMNS],
                                       EXPERIMENTS_SCHEMA)
     _replace(ctx, EXPERIMENTS_TABLE, frame)

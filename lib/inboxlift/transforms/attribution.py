@@ -1,23 +1,37 @@
 """What each email did, one row per recipient: delivery, human opens and clicks, attributed orders.
 
-All steps are Spark built-ins over whole tables (README "Results and experiments"):
+All steps are Spark built-ins over whole tables (README "Results and experiments"). The rules:
 
-- :func:`recipients`: the plan rows of every campaign day that sent something (treated *and*
-  holdout users), outer-joined with that day's outbox messages, so a message whose plan row was
-  replaced after it left still counts;
-- :func:`with_delivery`: ``is_sent`` (the relay answered about the recipient: accepted or
-  bounced), ``is_bounced`` (a 5xx or a later DSN), ``is_delivered`` (accepted, never bounced);
-- :func:`message_engagement`: per message, human opens (a click counts as an open; opens the
-  tracking service flagged ``is_machine_open`` do not), human clicks, unsubscribes, complaints —
-  all by the ``message_id`` the event carries;
+- **recipients**: the plan rows of every campaign day that sent something (treated *and* holdout
+  users), merged with that day's sent outbox messages by (campaign, day, user), so a message whose
+  plan row was replaced after it left still counts;
+- **delivery**: ``is_sent`` (the relay answered about the recipient: accepted or bounced),
+  ``is_bounced`` (a 5xx or a later DSN), ``is_delivered`` (accepted, never bounced);
+- **engagement**, per message: human opens (a click counts as an open; opens the tracking service
+  flagged ``is_machine_open`` do not), human clicks, unsubscribes, complaints — all by the
+  ``message_id`` the event carries; the touch is the recipient's, whoever's browser fired it;
 - :func:`orders_of`: purchase lines grouped into orders (``order_id``, else the event alone);
-- :func:`attribute_orders`: **last touch across campaigns**. An order is credited to one message:
-  of the human clicks in the ``click_through_days`` before it, the latest; with none, of the human
-  opens in the ``view_through_days`` before it, the latest (a click is stronger evidence than an
-  open, so any qualifying click beats a later open). Ties break by message id;
-- :func:`window_orders`: every recipient's orders within ``uplift_window_days`` of the planned
-  send time, whether a message touched them or not: the same measure for treated and holdout
-  users, which is what the holdout uplift compares.
+- **last touch across campaigns**: an order is credited to one message: of the human clicks in the
+  ``click_through_days`` before it, the latest; with none, of the human opens in the
+  ``view_through_days`` before it, the latest (a click is stronger evidence than an open, so any
+  qualifying click beats a later open). Ties break by message id;
+- **uplift windows**: every recipient's orders within ``uplift_window_days`` of the planned send
+  time, whether a message touched them or not: the same measure for treated and holdout users,
+  which is what the holdout uplift compares.
+
+How :func:`recipient_outcomes` runs it: the large inputs are shuffled twice, once by message and
+once by user, and no join or aggregation after that moves rows again.
+
+1. **Per message** (partitioned by ``message_id``): the sent outbox rows, their delivery attempts
+   and the events that name them, in one window per message. The outbox row gets the message's
+   delivery and engagement flags; each human touch gets its recipient (user, campaign, day).
+2. **Per user** (partitioned by ``user_id``): the plan rows, the message rows, the touches and the
+   user's orders on one timeline in time order. The latest click and the latest open before each
+   order come from a running ``last(..., ignorenulls)`` (touches sort before orders at the same
+   instant), so last touch needs no range join; each recipient's uplift-window orders come from a
+   range frame over the same order. A group by (user, campaign, day), which needs no shuffle on
+   rows already partitioned by user, merges plan row and message (the full join of plan and outbox)
+   and adds the orders credited to the message.
 """
 
 from __future__ import annotations
@@ -29,82 +43,41 @@ from inboxlift.campaigns.definitions import HOLDOUT
 from inboxlift.transforms.features_common import require_columns
 
 SENT_STATUS = "sent"
-CLICK, VIEW = "click", "view"
 # Event property flags the tracking service writes (lib/inboxlift/service/app.py).
 MACHINE_OPEN, MACHINE_CLICK = "is_machine_open", "is_machine_click"
 
 RECIPIENT_COLUMNS = ["campaign_id", "variant", "send_date", "user_id", "message_id", "send_at", "is_treated"]
 
 
+# Row kinds of the two timelines. Touches sort before orders at the same instant: a touch at the
+# order's instant counts (the window is [touch, touch + days)).
+_CLICK, _OPEN, _ORDER, _PLAN, _MESSAGE, _ATTEMPT, _UNSUBSCRIBE, _COMPLAINT = range(8)
+_WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
+
+
 def _seconds(days: float) -> Column:
     return F.make_dt_interval(F.lit(0), F.lit(0), F.lit(0), F.lit(float(days) * 86400.0))
 
 
-def recipients(plan: DataFrame, outbox: DataFrame) -> DataFrame:
-    """One row per (campaign, campaign day, user) of the days with at least one sent message.
-
-    ``send_date`` is the campaign day (``plan_date``), so holdout users and their treated peers
-    share one; ``send_at`` is the planned send time (the outbox's when the plan row is gone);
-    ``message_id`` is null for holdout users and for treated users whose message never left.
-    """
-    require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant", "send_at"], step="recipients")
-    require_columns(outbox, ["message_id", "campaign_id", "plan_date", "user_id", "variant", "status", "send_at"],
-                    step="recipients")
-    sent = outbox.where(F.col("status") == SENT_STATUS)
-    days = sent.select("campaign_id", "plan_date").distinct()
-    planned = plan.join(days, ["campaign_id", "plan_date"], how="left_semi").select(
-        "campaign_id", "plan_date", "user_id", F.col("variant").alias("plan_variant"),
-        F.col("send_at").alias("plan_send_at"))
-    # outbox is keyed by message_id, a hash of (campaign, user, day): one row per key below.
-    messages = sent.select("campaign_id", "plan_date", "user_id", "message_id",
-                           F.col("variant").alias("message_variant"), F.col("send_at").alias("message_send_at"))
-    joined = planned.join(messages, ["campaign_id", "plan_date", "user_id"], how="full")
-    variant = F.coalesce(F.col("message_variant"), F.col("plan_variant"))
-    return joined.select(
-        "campaign_id", variant.alias("variant"), F.col("plan_date").alias("send_date"), "user_id", "message_id",
-        F.coalesce(F.col("plan_send_at"), F.col("message_send_at")).alias("send_at"),
-        (variant != F.lit(HOLDOUT)).alias("is_treated"))
-
-
-def delivery_outcomes(deliveries: DataFrame) -> DataFrame:
-    """``message_id, is_sent, is_bounced, is_delivered, sent_at``: one row per message with attempts."""
-    require_columns(deliveries, ["message_id", "state", "attempted_at"], step="delivery_outcomes")
-    accepted = F.col("state") == F.lit("sent")
-    bounced = F.col("state") == F.lit("bounced")
-    per_message = deliveries.groupBy("message_id").agg(
-        F.max(accepted).alias("_accepted"), F.max(bounced).alias("is_bounced"),
-        F.min(F.when(accepted, F.col("attempted_at"))).alias("sent_at"))
-    return per_message.select(
-        "message_id", (F.col("_accepted") | F.col("is_bounced")).alias("is_sent"), "is_bounced",
-        (F.col("_accepted") & ~F.col("is_bounced")).alias("is_delivered"), "sent_at")
+def _micros(days: float) -> int:
+    return int(round(float(days) * 86400 * 1_000_000))
 
 
 def _is_flagged(name: str) -> Column:
     return F.coalesce(F.lower(F.element_at(F.col("properties"), F.lit(name))) == F.lit("true"), F.lit(False))
 
 
+def _touch_kind() -> Column:
+    """``_CLICK`` / ``_OPEN`` for a human click / open event, else null."""
+    return (F.when((F.col("event_type") == "email_click") & ~_is_flagged(MACHINE_CLICK), F.lit(_CLICK))
+            .when((F.col("event_type") == "email_open") & ~_is_flagged(MACHINE_OPEN), F.lit(_OPEN)))
+
+
 def human_touches(events: DataFrame) -> DataFrame:
     """``message_id, event_type, event_ts``: human opens and clicks that name a message."""
     require_columns(events, ["event_type", "event_ts", "message_id", "properties"], step="human_touches")
-    is_open = (F.col("event_type") == "email_open") & ~_is_flagged(MACHINE_OPEN)
-    is_click = (F.col("event_type") == "email_click") & ~_is_flagged(MACHINE_CLICK)
-    return (events.where(F.col("message_id").isNotNull() & (is_open | is_click))
+    return (events.where(F.col("message_id").isNotNull() & _touch_kind().isNotNull())
             .select("message_id", "event_type", "event_ts"))
-
-
-def message_engagement(events: DataFrame) -> DataFrame:
-    """``message_id, is_opened, clicks, is_clicked, is_unsubscribed, is_complained``, per message named by an event."""
-    touches = human_touches(events).select("message_id", "event_type", F.lit(None).cast("string").alias("other"))
-    others = (events.where(F.col("message_id").isNotNull() & F.col("event_type").isin("unsubscribe", "complaint"))
-              .select("message_id", F.lit(None).cast("string").alias("event_type"), F.col("event_type").alias("other")))
-    rows = touches.unionByName(others)
-    clicks = F.count_if(F.col("event_type") == "email_click")
-    return rows.groupBy("message_id").agg(
-        (F.count(F.col("event_type")) > 0).alias("is_opened"),
-        clicks.cast("int").alias("clicks"),
-        (clicks > 0).alias("is_clicked"),
-        F.max(F.col("other") == "unsubscribe").alias("is_unsubscribed"),
-        F.max(F.col("other") == "complaint").alias("is_complained"))
 
 
 def orders_of(events: DataFrame) -> DataFrame:
@@ -119,9 +92,39 @@ def orders_of(events: DataFrame) -> DataFrame:
             .agg(F.min("event_ts").alias("order_ts"), F.sum(value).cast("double").alias("revenue")))
 
 
+def _order_rows(orders: DataFrame) -> DataFrame:
+    """Orders as timeline rows; an order without a time can be neither credited nor windowed."""
+    return orders.where(F.col("order_ts").isNotNull()).select(
+        "user_id", F.lit(_ORDER).alias("kind"), F.col("order_ts").alias("ts"), "order_key", "revenue")
+
+
+def _credited_touch(timeline: DataFrame, *, keys: list[str], click_through_days: float,
+                    view_through_days: float) -> Column:
+    """For an order row of a per-user ``timeline`` (``user_id, kind, ts, t, message_id, order_key``
+    and ``keys``), the struct of ``keys`` of the touch it is credited to; null for other rows.
+
+    In time order (touches first at one instant, then the smaller message id last, so that it wins
+    a tie), the latest click and the latest open at or before the order are running ``last`` values;
+    the latest one qualifies if any does, as the windows have one length per kind.
+    """
+    require_columns(timeline, ["user_id", "kind", "ts", "t", "message_id", "order_key", *keys], step="last touch")
+    before = (Window.partitionBy("user_id")
+              .orderBy("t", "kind", F.col("message_id").desc(), "order_key")
+              .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    touch = F.struct(F.col("ts").alias("at"), *keys)
+    last_click = F.last(F.when(F.col("kind") == _CLICK, touch), ignorenulls=True).over(before)
+    last_open = F.last(F.when(F.col("kind") == _OPEN, touch), ignorenulls=True).over(before)
+    is_order = F.col("kind") == _ORDER
+    click_counts = F.col("ts") < last_click["at"] + _seconds(click_through_days)
+    open_counts = F.col("ts") < last_open["at"] + _seconds(view_through_days)
+    credited = F.when(is_order & click_counts, last_click).when(is_order & open_counts, last_open)
+    return credited.dropFields("at")
+
+
 def attribute_orders(orders: DataFrame, touches: DataFrame, messages: DataFrame, *, click_through_days: float,
                      view_through_days: float) -> DataFrame:
-    """``message_id, attributed_orders, attributed_revenue``: last touch across campaigns (module docstring).
+    """``message_id, attributed_orders, attributed_revenue``: last touch across campaigns (module
+    docstring), on its own; :func:`recipient_outcomes` applies the same rule to its timeline.
 
     ``touches`` are :func:`human_touches`; ``messages`` maps ``message_id`` to its recipient
     ``user_id`` (the touch is the recipient's, whoever's browser fired it).
@@ -129,59 +132,138 @@ def attribute_orders(orders: DataFrame, touches: DataFrame, messages: DataFrame,
     require_columns(orders, ["user_id", "order_key", "order_ts", "revenue"], step="attribute_orders")
     # messages is keyed by message_id: one user per touch.
     owned = touches.join(messages.select("message_id", "user_id"), "message_id", how="inner").select(
-        "user_id", "message_id", F.col("event_ts").alias("touch_ts"),
-        F.when(F.col("event_type") == "email_click", F.lit(CLICK)).otherwise(F.lit(VIEW)).alias("kind"))
-    window = F.when(F.col("kind") == CLICK, _seconds(click_through_days)).otherwise(_seconds(view_through_days))
-    candidates = (orders.join(owned, "user_id", how="inner")
-                  .where((F.col("touch_ts") <= F.col("order_ts")) & (F.col("order_ts") < F.col("touch_ts") + window)))
-    best_first = Window.partitionBy("user_id", "order_key").orderBy(
-        (F.col("kind") == CLICK).desc(), F.col("touch_ts").desc(), F.col("message_id"))
-    credited = (candidates.withColumn("_rank", F.row_number().over(best_first))
-                .where(F.col("_rank") == 1))
-    return credited.groupBy("message_id").agg(
-        F.count("*").cast("int").alias("attributed_orders"),
-        F.sum("revenue").alias("attributed_revenue"))
+        "user_id", _touch_kind_of_type().alias("kind"), F.col("event_ts").alias("ts"), "message_id")
+    timeline = (owned.where(F.col("ts").isNotNull())
+                .unionByName(_order_rows(orders), allowMissingColumns=True)
+                .withColumn("t", F.unix_micros("ts")))
+    credited = timeline.select(
+        "revenue", _credited_touch(timeline, keys=["message_id"], click_through_days=click_through_days,
+                                   view_through_days=view_through_days).alias("credit"))
+    return (credited.where(F.col("credit").isNotNull())
+            .groupBy(F.col("credit.message_id").alias("message_id"))
+            .agg(F.count("*").cast("int").alias("attributed_orders"), F.sum("revenue").alias("attributed_revenue")))
 
 
-def window_orders(recipient_rows: DataFrame, orders: DataFrame, *, uplift_window_days: float) -> DataFrame:
-    """``campaign_id, send_date, user_id, window_orders, window_revenue``: each recipient's orders in
-    ``[send_at, send_at + uplift_window_days)``, touched by an email or not."""
-    keys = recipient_rows.select("campaign_id", "send_date", "user_id", "send_at")
-    inside = (keys.join(orders, "user_id", how="inner")
-              .where((F.col("order_ts") >= F.col("send_at"))
-                     & (F.col("order_ts") < F.col("send_at") + _seconds(uplift_window_days))))
-    return inside.groupBy("campaign_id", "send_date", "user_id").agg(
-        F.count("*").cast("int").alias("window_orders"), F.sum("revenue").alias("window_revenue"))
+def _touch_kind_of_type() -> Column:
+    """The kind of a :func:`human_touches` row (already known to be human)."""
+    return F.when(F.col("event_type") == "email_click", F.lit(_CLICK)).otherwise(F.lit(_OPEN))
 
 
-def recipient_outcomes(rows: DataFrame, deliveries: DataFrame, events: DataFrame, *, click_through_days: float,
-                       view_through_days: float, uplift_window_days: float) -> DataFrame:
-    """One row per recipient of ``rows`` (:func:`recipients`) with every outcome the report counts
-    (``OUTCOME_COLUMNS``). ``rows`` is read three times: a caller persists it."""
-    orders = orders_of(events)
-    # rows is keyed by (campaign, day, user) and message ids are unique: one user per message.
-    messages = rows.where(F.col("message_id").isNotNull()).select("message_id", "user_id")
-    attributed = attribute_orders(orders, human_touches(events), messages, click_through_days=click_through_days,
-                                  view_through_days=view_through_days)
-    in_window = window_orders(rows, orders, uplift_window_days=uplift_window_days)
-    # Each right-hand side is keyed by what it is joined on: no row multiplies.
-    out = (rows
-           .join(delivery_outcomes(deliveries), "message_id", how="left")
-           .join(message_engagement(events), "message_id", how="left")
-           .join(attributed, "message_id", how="left")
-           .join(in_window, ["campaign_id", "send_date", "user_id"], how="left"))
+def _message_rows(outbox: DataFrame, deliveries: DataFrame, events: DataFrame) -> DataFrame:
+    """Step 1 (module docstring): one ``_MESSAGE`` row per sent message with its delivery and
+    engagement flags, and one ``_CLICK`` / ``_OPEN`` row per timed human touch of a sent message,
+    carrying the message's user, campaign and day."""
+    require_columns(outbox, ["message_id", "campaign_id", "plan_date", "user_id", "variant", "status", "send_at"],
+                    step="recipient_outcomes")
+    require_columns(deliveries, ["message_id", "state"], step="recipient_outcomes")
+    require_columns(events, ["event_type", "event_ts", "message_id", "properties"], step="recipient_outcomes")
+    sent = outbox.where(F.col("status") == SENT_STATUS).select(
+        "message_id", F.lit(_MESSAGE).alias("kind"), "user_id", "campaign_id", "plan_date", "variant",
+        F.col("send_at").alias("ts"))
+    attempts = deliveries.select("message_id", F.lit(_ATTEMPT).alias("kind"), "state")
+    kind = (F.coalesce(_touch_kind(), F.when(F.col("event_type") == "unsubscribe", F.lit(_UNSUBSCRIBE))
+                       .when(F.col("event_type") == "complaint", F.lit(_COMPLAINT))))
+    named = (events.where(F.col("message_id").isNotNull()
+                          & F.col("event_type").isin("email_click", "email_open", "unsubscribe", "complaint"))
+             .select("message_id", kind.alias("kind"), F.col("event_ts").alias("ts"))
+             .where(F.col("kind").isNotNull()))
+    rows = sent.unionByName(attempts, allowMissingColumns=True).unionByName(named, allowMissingColumns=True)
+
+    message = Window.partitionBy("message_id").rowsBetween(*_WHOLE)
+    of_message = lambda column: F.max(F.when(F.col("kind") == _MESSAGE, F.col(column))).over(message)  # noqa: E731
+    of_kind = lambda kinds: F.col("kind").isin(*kinds)  # noqa: E731
+    is_event = of_kind([_CLICK, _OPEN, _UNSUBSCRIBE, _COMPLAINT])
+    accepted = F.max(F.when(of_kind([_ATTEMPT]), F.col("state") == F.lit("sent"))).over(message)
+    bounced = F.max(F.when(of_kind([_ATTEMPT]), F.col("state") == F.lit("bounced"))).over(message)
+    clicks = F.count(F.when(of_kind([_CLICK]), F.lit(1))).over(message)
+    # outbox is keyed by message_id: one _MESSAGE row per message, the others take its values.
+    flagged = rows.select(
+        "message_id", "kind", "ts",
+        of_message("user_id").alias("user_id"), of_message("campaign_id").alias("campaign_id"),
+        of_message("plan_date").alias("plan_date"), of_message("variant").alias("variant"),
+        F.max(of_kind([_MESSAGE])).over(message).alias("_is_sent_message"),
+        (accepted | bounced).alias("is_sent"), bounced.alias("is_bounced"), (accepted & ~bounced).alias("is_delivered"),
+        F.max(F.when(is_event, of_kind([_CLICK, _OPEN]))).over(message).alias("is_opened"),
+        clicks.cast("int").alias("clicks"), (clicks > 0).alias("is_clicked"),
+        F.max(F.when(is_event, of_kind([_UNSUBSCRIBE]))).over(message).alias("is_unsubscribed"),
+        F.max(F.when(is_event, of_kind([_COMPLAINT]))).over(message).alias("is_complained"))
+    is_timed_touch = of_kind([_CLICK, _OPEN]) & F.col("ts").isNotNull()
+    return flagged.where(F.col("_is_sent_message") & (of_kind([_MESSAGE]) | is_timed_touch)).drop("_is_sent_message")
+
+
+def _plan_rows(plan: DataFrame, outbox: DataFrame) -> DataFrame:
+    """The plan rows of the campaign days with a sent message, as per-user timeline rows."""
+    require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant", "send_at"], step="recipient_outcomes")
+    # A few rows per campaign and day: broadcast, so the plan is filtered where it is read.
+    days = outbox.where(F.col("status") == SENT_STATUS).select("campaign_id", "plan_date").distinct()
+    return plan.join(F.broadcast(days), ["campaign_id", "plan_date"], how="left_semi").select(
+        "user_id", F.lit(_PLAN).alias("kind"), "campaign_id", "plan_date", "variant", F.col("send_at").alias("ts"))
+
+
+def recipient_outcomes(plan: DataFrame, outbox: DataFrame, deliveries: DataFrame, events: DataFrame, *,
+                       click_through_days: float, view_through_days: float, uplift_window_days: float) -> DataFrame:
+    """One row per recipient (campaign, campaign day, user of a day with at least one sent message)
+    with every outcome the report counts (``OUTCOME_COLUMNS``); how, in the module docstring.
+
+    ``send_date`` is the campaign day (``plan_date``), so holdout users and their treated peers
+    share one; ``send_at`` is the planned send time (the outbox's when the plan row is gone);
+    ``message_id`` is null for holdout users and for treated users whose message never left.
+    """
+    require_columns(events, ["event_id", "user_id", "event_type", "event_ts", "order_id", "quantity", "price"],
+                    step="recipient_outcomes")
+    timeline = (_plan_rows(plan, outbox)
+                .unionByName(_message_rows(outbox, deliveries, events), allowMissingColumns=True)
+                .unionByName(_order_rows(orders_of(events)), allowMissingColumns=True)
+                .withColumn("t", F.unix_micros("ts")))
+    credit = _credited_touch(timeline, keys=["campaign_id", "plan_date"], click_through_days=click_through_days,
+                             view_through_days=view_through_days)
+    # After the last-touch window the rows are sorted by (user, t): the range frame below needs no
+    # further sort, as long as it is applied second.
+    credited = timeline.withColumn("_credit", credit)
+    ahead = Window.partitionBy("user_id").orderBy("t").rangeBetween(0, _micros(uplift_window_days) - 1)
+    is_order = F.col("kind") == _ORDER
+    is_recipient = F.col("kind").isin(_PLAN, _MESSAGE)
+    windowed = credited.select(
+        "*",
+        F.when(is_recipient & F.col("t").isNotNull(), F.count(F.when(is_order, F.lit(1))).over(ahead))
+        .alias("_window_orders"),
+        F.when(is_recipient & F.col("t").isNotNull(), F.sum(F.when(is_order, F.col("revenue"))).over(ahead))
+        .alias("_window_revenue"))
+    # Recipient rows, and orders moved onto the recipient (campaign, day) of the message they credit.
+    keyed = windowed.where(is_recipient | (is_order & F.col("_credit").isNotNull())).select(
+        "*",
+        F.coalesce(F.col("_credit.campaign_id"), F.col("campaign_id")).alias("_campaign_id"),
+        F.coalesce(F.col("_credit.plan_date"), F.col("plan_date")).alias("_plan_date"))
+    of = lambda kind, column: F.max(F.when(F.col("kind") == kind, F.col(column)))  # noqa: E731
+    # Grouped by user first: rows partitioned by user need no further shuffle.
+    merged = keyed.groupBy("user_id", "_campaign_id", "_plan_date").agg(
+        of(_PLAN, "variant").alias("plan_variant"), of(_PLAN, "ts").alias("plan_send_at"),
+        of(_PLAN, "_window_orders").alias("plan_window_orders"),
+        of(_PLAN, "_window_revenue").alias("plan_window_revenue"),
+        of(_MESSAGE, "message_id").alias("message_id"), of(_MESSAGE, "variant").alias("message_variant"),
+        of(_MESSAGE, "ts").alias("message_send_at"), of(_MESSAGE, "_window_orders").alias("message_window_orders"),
+        of(_MESSAGE, "_window_revenue").alias("message_window_revenue"),
+        *[F.max(c).alias(c) for c in _FLAGS], F.max("clicks").alias("clicks"),
+        F.count_if(is_order).cast("int").alias("attributed_orders"),
+        F.sum(F.when(is_order, F.col("revenue"))).alias("attributed_revenue"))
+    variant = F.coalesce(F.col("message_variant"), F.col("plan_variant"))
+    # The window of the send time the row keeps: the plan's, else (plan row gone) the message's.
+    has_plan_time = F.col("plan_send_at").isNotNull()
+    window_orders = F.when(has_plan_time, F.col("plan_window_orders")).otherwise(F.col("message_window_orders"))
+    window_revenue = F.when(has_plan_time, F.col("plan_window_revenue")).otherwise(F.col("message_window_revenue"))
     false = F.lit(False)
-    return out.select(
-        *RECIPIENT_COLUMNS,
-        *[F.coalesce(F.col(c), false).alias(c) for c in ("is_sent", "is_bounced", "is_delivered", "is_opened",
-                                                          "is_clicked", "is_unsubscribed", "is_complained")],
+    return merged.select(
+        F.col("_campaign_id").alias("campaign_id"), variant.alias("variant"), F.col("_plan_date").alias("send_date"),
+        "user_id", "message_id", F.coalesce(F.col("plan_send_at"), F.col("message_send_at")).alias("send_at"),
+        (variant != F.lit(HOLDOUT)).alias("is_treated"),
+        *[F.coalesce(F.col(c), false).alias(c) for c in _FLAGS],
         F.coalesce(F.col("clicks"), F.lit(0)).alias("clicks"),
-        F.coalesce(F.col("attributed_orders"), F.lit(0)).alias("attributed_orders"),
+        "attributed_orders",
         F.coalesce(F.col("attributed_revenue"), F.lit(0.0)).alias("attributed_revenue"),
-        F.coalesce(F.col("window_orders"), F.lit(0)).alias("window_orders"),
-        F.coalesce(F.col("window_revenue"), F.lit(0.0)).alias("window_revenue"))
+        F.coalesce(window_orders, F.lit(0)).cast("int").alias("window_orders"),
+        F.coalesce(window_revenue, F.lit(0.0)).alias("window_revenue"))
 
 
-OUTCOME_COLUMNS = [*RECIPIENT_COLUMNS, "is_sent", "is_bounced", "is_delivered", "is_opened", "is_clicked",
-                   "is_unsubscribed", "is_complained", "clicks", "attributed_orders", "attributed_revenue",
+_FLAGS = ["is_sent", "is_bounced", "is_delivered", "is_opened", "is_clicked", "is_unsubscribed", "is_complained"]
+OUTCOME_COLUMNS = [*RECIPIENT_COLUMNS, *_FLAGS, "clicks", "attributed_orders", "attributed_revenue",
                    "window_orders", "window_revenue"]
