@@ -26,7 +26,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import StringType, StructField, StructType, TimestampType
 
 from inboxlift.campaigns.definitions import CAMPAIGN_TYPES
-from inboxlift.transforms.ingest import require_columns
+from inboxlift.schemas import require_columns
 
 SUPPRESSIONS_TABLE = "suppressions"
 SUPPRESSION_KEY = ["user_id", "scope", "reason"]

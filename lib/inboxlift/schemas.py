@@ -20,6 +20,9 @@ plants dirty records of every kind in these same files.
 
 from __future__ import annotations
 
+from typing import Iterable
+
+from pyspark.sql import DataFrame
 from pyspark.sql.types import StringType, StructField, StructType
 
 # Event types only the tracking service (``inboxlift serve``) writes: choices on its preferences page.
@@ -51,3 +54,10 @@ EVENTS_LANDING = _text(
     "order_id", "quantity", "price", "currency", "query", "rating", "review_text",
     "campaign_id", "message_id", "campaign_type", "properties",
 )
+
+
+def require_columns(df: DataFrame, columns: Iterable[str], *, step: str) -> None:
+    """Raise ``ValueError`` naming the missing columns and the ones that are there."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{step}: input lacks columns {missing}; it has {sorted(df.columns)}")

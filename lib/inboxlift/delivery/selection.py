@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.consent import with_mail_permission
 from inboxlift.delivery import states as S
-from inboxlift.transforms.ingest import require_columns
+from inboxlift.schemas import require_columns
 
 STATUS_RENDERED = "rendered"
 NOT_YET_DUE, DONE, HELD_UNKNOWN, WAITING, DUE = "not_yet_due", "done", "unknown", "waiting", "due"

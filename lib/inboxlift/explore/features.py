@@ -8,7 +8,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 NO_PURCHASE = "no purchase"
 

@@ -30,7 +30,7 @@ from inboxlift.generate import draws
 from inboxlift.generate.text import SECONDS_PER_DAY, iso_utc, local_seconds
 from inboxlift.generate.vocab import TASTE_GROUPS
 from inboxlift.settings import SimulateSettings
-from inboxlift.transforms.ingest import require_columns
+from inboxlift.schemas import require_columns
 
 UNIT_KEY = ["campaign_id", "user_id", "plan_date"]
 UNIT_COLUMNS = [*UNIT_KEY, "campaign_type", "variant", "message_id", "is_holdout", "sent_s", "issued_s", "item_ids",

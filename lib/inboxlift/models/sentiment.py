@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from inboxlift.settings import FeatureSettings, MlflowSettings
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 from inboxlift.transforms.features_reviews import REVIEW_COLUMNS, REVIEW_SCORE_COLUMNS
 
 TEXT = "review_text"

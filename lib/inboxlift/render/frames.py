@@ -24,7 +24,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.render.message import RenderConfig
 from inboxlift.render.partition import RENDERED_SCHEMA, TaskCatalogue, render_batches
-from inboxlift.transforms.ingest import require_columns
+from inboxlift.schemas import require_columns
 
 HOLDOUT = "holdout"
 PLAN_COLUMNS = (

@@ -59,7 +59,6 @@ ERRORS_TABLE = "render_errors"
 _HEX_ID = re.compile(r"[0-9a-f]{32}")
 # Outbox statuses: rendered (may leave), withdrawn (must not; status_reason says why), sent (left).
 STATUS_WITHDRAWN = "withdrawn"
-STATUS_SENT = "sent"
 STATUS_REASON = "status_reason"
 # Why a rendered message of a rendered campaign is withdrawn when its user may still be mailed.
 NOT_PLANNED = "not_planned"      # the campaign's latest plan no longer holds the user

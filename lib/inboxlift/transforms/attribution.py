@@ -40,9 +40,9 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.delivery.outbox import STATUS_SENT as SENT_STATUS
+from inboxlift.schemas import require_columns
 
-SENT_STATUS = "sent"
 # Event property flags the tracking service writes (lib/inboxlift/service/app.py).
 MACHINE_OPEN, MACHINE_CLICK = "is_machine_open", "is_machine_click"
 

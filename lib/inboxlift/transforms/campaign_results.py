@@ -13,7 +13,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from scipy.stats import norm
 
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 GROUP = ["campaign_id", "variant", "send_date"]
 COUNTS = ["recipients", "sent", "delivered", "bounced", "opens", "clicks", "unique_clicks", "conversions",

@@ -10,10 +10,12 @@ and decay are measured from it. A window of N days is the N whole UTC days endin
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+
+from inboxlift.schemas import require_columns
 
 # Column names of the input tables written by ingest, in one place so a rename is one edit here.
 EVENT_ID, EVENT_TYPE, EVENT_TS, EVENT_DATE = "event_id", "event_type", "event_ts", "event_date"
@@ -35,13 +37,6 @@ EMAIL_TYPES = (EMAIL_DELIVERED, EMAIL_OPEN, EMAIL_CLICK)
 ACTIVITY_TYPES = (VIEW, ADD_TO_CART, REMOVE_FROM_CART, PURCHASE, SEARCH, REVIEW, EMAIL_OPEN, EMAIL_CLICK)
 
 SECONDS_PER_DAY = 86_400
-
-
-def require_columns(df: DataFrame, columns: Iterable[str], *, step: str) -> None:
-    """Raise ``ValueError`` naming the missing columns and the ones that are there."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{step}: input lacks columns {missing}; it has {sorted(df.columns)}")
 
 
 def cutoff_of(as_of: dt.date) -> dt.datetime:

@@ -42,8 +42,8 @@ from inboxlift.transforms.ingest import (
     RECORD_COLUMNS,
     USER_FIELDS,
     clean_text,
-    require_columns,
 )
+from inboxlift.schemas import require_columns
 
 # Event types that only imports produce; landing files use schemas.EVENT_TYPES.
 IMPORT_EVENT_TYPES = ("return",)

@@ -49,7 +49,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from inboxlift.schemas import EVENT_TYPES
+from inboxlift.schemas import EVENT_TYPES, require_columns
 from inboxlift.settings import IngestSettings
 from inboxlift.transforms.fields import HEADER_TEXT_COLUMNS, ID_COLUMNS, is_bad_id, normalise_email, strip_unsafe_text
 
@@ -203,13 +203,6 @@ class Rules:
 
 
 # ---- checks and column helpers -----------------------------------------------------------------
-
-def require_columns(df: DataFrame, columns: Iterable[str], *, step: str) -> None:
-    """Raise naming the missing columns and the ones that are there."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{step}: input lacks columns {missing}; it has {df.columns}")
-
 
 def clean_text(text: Column) -> Column:
     """Trimmed (white space, no-break space, BOM), with the empty string as null."""

@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 from inboxlift.models.recommend.data import CONFIDENCE, ITEM_IDX, USER_IDX, with_confidence
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 # Rows of the range whose partitions tell how many task slots the cluster has (see task_slots).
 _SLOT_PROBE_ROWS = 1 << 16

@@ -21,7 +21,7 @@ from inboxlift.models.recommend.data import (
     events_between,
     to_indexes,
 )
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 
 def item_popularity(events: DataFrame, *, item_categories: DataFrame, end: dt.datetime, days: int,

@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.models.recommend.data import ITEM_IDX, USER_IDX
 from inboxlift.session import materialize
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 METRICS = ("precision", "recall", "ndcg", "map", "catalog_coverage")
 # The metrics RankingEvaluator computes, by its names.

@@ -25,7 +25,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from inboxlift.models.recommend.data import ITEM_IDX, LAST_TS, USER_IDX
-from inboxlift.transforms.features_common import require_columns
+from inboxlift.schemas import require_columns
 
 SIMILAR_ITEM_IDX = "similar_item_idx"
 # Blending draws from each source's top (CANDIDATE_FACTOR * k) items of a user: an item further down
