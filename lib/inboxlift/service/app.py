@@ -152,7 +152,8 @@ class TrackingService:
         self.agents = AgentRules.from_settings(settings.serve)
         self.pages = Pages(shop_name=settings.render.from_name)
         self.log = EventLog(events_dir(settings), rotate_seconds=settings.serve.rotate_seconds,
-                            rotate_bytes=settings.serve.rotate_bytes, now=clock.now)
+                            rotate_bytes=settings.serve.rotate_bytes, now=clock.now,
+                            syncs_in_flight=settings.serve.syncs_in_flight)
         base = urlsplit(settings.render.links_base_url)
         self.link_origin = f"{base.scheme}://{base.netloc}".lower()
 
