@@ -233,13 +233,15 @@ class EventLog:
     def _launch(self) -> None:
         """Hand what is pending to a free slot's thread, as one batch."""
         self._launch_due = False
-        if not self._pending or not self._free_slots or self._executor is None:
+        if not self._pending or not self._free_slots:
             return
         slot = self._free_slots.pop()
         lines, waiters = self._pending, self._waiters
         self._pending, self._waiters = [], []
         self._last_batch = len(lines)
         try:
+            if self._executor is None:  # appended while the log was closing
+                raise RuntimeError("the event log is closed")
             done = self._loop.run_in_executor(self._executor, self._commit, slot, b"".join(lines))  # type: ignore[union-attr]
         except RuntimeError as exc:  # the executor is shutting down
             self._free_slots.append(slot)
