@@ -16,8 +16,9 @@ in flight finishes first and its successor simply goes next, so no sync is spent
 Each slot has a descriptor of its own (an ``open`` of its own, not a ``dup``): Linux reports a
 write-back error once per open file, so one shared descriptor could hand the error to the other
 batch's ``fdatasync`` and let this one claim success. File work runs on the log's own threads, so the
-event loop never waits on the disk; writes, rotations and the final rename are ordered by a lock,
-and a file is renamed into place only once no sync on it is running.
+event loop never waits on the disk. Choosing the file, rotating and renaming are done under a lock;
+a batch is appended (``O_APPEND``: whole, never interleaved with another) and synced outside it, and a
+file is renamed into place only once no batch on it is still being written or synced.
 
 A killed server leaves its in-progress file behind. The writer holds an exclusive ``flock`` on its
 file for as long as it is open (the kernel drops it when the process dies), so at start each
@@ -223,12 +224,17 @@ class EventLog:
         waiter = self._loop.create_future()  # type: ignore[union-attr]
         self._pending.append(line)
         self._waiters.append(waiter)
-        if not self._launch_due and self._free_slots and (
-                len(self._free_slots) == self.syncs_in_flight or len(self._pending) >= self._last_batch):
+        if not self._launch_due and self._batch_is_due():
             # After the callbacks already queued: requests read in the same turn of the loop join.
             self._launch_due = True
             self._loop.call_soon(self._launch)  # type: ignore[union-attr]
         await waiter
+
+    def _batch_is_due(self) -> bool:
+        """A slot is free, and either no sync is running or the pending batch is as large as the
+        last one launched (waiting longer would only make a sync beside it smaller)."""
+        free = len(self._free_slots)
+        return bool(free) and (free == self.syncs_in_flight or len(self._pending) >= self._last_batch)
 
     def _launch(self) -> None:
         """Hand what is pending to a free slot's thread, as one batch."""
@@ -256,8 +262,9 @@ class EventLog:
             self.syncs += 1
             self.events_written += len(waiters)
         self._answer(waiters, error)
-        # What arrived while this batch was syncing is the next batch.
-        if self._pending and not self._launch_due:
+        # What arrived while this batch was syncing is the next batch: now, unless another sync is
+        # still running and the pending batch is smaller than the last (it grows while that one runs).
+        if self._pending and not self._launch_due and self._batch_is_due():
             self._launch()
 
     def _answer(self, waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
