@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
 import re
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -542,6 +545,131 @@ def test_a_write_that_fails_is_an_error_and_the_log_recovers(tmp_path):
     assert [json.loads(x)["event_id"] for p in event_files(folder) for x in p.read_bytes().splitlines()] == ["e3"]
 
 
+def _slow_durable_appends(monkeypatch, *, seconds: float, fail_call: int | None = None):
+    """Make each batch's write-and-sync take ``seconds`` (the real one runs after the wait); the
+    ``fail_call``-th batch (1-based) fails with EIO instead. Returns what was seen: the most batches
+    in flight at once, the lines each batch held and whether it succeeded, the descriptors used."""
+    from inboxlift.service import events
+
+    real = events._append_durably
+    seen = {"in_flight": 0, "most_in_flight": 0, "batches": [], "fds": set(), "synced": set()}
+    lock = threading.Lock()
+
+    def slow(fd: int, data: bytes) -> None:
+        with lock:
+            seen["in_flight"] += 1
+            seen["most_in_flight"] = max(seen["most_in_flight"], seen["in_flight"])
+            seen["fds"].add(fd)
+            call = len(seen["batches"]) + 1
+            seen["batches"].append((data.splitlines(), None))
+        try:
+            time.sleep(seconds)
+            if call == fail_call:
+                raise OSError(errno.EIO, "Input/output error")
+            real(fd, data)
+            with lock:
+                seen["synced"].update(data.splitlines())
+        finally:
+            with lock:
+                seen["in_flight"] -= 1
+                seen["batches"][call - 1] = (data.splitlines(), call != fail_call)
+
+    monkeypatch.setattr(events, "_append_durably", slow)
+    return seen
+
+
+def _staggered_appends(log: EventLog, seen: dict, lines: list[bytes], *, every: float) -> list[str]:
+    """Append ``lines`` ten at a time, a wave every ``every`` seconds; each one's outcome. An append
+    that returns must find its line already synced."""
+    async def one(line: bytes) -> str:
+        try:
+            await log.append(line)
+        except EventLogError:
+            return "failed"
+        assert line.rstrip(b"\n") in seen["synced"], "answered before its line was on disk"
+        return "ok"
+
+    async def waves() -> list[str]:
+        tasks = []
+        for at in range(0, len(lines), 10):
+            tasks += [asyncio.create_task(one(x)) for x in lines[at:at + 10]]
+            await asyncio.sleep(every)
+        return list(await asyncio.gather(*tasks))
+
+    return waves()
+
+
+def test_batches_sync_side_by_side_when_the_disk_is_slow_and_every_event_lands_once(tmp_path, monkeypatch):
+    # A sync of 60 ms and a wave of ten events every 10 ms: with one sync at a time each wave would
+    # wait for the running sync and then its own; with two, the next batch starts beside it.
+    seen = _slow_durable_appends(monkeypatch, seconds=0.06)
+    lines = [line(n) for n in range(200)]
+
+    async def scenario() -> list[str]:
+        log = EventLog(tmp_path, rotate_seconds=60, rotate_bytes=10_000_000, now=now, syncs_in_flight=2)
+        await log.start()
+        outcomes = await _staggered_appends(log, seen, lines, every=0.01)
+        # Each slot writes through a descriptor opened on its own, not a dup: its own write-back errors.
+        first, second = log._file.fds
+        fcntl.fcntl(first, fcntl.F_SETFL, fcntl.fcntl(first, fcntl.F_GETFL) | os.O_NONBLOCK)
+        assert not fcntl.fcntl(second, fcntl.F_GETFL) & os.O_NONBLOCK
+        await log.close()
+        assert log.events_written == 200 and log.syncs == len(seen["batches"])
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["ok"] * 200
+    assert seen["most_in_flight"] == 2 and len(seen["fds"]) == 2
+    assert len(seen["batches"]) < 200 / 5, "concurrent events share a sync"
+    assert sorted(x for batch, _ in seen["batches"] for x in batch) == sorted(x.rstrip(b"\n") for x in lines)
+    assert in_progress_files(tmp_path) == []
+    written = [x for p in event_files(tmp_path) for x in p.read_bytes().splitlines()]
+    assert sorted(written) == sorted(x.rstrip(b"\n") for x in lines)  # every event once, nothing torn
+
+
+def test_one_sync_at_a_time_when_asked(tmp_path, monkeypatch):
+    seen = _slow_durable_appends(monkeypatch, seconds=0.03)
+
+    async def scenario() -> list[str]:
+        log = EventLog(tmp_path, rotate_seconds=60, rotate_bytes=10_000_000, now=now, syncs_in_flight=1)
+        await log.start()
+        outcomes = await _staggered_appends(log, seen, [line(n) for n in range(60)], every=0.01)
+        await log.close()
+        return outcomes
+
+    assert asyncio.run(scenario()) == ["ok"] * 60
+    assert seen["most_in_flight"] == 1 and len(seen["fds"]) == 1
+    assert sorted(json.loads(x)["event_id"] for p in event_files(tmp_path) for x in p.read_bytes().splitlines()) \
+        == sorted(f"e{n}" for n in range(60))
+
+
+def test_a_failing_sync_fails_its_own_batch_and_no_answer_claims_durability(tmp_path, monkeypatch):
+    # The second batch's sync fails while the first is still in flight on the same file.
+    seen = _slow_durable_appends(monkeypatch, seconds=0.06, fail_call=2)
+    lines = [line(n) for n in range(100)]
+
+    async def scenario() -> list[str]:
+        log = EventLog(tmp_path, rotate_seconds=60, rotate_bytes=10_000_000, now=now, syncs_in_flight=2)
+        await log.start()
+        outcomes = await _staggered_appends(log, seen, lines, every=0.01)
+        assert log.failure is None  # later batches succeeded: the log recovered
+        await log.close()
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert seen["most_in_flight"] == 2
+    failed_batch = [batch for batch, ok in seen["batches"] if ok is False]
+    assert len(failed_batch) == 1
+    failed = {x for x in failed_batch[0]}
+    assert [x.rstrip(b"\n") in failed for x in lines] == [o == "failed" for o in outcomes]
+    assert 0 < outcomes.count("failed") < 100
+    # The file the failure happened in was closed and renamed into place; later batches went to another.
+    files = event_files(tmp_path)
+    assert len(files) == 2 and in_progress_files(tmp_path) == []
+    written = [x for p in files for x in p.read_bytes().splitlines()]
+    assert set(written) >= {x.rstrip(b"\n") for x, o in zip(lines, outcomes) if o == "ok"}
+    assert not set(written) & failed  # the failing call here wrote nothing
+
+
 # ---- the hot path, in process ----------------------------------------------------------------
 
 async def _asgi(app, method: str, path: str, *, query: bytes = b"", root_path: str = "",
@@ -611,17 +739,17 @@ def test_clicks_and_opens_answer_the_same_ahead_of_the_router_as_through_it(tmp_
                 answer, scope = await _asgi(app, method, path)
                 assert answer[0]["status"] == status and "app" in scope, (method, path)
             # A disk that refuses the write: 503 with Retry-After both ways, never the redirect or the GIF.
-            def failing_write(data: bytes) -> None:
+            def failing_write(slot: int, data: bytes) -> None:
                 raise OSError(28, "No space left on device")
 
-            writes, app.state.service.log._write = app.state.service.log._write, failing_write
+            writes, app.state.service.log._commit = app.state.service.log._commit, failing_write
             for path in (f"/c/{click}", f"/o/{opened}.gif"):
                 for root_path in ("", "/mounted"):
                     (start, body), _ = await _asgi(app, "GET", path, root_path=root_path)
                     assert start["status"] == 503 and (b"retry-after", b"30") in start["headers"], (path, root_path)
                     assert not any(name == b"location" for name, _ in start["headers"])
                     assert body["body"] == b"Service unavailable\n"
-            app.state.service.log._write = writes
+            app.state.service.log._commit = writes
 
     asyncio.run(scenario())
     events = [json.loads(x) for p in event_files(tmp_path / "landing" / "events" / "serve")

@@ -702,6 +702,9 @@ class ServeSettings:
     # old or would grow past this size; nothing is written for an idle interval.
     rotate_seconds: int = 60
     rotate_bytes: int = 8_000_000
+    # Batches of events fsync'd at once per worker (group commit, pipelined): while one sync waits for
+    # the disk the next batch is written and synced beside it. 1: one sync after the other.
+    syncs_in_flight: int = 2
     # Reverse proxies whose X-Forwarded-For and X-Forwarded-Proto are believed (uvicorn's forwarded_allow_ips).
     forwarded_allow_ips: list[str] = field(default_factory=lambda: ["127.0.0.1"])
     # User agent classes, first match wins (the defaults above); no match is "other", no header "none".
@@ -725,7 +728,8 @@ class ServeSettings:
 
         if not 0 < self.port < 65536:
             raise bad("port", f"must be a TCP port 1..65535, got {self.port}")
-        for key in ("workers", "rotate_seconds", "rotate_bytes", "form_max_age_minutes", "max_body_bytes"):
+        for key in ("workers", "rotate_seconds", "rotate_bytes", "syncs_in_flight", "form_max_age_minutes",
+                    "max_body_bytes"):
             if getattr(self, key) < 1:
                 raise bad(key, f"must be 1 or more, got {getattr(self, key)}")
         if self.machine_open_seconds < 0:

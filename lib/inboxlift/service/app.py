@@ -78,7 +78,7 @@ def _iso(instant: dt.datetime) -> str:
     # isoformat is twice as fast as strftime; the clock gives UTC, so the offset is always +00:00.
     if instant.tzinfo is not dt.timezone.utc:
         instant = instant.astimezone(dt.timezone.utc)
-    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return instant.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class _EventIds:
@@ -132,9 +132,18 @@ def event_line(*, event_type: str, at: dt.datetime, user_id: str, campaign_id: s
     if message_id:
         parts += (',"message_id":', _quote(message_id))
     parts.append(',"properties":{')
-    parts.append(",".join(f"{_quote(k)}:{_quote(v)}" for k, v in properties.items() if v))
+    parts.append(",".join([(_KEYS.get(k) or _quoted_key(k)) + _quote(v) for k, v in properties.items() if v]))
     parts.append("}}\n")
     return "".join(parts).encode("utf-8")
+
+
+# Property names, quoted once: a few names from this module's code, so the dict stays small.
+_KEYS: dict[str, str] = {}
+
+
+def _quoted_key(name: str) -> str:
+    _KEYS[name] = quoted = _quote(name) + ":"
+    return quoted
 
 
 class TrackingService:
@@ -152,7 +161,8 @@ class TrackingService:
         self.agents = AgentRules.from_settings(settings.serve)
         self.pages = Pages(shop_name=settings.render.from_name)
         self.log = EventLog(events_dir(settings), rotate_seconds=settings.serve.rotate_seconds,
-                            rotate_bytes=settings.serve.rotate_bytes, now=clock.now)
+                            rotate_bytes=settings.serve.rotate_bytes, now=clock.now,
+                            syncs_in_flight=settings.serve.syncs_in_flight)
         base = urlsplit(settings.render.links_base_url)
         self.link_origin = f"{base.scheme}://{base.netloc}".lower()
 

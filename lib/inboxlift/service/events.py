@@ -7,10 +7,18 @@ in-progress file, ``.<name>.jsonl`` (ingest's listing skips names starting with 
 ``<name>.jsonl``: from then on it never changes, so ingest, which knows a file by path, size and
 modification time, reads it exactly once.
 
-Group commit: requests that arrive while a write is under way are written together by the next
+Group commit: requests that arrive while a batch is being synced are written together by the next
 one, with one ``fdatasync`` for all of them, so throughput grows with concurrency instead of being
-one sync per request. The file work runs on one thread of its own, in order, so the event loop never
-waits on the disk and writes, rotations and the final rename never interleave.
+one sync per request. Up to ``syncs_in_flight`` batches (two by default) are synced at once: when the
+disk is slower than the requests come, the next batch does not wait for the running sync but starts
+its own as soon as it has as many events as the batch before it. When the disk keeps up, the batch
+in flight finishes first and its successor simply goes next, so no sync is spent on a smaller batch.
+Each slot has a descriptor of its own (an ``open`` of its own, not a ``dup``): Linux reports a
+write-back error once per open file, so one shared descriptor could hand the error to the other
+batch's ``fdatasync`` and let this one claim success. File work runs on the log's own threads, so the
+event loop never waits on the disk. Choosing the file, rotating and renaming are done under a lock;
+a batch is appended (``O_APPEND``: whole, never interleaved with another) and synced outside it, and a
+file is renamed into place only once no batch on it is still being written or synced.
 
 A killed server leaves its in-progress file behind. The writer holds an exclusive ``flock`` on its
 file for as long as it is open (the kernel drops it when the process dies), so at start each
@@ -29,6 +37,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -40,6 +49,8 @@ SUFFIX = ".jsonl"
 _IN_PROGRESS = re.compile(r"\.serve-[A-Za-z0-9-]+\.jsonl")
 # macOS has no fdatasync; fsync is the same guarantee there (and more work).
 _datasync = getattr(os, "fdatasync", os.fsync)
+# Linux (4.7+): a write that is also an fdatasync of what it wrote.
+_RWF_DSYNC = getattr(os, "RWF_DSYNC", 0) if hasattr(os, "pwritev") and os.uname().sysname == "Linux" else 0
 
 
 class EventLogError(RuntimeError):
@@ -98,6 +109,34 @@ def finalise_leftovers(folder: Path) -> list[Path]:
     return done
 
 
+class _File:
+    """An in-progress event file: one descriptor per sync slot, its size, and the syncs running on it."""
+
+    __slots__ = ("path", "fds", "size", "opened_at", "syncing", "retired")
+
+    def __init__(self, path: Path, fds: list[int], opened_at: float) -> None:
+        self.path, self.fds, self.opened_at = path, fds, opened_at
+        self.size = 0
+        self.syncing = 0
+        self.retired = False
+
+
+def _append_durably(fd: int, data: bytes) -> None:
+    """Append ``data`` through ``fd`` (opened with ``O_APPEND``) and return once it is on disk.
+
+    On Linux one ``pwritev2(RWF_DSYNC)`` call does both (the same work as ``write`` then
+    ``fdatasync``, one system call less); elsewhere ``write`` then ``fdatasync`` (``fsync`` on macOS).
+    """
+    view = memoryview(data)
+    if _RWF_DSYNC:
+        while view:  # offset -1: at the file position, which O_APPEND makes the end
+            view = view[os.pwritev(fd, [view], -1, _RWF_DSYNC):]
+        return
+    while view:
+        view = view[os.write(fd, view):]
+    _datasync(fd)
+
+
 class EventLog:
     """Appends event lines durably to rotated files in ``folder`` (see the module docstring).
 
@@ -106,24 +145,34 @@ class EventLog:
         rotate_seconds, rotate_bytes: when an in-progress file is closed and renamed into place.
         now: the wall clock, for file names (UTC).
         monotonic: for the age of files.
+        syncs_in_flight: batches synced at once (1: one after the other).
     """
 
     def __init__(self, folder: Path, *, rotate_seconds: float, rotate_bytes: int,
-                 now: Callable[[], dt.datetime], monotonic: Callable[[], float] = time.monotonic) -> None:
+                 now: Callable[[], dt.datetime], monotonic: Callable[[], float] = time.monotonic,
+                 syncs_in_flight: int = 2) -> None:
+        if syncs_in_flight < 1:
+            raise ValueError("syncs_in_flight must be 1 or more")
         self.folder = folder
         self.rotate_seconds = rotate_seconds
         self.rotate_bytes = rotate_bytes
+        self.syncs_in_flight = syncs_in_flight
         self._now = now
         self._monotonic = monotonic
         self._writer = writer_id()
         self._sequence = 0
-        self._fd: int | None = None
-        self._path: Path | None = None
-        self._size = 0
-        self._opened_at = 0.0
+        # Thread side (under _lock): the file being appended to.
+        self._lock = threading.Lock()
+        self._file: _File | None = None
+        # Loop side: lines waiting for a free slot, and the slots (descriptor indexes) not syncing.
         self._pending: list[bytes] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._flushing = False
+        self._free_slots = list(range(syncs_in_flight))
+        self._launch_due = False
+        self._last_batch = 0
+        self.events_written = 0
+        self.syncs = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.failure: str | None = None
@@ -134,31 +183,33 @@ class EventLog:
     async def start(self) -> list[Path]:
         """Create the folder, finalise leftovers of killed servers, start the rotation timer."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="event-log")
+        self._loop = asyncio.get_running_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.syncs_in_flight,
+                                                               thread_name_prefix="event-log")
         recovered = await self._in_thread(finalise_leftovers, self.folder)
         if recovered:
             log.warning("finalised %d event file(s) left by a stopped server: %s", len(recovered),
                         ", ".join(p.name for p in recovered))
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        self._ticker = self._loop.create_task(self._tick())
         return recovered
 
     async def close(self) -> None:
-        """Write what is pending, rename the current file into place, stop the thread."""
+        """Write what is pending, rename the current file into place, stop the threads."""
         if self._ticker is not None:
             self._ticker.cancel()
             try:
                 await self._ticker
             except asyncio.CancelledError:
                 pass
-        while self._flushing or self._pending:
-            if self._flushing:
-                await asyncio.sleep(0.001)
-            else:
-                await self._flush()
+        while self._pending or len(self._free_slots) < self.syncs_in_flight:
+            if self._pending and self._free_slots:
+                self._launch()
+            await asyncio.sleep(0.001)
         if self._executor is not None:
-            await self._in_thread(self._finalise)
+            await self._in_thread(self._close_file)
             self._executor.shutdown(wait=True)
             self._executor = None
+        log.info("event log closed: %d event(s) in %d sync(s)", self.events_written, self.syncs)
 
     # ---- appending --------------------------------------------------------------------------
 
@@ -170,40 +221,66 @@ class EventLog:
         """
         if self._executor is None:
             raise EventLogError("the event log is not started")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter = self._loop.create_future()  # type: ignore[union-attr]
         self._pending.append(line)
         self._waiters.append(waiter)
-        if not self._flushing:
-            loop.create_task(self._flush())
+        if not self._launch_due and self._batch_is_due():
+            # After the callbacks already queued: requests read in the same turn of the loop join.
+            self._launch_due = True
+            self._loop.call_soon(self._launch)  # type: ignore[union-attr]
         await waiter
 
-    async def _flush(self) -> None:
-        if self._flushing:
+    def _batch_is_due(self) -> bool:
+        """A slot is free, and either no sync is running or the pending batch is as large as the
+        last one launched (waiting longer would only make a sync beside it smaller)."""
+        free = len(self._free_slots)
+        return bool(free) and (free == self.syncs_in_flight or len(self._pending) >= self._last_batch)
+
+    def _launch(self) -> None:
+        """Hand what is pending to a free slot's thread, as one batch."""
+        self._launch_due = False
+        if not self._pending or not self._free_slots:
             return
-        self._flushing = True
+        slot = self._free_slots.pop()
+        lines, waiters = self._pending, self._waiters
+        self._pending, self._waiters = [], []
+        self._last_batch = len(lines)
         try:
-            # Whatever arrived while the previous batch was syncing is the next batch.
-            while self._pending:
-                lines, waiters = self._pending, self._waiters
-                self._pending, self._waiters = [], []
-                try:
-                    await self._in_thread(self._write, b"".join(lines))
-                except (OSError, RuntimeError) as exc:  # RuntimeError: the thread is gone (shutting down)
-                    self.failure = f"{type(exc).__name__}: {exc}"
-                    log.error("event file write failed: %s", self.failure)
-                    error = EventLogError(self.failure)
-                    for waiter in waiters:
-                        if not waiter.done():
-                            waiter.set_exception(error)
-                    continue
-                self.failure = None
-                for waiter in waiters:
-                    # A request cancelled meanwhile (client gone) has its event written all the same.
-                    if not waiter.done():
-                        waiter.set_result(None)
-        finally:
-            self._flushing = False
+            if self._executor is None:  # appended while the log was closing
+                raise RuntimeError("the event log is closed")
+            done = self._loop.run_in_executor(self._executor, self._commit, slot, b"".join(lines))  # type: ignore[union-attr]
+        except RuntimeError as exc:  # the executor is shutting down
+            self._free_slots.append(slot)
+            self._answer(waiters, exc)
+            return
+        done.add_done_callback(lambda future: self._committed(slot, waiters, future))
+
+    def _committed(self, slot: int, waiters: list[asyncio.Future[None]], future: asyncio.Future[None]) -> None:
+        self._free_slots.append(slot)
+        error = future.exception() if not future.cancelled() else RuntimeError("the sync was cancelled")
+        if error is None:
+            self.syncs += 1
+            self.events_written += len(waiters)
+        self._answer(waiters, error)
+        # What arrived while this batch was syncing is the next batch: now, unless another sync is
+        # still running and the pending batch is smaller than the last (it grows while that one runs).
+        if self._pending and not self._launch_due and self._batch_is_due():
+            self._launch()
+
+    def _answer(self, waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+        if error is None:
+            self.failure = None
+            for waiter in waiters:
+                # A request cancelled meanwhile (client gone) has its event written all the same.
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        self.failure = f"{type(error).__name__}: {error}"
+        log.error("event file write failed: %s", self.failure)
+        failed = EventLogError(self.failure)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(failed)
 
     async def _tick(self) -> None:
         """Rotate an idle file that has grown old, so its events reach ingest without new traffic."""
@@ -220,71 +297,90 @@ class EventLog:
         assert self._executor is not None
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    # ---- file work (on the log's own thread) ------------------------------------------------
+    # ---- file work (on the log's threads) ---------------------------------------------------
 
-    def _is_due(self, incoming: int) -> bool:
-        if self._fd is None:
-            return False
-        too_old = self._monotonic() - self._opened_at >= self.rotate_seconds
-        too_big = self._size > 0 and self._size + incoming > self.rotate_bytes
+    def _is_due(self, file: _File, incoming: int) -> bool:
+        too_old = self._monotonic() - file.opened_at >= self.rotate_seconds
+        too_big = file.size > 0 and file.size + incoming > self.rotate_bytes
         return too_old or too_big
 
     def _rotate_if_due(self) -> None:
-        if self._is_due(0):
-            self._finalise()
+        with self._lock:
+            if self._file is not None and self._is_due(self._file, 0):
+                self._retire(self._file)
 
-    def _write(self, data: bytes) -> None:
-        if self._is_due(len(data)):
-            self._finalise()
-        if self._fd is None:
-            self._open()
-        assert self._fd is not None
-        view = memoryview(data)
+    def _close_file(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._retire(self._file)
+
+    def _commit(self, slot: int, data: bytes) -> None:
+        """Append ``data`` to the current file through ``slot``'s descriptor and sync it."""
+        with self._lock:
+            if self._file is not None and self._is_due(self._file, len(data)):
+                self._retire(self._file)
+            if self._file is None:
+                self._file = self._open()
+            file = self._file
+            # Counted before it is written, so a batch beside this one rotates on the size with it.
+            file.size += len(data)
+            file.syncing += 1
+        failed = True
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            _datasync(self._fd)
-        except OSError:
-            # The file may end with part of this batch now: close it as it is (ingest quarantines a
-            # torn line) and start a fresh one with the next write.
-            self._size += len(data) - len(view)
-            self._safe_finalise()
-            raise
-        self._size += len(data)
+            _append_durably(file.fds[slot], data)
+            failed = False
+        finally:
+            with self._lock:
+                file.syncing -= 1
+                if failed:
+                    # The file may end with part of this batch now: close it as it is (ingest
+                    # quarantines a torn line) and start a fresh one with the next batch.
+                    self._retire(file, safely=True)
+                elif file.retired and not file.syncing:
+                    self._finalise(file, safely=True)
 
-    def _open(self) -> None:
+    def _open(self) -> _File:
         self._sequence += 1
         stamp = self._now().astimezone(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         name = f"{PREFIX}{stamp}-{self._writer}-{self._sequence:06d}{SUFFIX}"
         path = self.folder / f".{name}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        fds = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o644)]
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fds[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            while len(fds) < self.syncs_in_flight:
+                fds.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
             _sync_folder(self.folder)
         except OSError:
-            os.close(fd)
+            for fd in fds:
+                os.close(fd)
             raise
-        self._fd, self._path, self._size, self._opened_at = fd, path, 0, self._monotonic()
+        return _File(path, fds, self._monotonic())
 
-    def _finalise(self) -> None:
-        """Rename the current file into place (still holding its lock), make that durable, close it."""
-        if self._fd is None or self._path is None:
+    def _retire(self, file: _File, *, safely: bool = False) -> None:
+        """No more writes to ``file``: the next batch opens a new one. It is renamed into place now,
+        or by the last of its syncs still running."""
+        file.retired = True
+        if self._file is file:
+            self._file = None
+        if not file.syncing:
+            self._finalise(file, safely=safely)
+
+    def _finalise(self, file: _File, *, safely: bool = False) -> None:
+        """Rename ``file`` into place (still holding its lock), make that durable, close it."""
+        if not file.fds:
             return
-        fd, path = self._fd, self._path
-        self._fd, self._path = None, None
+        fds, file.fds = file.fds, []
         try:
-            if self._size:
-                os.rename(path, path.with_name(path.name[1:]))
+            if os.fstat(fds[0]).st_size:  # not file.size: a failed batch may have written nothing
+                os.rename(file.path, file.path.with_name(file.path.name[1:]))
                 self.files_written += 1
             else:
-                path.unlink()
+                file.path.unlink()
             _sync_folder(self.folder)
-        finally:
-            os.close(fd)
-
-    def _safe_finalise(self) -> None:
-        try:
-            self._finalise()
         except OSError as exc:
+            if not safely:
+                raise
             log.error("could not close a failed event file (the next start finalises it): %s", exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
