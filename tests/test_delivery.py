@@ -182,8 +182,7 @@ def test_a_task_run_again_replays_its_journal_and_resends_nothing(tmp_path):
     first.started("a@shop.example", 1, NOW)
     first.ended("a@shop.example", 1, NOW, state=S.SENT, code=250, reply="ok")
     first.started("b@shop.example", 1, NOW)   # the task died here, after the content went out
-    with open(first.path, "a", encoding="utf-8") as fh:
-        fh.write('{"k": "start", "m": "c@sh')  # and a line cut short: never handed over
+    first._fh.write('{"k": "start", "m": "c@sh')  # and a line cut short: never handed over
     first.close()
     handler = ScriptedHandler()
     with smtp_server(handler) as port:

@@ -162,36 +162,27 @@ class TaskJournal:
                     self.recorded[key] = Recorded(entry.get("s"), entry.get("c"), entry.get("x"))
                 elif entry.get("k") == START:
                     self.recorded.setdefault(key, Recorded(None))
-        # Unbuffered, append-only: each line is one write(2) of its bytes, in the file (the OS's
-        # cache) when the call returns, with nothing left in a Python buffer for a crash to lose.
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
-        if self._fd is None:
-            raise ValueError(f"journal {self.path} is closed")
-        while line:
-            line = line[os.write(self._fd, line):]
+        self._fh = open(self.path, "a", encoding="utf-8")
 
     def started(self, message_id: str, attempt: int, at: dt.datetime) -> None:
         """Durable before the message's content is handed to the relay."""
-        self._append({"k": START, "m": message_id, "a": attempt, "t": _iso(at)})
+        self._fh.write(json.dumps({"k": START, "m": message_id, "a": attempt, "t": _iso(at)}) + "\n")
+        self._fh.flush()
         if self.fsync:
-            os.fsync(self._fd)  # type: ignore[arg-type]
+            os.fsync(self._fh.fileno())
 
     def ended(self, message_id: str, attempt: int, at: dt.datetime, *, state: str, code: int | None = None,
               reply: str | None = None, reason: str | None = None, next_at: dt.datetime | None = None) -> None:
         entry = {"k": END, "m": message_id, "a": attempt, "t": _iso(at), "s": state, "c": code, "r": reply,
                  "x": reason, "n": _iso(next_at)}
-        self._append({k: v for k, v in entry.items() if v is not None})
+        self._fh.write(json.dumps({k: v for k, v in entry.items() if v is not None}) + "\n")
+        self._fh.flush()
 
     def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
 
 
 # ---- driver side: the run lock --------------------------------------------------------------------
