@@ -82,6 +82,12 @@ def test_one_connection_sends_each_message_once_with_the_outbox_bytes(tmp_path):
 def test_wire_data_doubles_leading_dots_and_ends_with_the_terminator():
     assert wire_data(b"a\r\n.b\r\n..c") == b"a\r\n..b\r\n...c\r\n.\r\n"
     assert wire_data(b"") == b"\r\n.\r\n"
+    # Without a line that starts with a dot the bytes pass unchanged, then the terminator.
+    assert wire_data(b"a.b\r\nc.\r\n") == b"a.b\r\nc.\r\n.\r\n"
+    assert wire_data(b"a.b") == b"a.b\r\n.\r\n"
+    # A dot on the first line only, and one after a bare LF, are doubled too.
+    assert wire_data(b".a\r\nb") == b"..a\r\nb\r\n.\r\n"
+    assert wire_data(b"a\n.b\r\n") == b"a\n..b\r\n.\r\n"
 
 
 def test_throttle_codes_slow_the_task_down_then_defer_a_4xx_defers_a_5xx_bounces(tmp_path):

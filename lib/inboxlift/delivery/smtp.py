@@ -77,10 +77,10 @@ def _text(message: bytes | str) -> str:
 
 def wire_data(message: bytes) -> bytes:
     """The DATA payload: leading dots doubled (RFC 5321 4.5.2), a final CRLF, then ``.`` CRLF."""
-    payload = _LEADING_DOT.sub(b"..", message)
-    if not payload.endswith(b"\r\n"):
-        payload += b"\r\n"
-    return payload + b".\r\n"
+    # Most messages have no line starting with a dot: a substring search is far cheaper than the
+    # regex's scan of every line, and the message is then copied once, with its terminator.
+    payload = _LEADING_DOT.sub(b"..", message) if message[:1] == b"." or b"\n." in message else message
+    return payload + (b".\r\n" if payload.endswith(b"\r\n") else b"\r\n.\r\n")
 
 
 class RelayConnection:
