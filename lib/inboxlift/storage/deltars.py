@@ -8,7 +8,7 @@ taken from the Hive-style folders. No table data passes through the driver;
 only file lists (metadata) do.
 
 Merge and overwrite-by-predicate rewrite only the files that hold affected
-rows: Spark finds them (a semi-join on the keys, or a filtered scan), the
+rows: Spark finds them (a join on the keys, or a filtered scan), the
 rewrite is one Spark write, and the commit removes exactly those files.
 """
 
