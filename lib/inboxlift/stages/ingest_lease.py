@@ -198,10 +198,13 @@ class IngestLease:
             won = not result.skipped
         except ConcurrentWriteError:
             won = False
-        after = read_lease(ctx)
-        if won and after is not None and after.sequence == new.sequence and after.owner == new.owner:
-            self.state = after
+        if won:
+            # A write that was neither skipped nor refused holds the row: a rival writing the same
+            # sequence either finds its transaction id committed (skipped) or fails Delta's conflict
+            # check, so there is nothing to read back.
+            self.state = new
             return
+        after = read_lease(ctx)
         if taking:
             raise ConcurrentIngestError(_busy_message(after) if after is not None else
                                         "another ingest took this lake's ingest lease at the same moment; "

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
 from inboxlift.consent import SUPPRESSIONS_TABLE, with_mail_permission
@@ -230,6 +230,25 @@ def _write_outbox(ctx: RunContext, messages: DataFrame, *, failures: DataFrame, 
     return result, tuple(sorted((r["campaign_id"], r[STATUS_REASON], r["count"]) for r in withdrawn))
 
 
+def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame) -> tuple[list[Row], list[Row], list[Row]]:
+    """Rendered and failed messages per campaign, variant and reason; refused ones per campaign and
+    reason; holdout rows per campaign. One Spark job for the three (small: one row per group)."""
+    tally = "_tally"
+    rows = (
+        rendered.groupBy("campaign_id", "variant", "reason").count().withColumn(tally, F.lit("rendered"))
+        .unionByName(blocked.groupBy("campaign_id", "reason").count()
+                     .withColumn("variant", F.lit(None).cast("string")).withColumn(tally, F.lit("refused")))
+        .unionByName(plan.where(is_holdout()).groupBy("campaign_id").count()
+                     .withColumn("variant", F.lit(None).cast("string")).withColumn("reason", F.lit(None).cast("string"))
+                     .withColumn(tally, F.lit("holdout")))
+        .collect()
+    )
+    by_tally: dict[str, list[Row]] = {"rendered": [], "refused": [], "holdout": []}
+    for row in rows:
+        by_tally[row[tally]].append(row)
+    return by_tally["rendered"], by_tally["refused"], by_tally["holdout"]
+
+
 def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapping[str, str] | None = None,
                dbutils: Any = None) -> RenderReport:
     """Render the plan of one campaign (or of all) into ``outbox`` and ``render_errors``.
@@ -259,10 +278,7 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
         ).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             blocked = _blocked_rows(checked.where(F.col("blocked_reason").isNotNull()), now=now)
-            # Small: one row per campaign, variant and reason.
-            counts = rendered.groupBy("campaign_id", "variant", "reason").count().collect()
-            refused = blocked.groupBy("campaign_id", "reason").count().collect()
-            holdout = plan.where(is_holdout()).groupBy("campaign_id").count().collect()
+            counts, refused, holdout = _tallies(rendered, blocked=blocked, plan=plan)
             messages = rendered.where(F.col("reason").isNull()).select(
                 *OUTBOX_COLUMNS, F.lit(None).cast("string").alias(STATUS_REASON))
             failures = rendered.where(F.col("reason").isNotNull()).select(*RENDER_ERROR_COLUMNS).unionByName(blocked)

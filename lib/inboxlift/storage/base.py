@@ -144,5 +144,10 @@ def assert_unique_keys(table: str, source: DataFrame, keys: list[str]) -> None:
     dupes = source.groupBy(*keys).agg(F.count(F.lit(1)).alias("rows")).where("rows > 1").limit(3)
     examples = dupes.collect()  # at most three rows
     if examples:
-        shown = "; ".join(", ".join(f"{k}={r[k]!r}" for k in keys) + f" ({r['rows']} rows)" for r in examples)
-        raise MergeSourceError(f"merge into {table!r}: the source has duplicate keys, e.g. {shown}")
+        raise_duplicate_keys(table, keys, [(r, r["rows"]) for r in examples])
+
+
+def raise_duplicate_keys(table: str, keys: list[str], examples: list[tuple[Any, int]]) -> None:
+    """Raise :class:`MergeSourceError` naming the duplicate keys found: (row with the keys, count) pairs."""
+    shown = "; ".join(", ".join(f"{k}={row[k]!r}" for k in keys) + f" ({count} rows)" for row, count in examples)
+    raise MergeSourceError(f"merge into {table!r}: the source has duplicate keys, e.g. {shown}")

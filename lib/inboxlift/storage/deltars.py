@@ -8,7 +8,7 @@ taken from the Hive-style folders. No table data passes through the driver;
 only file lists (metadata) do.
 
 Merge and overwrite-by-predicate rewrite only the files that hold affected
-rows: Spark finds them (a semi-join on the keys, or a filtered scan), the
+rows: Spark finds them (a join on the keys, or a filtered scan), the
 rewrite is one Spark write, and the commit removes exactly those files.
 """
 
@@ -45,6 +45,7 @@ from inboxlift.storage.base import (
     assert_unique_keys,
     check_merge_keys,
     check_schema,
+    raise_duplicate_keys,
 )
 from inboxlift.storage.deltars_source import (
     FORMAT_NAME,
@@ -64,6 +65,8 @@ from inboxlift.storage.errors import (
 from inboxlift.storage.names import TableRef
 
 FILE_COL = "_inboxlift_file"
+_ROWS = "_inboxlift_rows"
+_IS_DUPLICATE = "_inboxlift_is_duplicate"
 STAGING_DIR = "_inboxlift_staging"
 # Reader features whose meaning a plain Parquet read would get wrong.
 _UNREADABLE_FEATURES = {"deletionVectors", "columnMapping", "v2Checkpoint", "typeWidening"}
@@ -363,6 +366,40 @@ class DeltaRsBackend:
         return self._commit(ref, table, operation=operation, schema=schema, partition_by=parts, files=files,
                             removes=removes, mode=commit_mode, write_id=write_id, replace_schema=replace_schema)
 
+    @staticmethod
+    def _merge_scan(ref: TableRef, source: DataFrame, target: DataFrame,
+                    keys: list[str]) -> tuple[set[str], bool]:
+        """The files holding the source's keys, and whether the source has rows, in one Spark job.
+
+        The same job checks that the source holds each key once (a merge with duplicate keys would
+        depend on row order): both branches share one aggregation of the source by key, which Spark
+        computes once, so the source is read once for the check and the file search together.
+        Returns (affected file URIs, the source has rows). Collects at most one row per file of the
+        table, one for the keys not in it, and three duplicate keys: metadata, never table data.
+
+        Raises:
+            MergeSourceError: the source has duplicate keys (up to three named, with their counts).
+        """
+        per_key = source.groupBy(*keys).agg(F.count(F.lit(1)).alias(_ROWS))
+        key_types = {f.name: f.dataType for f in per_key.schema.fields}
+        # A left join: keys in no file (new rows) make one group with a null file.
+        per_file = (
+            per_key.join(target.select(*keys, FILE_COL), on=keys, how="left")
+            .groupBy(FILE_COL).agg(F.max(_ROWS).alias(_ROWS))
+            .select(F.lit(False).alias(_IS_DUPLICATE), *[F.lit(None).cast(key_types[k]).alias(k) for k in keys],
+                    FILE_COL, _ROWS)
+        )
+        duplicates = (
+            per_key.where(F.col(_ROWS) > 1).limit(3)
+            .select(F.lit(True).alias(_IS_DUPLICATE), *keys, F.lit(None).cast("string").alias(FILE_COL), _ROWS)
+        )
+        rows = per_file.unionByName(duplicates).collect()
+        examples = [r for r in rows if r[_IS_DUPLICATE]]
+        if examples:
+            raise_duplicate_keys(ref.name, keys, [(r, r[_ROWS]) for r in examples])
+        groups = [r for r in rows if not r[_IS_DUPLICATE]]
+        return {_normalise_uri(r[FILE_COL]) for r in groups if r[FILE_COL] is not None}, bool(groups)
+
     def merge(self, ref: TableRef, source: DataFrame, *, keys: list[str], update_condition: str | None,
               insert_new: bool, write_id: WriteId | None) -> WriteResult:
         if not self.exists(ref):
@@ -376,19 +413,18 @@ class DeltaRsBackend:
         table_schema = _spark_schema(table)
         check_merge_keys(ref.name, keys, source.columns, table_schema.fieldNames())
         check_schema(ref.name, table_schema, source.schema, merge_schema=False)
-        assert_unique_keys(ref.name, source, keys)
         parts = list(table.metadata().partition_columns)
         actions = self._actions(table)
         by_file = {_normalise_uri(f"{table.table_uri.rstrip('/')}/{unquote(a['path'])}"): a for a in actions}
 
-        source_keys = source.select(*keys).distinct()
         target = self._frame(ref, table, actions, with_file=True)
-        # One row per affected file (metadata), found by a distributed semi-join on the keys.
-        affected_files = {
-            _normalise_uri(r[0])
-            for r in target.select(*keys, FILE_COL).join(source_keys, on=keys, how="left_semi")
-            .select(FILE_COL).distinct().collect()
-        }
+        affected_files, has_rows = self._merge_scan(ref, source, target, keys)
+        if not has_rows or (not affected_files and not insert_new):
+            # Nothing to change (an empty source, or only new keys where inserts are off): commit the
+            # empty transaction without a Spark write, so the version and the write id advance as for
+            # any other merge.
+            return self._commit(ref, table, operation="merge", schema=table_schema, partition_by=parts, files=[],
+                                removes=[], mode="append", write_id=write_id)
         affected = [by_file[f] for f in affected_files]
         columns = table_schema.fieldNames()
 
