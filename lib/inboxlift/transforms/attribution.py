@@ -26,12 +26,15 @@ once by user, and no join or aggregation after that moves rows again.
    and the events that name them, in one window per message. The outbox row gets the message's
    delivery and engagement flags; each human touch gets its recipient (user, campaign, day).
 2. **Per user** (partitioned by ``user_id``): the plan rows, the message rows, the touches and the
-   user's orders on one timeline in time order. The latest click and the latest open before each
-   order come from a running ``last(..., ignorenulls)`` (touches sort before orders at the same
-   instant), so last touch needs no range join; each recipient's uplift-window orders come from a
-   range frame over the same order. A group by (user, campaign, day), which needs no shuffle on
-   rows already partitioned by user, merges plan row and message (the full join of plan and outbox)
-   and adds the orders credited to the message.
+   user's orders, sorted once by (campaign, day, kind), and one window per user over that order. A
+   recipient's touches, plan row and message row are neighbours, so the message row takes its plan
+   row's values by a running ``last`` and the plan row stands alone only when no message row
+   follows it (``lead``): the full join of plan and outbox without a join or a group by. The same
+   window collects the user's orders and touches as two lists (whole-partition frames, computed
+   once per user; empty for most users), and each recipient row then counts, with higher-order
+   functions on those short lists, the orders of its uplift window and the orders whose credited
+   touch (:func:`_credit`: the latest click at or before the order, else the latest open) belongs to
+   its campaign day.
 """
 
 from __future__ import annotations
