@@ -18,7 +18,13 @@ from inboxlift.context import RunContext
 from inboxlift.models.tracking import tracking_client
 from inboxlift.storage import Lake
 from inboxlift.stages.report import EXPERIMENTS_TABLE, RESULTS_TABLE, run_report
-from inboxlift.transforms.attribution import OUTCOME_COLUMNS, attribute_orders, human_touches, orders_of, recipient_outcomes
+from inboxlift.transforms.attribution import (
+    OUTCOME_COLUMNS,
+    attribute_orders,
+    human_touches,
+    orders_of,
+    recipient_outcomes,
+)
 from report_data import CAMPAIGNS_YAML, D10, EXPECTED, ts, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +196,8 @@ def test_recipient_rows_merge_plan_and_outbox_and_count_their_orders(spark):
     plan = spark.createDataFrame([("c1", d, "u1", "A", ts("2026-11-10T10:00:00")),
                                   ("c2", d, "u1", "B", ts("2026-11-10T12:00:00")),
                                   ("c1", d, "u2", "holdout", ts("2026-11-10T10:00:00"))],
-                                 "campaign_id string, plan_date date, user_id string, variant string, send_at timestamp")
+                                 "campaign_id string, plan_date date, user_id string, variant string, "
+                                 "send_at timestamp")
     outbox = spark.createDataFrame([("m1", "c1", d, "u1", "A", "sent", ts("2026-11-10T10:00:00")),
                                     ("m2", "c2", d, "u1", "A", "sent", ts("2026-11-10T12:05:00")),
                                     ("m3", "c1", d, "u3", "A", "sent", ts("2026-11-10T10:30:00"))],

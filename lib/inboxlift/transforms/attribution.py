@@ -119,7 +119,8 @@ def _credit(order: Column, touches: Column, *, click_through_days: float, view_t
     def latest(is_click: bool) -> Column:
         def better(best: Column, x: Column) -> Column:
             counts = (x["is_click"] == F.lit(is_click)) & (x["t"] <= order["t"])
-            wins = best.isNull() | (x["t"] > best["t"]) | ((x["t"] == best["t"]) & (x["message_id"] < best["message_id"]))
+            is_tie = (x["t"] == best["t"]) & (x["message_id"] < best["message_id"])
+            wins = best.isNull() | (x["t"] > best["t"]) | is_tie
             return F.when(counts & wins, x).otherwise(best)
         return F.aggregate(touches, F.lit(None).cast(_TOUCH), better)
 
