@@ -18,8 +18,14 @@ from inboxlift.context import RunContext
 from inboxlift.models.tracking import tracking_client
 from inboxlift.storage import Lake
 from inboxlift.stages.report import EXPERIMENTS_TABLE, RESULTS_TABLE, run_report
-from inboxlift.transforms.attribution import attribute_orders, human_touches, orders_of
-from report_data import CAMPAIGNS_YAML, D10, EXPECTED, write_tables
+from inboxlift.transforms.attribution import (
+    OUTCOME_COLUMNS,
+    attribute_orders,
+    human_touches,
+    orders_of,
+    recipient_outcomes,
+)
+from report_data import CAMPAIGNS_YAML, D10, EXPECTED, ts, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -180,6 +186,55 @@ def test_last_touch_counts_a_click_at_the_order_instant_and_breaks_ties_by_messa
     credited = attribute_orders(orders_of(events), human_touches(events), messages, click_through_days=3,
                                 view_through_days=1)
     assert {r.message_id: r.attributed_orders for r in credited.collect()} == {"mB": 2}
+
+
+def test_recipient_rows_merge_plan_and_outbox_and_count_their_orders(spark):
+    """recipient_outcomes alone: u1 has two campaigns' messages on one day (the second's plan row
+    says variant B and 12:00, its message A and 12:05: the message's variant, the plan's time), u2 is
+    held out, u3's message lost its plan row (replaced after it left: the outbox's time counts)."""
+    d = D10
+    plan = spark.createDataFrame([("c1", d, "u1", "A", ts("2026-11-10T10:00:00")),
+                                  ("c2", d, "u1", "B", ts("2026-11-10T12:00:00")),
+                                  ("c1", d, "u2", "holdout", ts("2026-11-10T10:00:00"))],
+                                 "campaign_id string, plan_date date, user_id string, variant string, "
+                                 "send_at timestamp")
+    outbox = spark.createDataFrame([("m1", "c1", d, "u1", "A", "sent", ts("2026-11-10T10:00:00")),
+                                    ("m2", "c2", d, "u1", "A", "sent", ts("2026-11-10T12:05:00")),
+                                    ("m3", "c1", d, "u3", "A", "sent", ts("2026-11-10T10:30:00"))],
+                                   "message_id string, campaign_id string, plan_date date, user_id string, "
+                                   "variant string, status string, send_at timestamp")
+    deliveries = spark.createDataFrame([("m1", "sent"), ("m2", "sent"), ("m3", "bounced")],
+                                       "message_id string, state string")
+    events = spark.createDataFrame([
+        # u1 clicks c1's message, then opens c2's; the order after both is c1's (a click beats an open).
+        ("e1", "u1", "email_click", ts("2026-11-10T11:00:00"), None, None, None, "m1", None),
+        ("e2", "u1", "email_open", ts("2026-11-10T12:30:00"), None, None, None, "m2", {"is_machine_open": "false"}),
+        ("e3", "u1", "purchase", ts("2026-11-10T13:00:00"), "o1", 1, 10.0, None, None),
+        # Inside u2's uplift window (3 days from 10:00); u3's order is at its window's end, which is open.
+        ("e4", "u2", "purchase", ts("2026-11-12T09:00:00"), "o2", 2, 10.0, None, None),
+        ("e5", "u3", "purchase", ts("2026-11-13T10:30:00"), "o3", 1, 5.0, None, None),
+    ], "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, quantity int, "
+       "price double, message_id string, properties map<string,string>")
+    outcomes = recipient_outcomes(plan, outbox, deliveries, events, click_through_days=3, view_through_days=1,
+                                  uplift_window_days=3)
+    assert outcomes.columns == OUTCOME_COLUMNS
+    got = {(r.campaign_id, r.user_id): r.asDict() for r in outcomes.collect()}
+    # campaign, user -> variant, message, send time, sent, bounced, delivered, opened, clicks,
+    # attributed orders and revenue, window orders and revenue (worked out from the story above).
+    expected = {
+        ("c1", "u1"): ("A", "m1", "2026-11-10T10:00:00", True, False, True, True, 1, 1, 10.0, 1, 10.0),
+        ("c2", "u1"): ("A", "m2", "2026-11-10T12:00:00", True, False, True, True, 0, 0, 0.0, 1, 10.0),
+        ("c1", "u2"): ("holdout", None, "2026-11-10T10:00:00", False, False, False, False, 0, 0, 0.0, 1, 20.0),
+        ("c1", "u3"): ("A", "m3", "2026-11-10T10:30:00", True, True, False, False, 0, 0, 0.0, 0, 0.0),
+    }
+    assert set(got) == set(expected)
+    for key, values in expected.items():
+        row = got[key]
+        assert (row["variant"], row["message_id"], row["send_at"], row["is_sent"], row["is_bounced"],
+                row["is_delivered"], row["is_opened"], row["clicks"], row["attributed_orders"],
+                row["attributed_revenue"], row["window_orders"], row["window_revenue"]) == (
+            *values[:2], ts(values[2]), *values[3:]), key
+        assert row["send_date"] == d and row["is_treated"] == (values[0] != "holdout")
 
 
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):

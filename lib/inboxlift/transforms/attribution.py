@@ -26,12 +26,15 @@ once by user, and no join or aggregation after that moves rows again.
    and the events that name them, in one window per message. The outbox row gets the message's
    delivery and engagement flags; each human touch gets its recipient (user, campaign, day).
 2. **Per user** (partitioned by ``user_id``): the plan rows, the message rows, the touches and the
-   user's orders on one timeline in time order. The latest click and the latest open before each
-   order come from a running ``last(..., ignorenulls)`` (touches sort before orders at the same
-   instant), so last touch needs no range join; each recipient's uplift-window orders come from a
-   range frame over the same order. A group by (user, campaign, day), which needs no shuffle on
-   rows already partitioned by user, merges plan row and message (the full join of plan and outbox)
-   and adds the orders credited to the message.
+   user's orders, sorted once by (campaign, day, kind), and one window per user over that order. A
+   recipient's touches, plan row and message row are neighbours, so the message row takes its plan
+   row's values by a running ``last`` and the plan row stands alone only when no message row
+   follows it (``lead``): the full join of plan and outbox without a join or a group by. The same
+   window collects the user's orders and touches as two lists (whole-partition frames, computed
+   once per user; empty for most users), and each recipient row then counts, with higher-order
+   functions on those short lists, the orders of its uplift window and the orders whose credited
+   touch (:func:`_credit`: the latest click at or before the order, else the latest open) belongs to
+   its campaign day.
 """
 
 from __future__ import annotations
@@ -53,10 +56,6 @@ RECIPIENT_COLUMNS = ["campaign_id", "variant", "send_date", "user_id", "message_
 # order's instant counts (the window is [touch, touch + days)).
 _CLICK, _OPEN, _ORDER, _PLAN, _MESSAGE, _ATTEMPT, _UNSUBSCRIBE, _COMPLAINT = range(8)
 _WHOLE = (Window.unboundedPreceding, Window.unboundedFollowing)
-
-
-def _seconds(days: float) -> Column:
-    return F.make_dt_interval(F.lit(0), F.lit(0), F.lit(0), F.lit(float(days) * 86400.0))
 
 
 def _micros(days: float) -> int:
@@ -98,47 +97,60 @@ def _order_rows(orders: DataFrame) -> DataFrame:
         "user_id", F.lit(_ORDER).alias("kind"), F.col("order_ts").alias("ts"), "order_key", "revenue")
 
 
-def _credited_touch(timeline: DataFrame, *, keys: list[str], click_through_days: float,
-                    view_through_days: float) -> Column:
-    """For an order row of a per-user ``timeline`` (``user_id, kind, ts, t, message_id, order_key``
-    and ``keys``), the struct of ``keys`` of the touch it is credited to; null for other rows.
+_TOUCH = "struct<t:bigint,is_click:boolean,message_id:string,campaign_id:string,plan_date:date>"
 
-    In time order (touches first at one instant, then the smaller message id last, so that it wins
-    a tie), the latest click and the latest open at or before the order are running ``last`` values;
-    the latest one qualifies if any does, as the windows have one length per kind.
+
+def _touch_struct() -> Column:
+    """A touch row as an element of a user's touches (``_TOUCH``)."""
+    return F.struct(F.col("t").cast("bigint").alias("t"), (F.col("kind") == _CLICK).alias("is_click"),
+                    F.col("message_id").cast("string").alias("message_id"),
+                    F.col("campaign_id").cast("string").alias("campaign_id"),
+                    F.col("plan_date").cast("date").alias("plan_date"))
+
+
+def _credit(order: Column, touches: Column, *, click_through_days: float, view_through_days: float) -> Column:
+    """The touch (``_TOUCH``) an ``order`` (a struct with ``t``, its time in microseconds) is
+    credited to, of its user's ``touches``; null if none qualifies.
+
+    The latest click at or before the order (the smaller message id on a tie) if the order falls in
+    its window, else the latest open likewise: with one window length per kind, the latest touch of
+    a kind qualifies if any of that kind does.
     """
-    require_columns(timeline, ["user_id", "kind", "ts", "t", "message_id", "order_key", *keys], step="last touch")
-    before = (Window.partitionBy("user_id")
-              .orderBy("t", "kind", F.col("message_id").desc(), "order_key")
-              .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    touch = F.struct(F.col("ts").alias("at"), *keys)
-    last_click = F.last(F.when(F.col("kind") == _CLICK, touch), ignorenulls=True).over(before)
-    last_open = F.last(F.when(F.col("kind") == _OPEN, touch), ignorenulls=True).over(before)
-    is_order = F.col("kind") == _ORDER
-    click_counts = F.col("ts") < last_click["at"] + _seconds(click_through_days)
-    open_counts = F.col("ts") < last_open["at"] + _seconds(view_through_days)
-    credited = F.when(is_order & click_counts, last_click).when(is_order & open_counts, last_open)
-    return credited.dropFields("at")
+    def latest(is_click: bool) -> Column:
+        def better(best: Column, x: Column) -> Column:
+            counts = (x["is_click"] == F.lit(is_click)) & (x["t"] <= order["t"])
+            is_tie = (x["t"] == best["t"]) & (x["message_id"] < best["message_id"])
+            wins = best.isNull() | (x["t"] > best["t"]) | is_tie
+            return F.when(counts & wins, x).otherwise(best)
+        return F.aggregate(touches, F.lit(None).cast(_TOUCH), better)
+
+    click, view = latest(True), latest(False)
+    return (F.when(click.isNotNull() & (order["t"] < click["t"] + F.lit(_micros(click_through_days))), click)
+            .when(view.isNotNull() & (order["t"] < view["t"] + F.lit(_micros(view_through_days))), view))
 
 
 def attribute_orders(orders: DataFrame, touches: DataFrame, messages: DataFrame, *, click_through_days: float,
                      view_through_days: float) -> DataFrame:
     """``message_id, attributed_orders, attributed_revenue``: last touch across campaigns (module
-    docstring), on its own; :func:`recipient_outcomes` applies the same rule to its timeline.
+    docstring), on its own; :func:`recipient_outcomes` applies the same rule (:func:`_credit`).
 
     ``touches`` are :func:`human_touches`; ``messages`` maps ``message_id`` to its recipient
     ``user_id`` (the touch is the recipient's, whoever's browser fired it).
     """
     require_columns(orders, ["user_id", "order_key", "order_ts", "revenue"], step="attribute_orders")
     # messages is keyed by message_id: one user per touch.
-    owned = touches.join(messages.select("message_id", "user_id"), "message_id", how="inner").select(
-        "user_id", _touch_kind_of_type().alias("kind"), F.col("event_ts").alias("ts"), "message_id")
-    timeline = (owned.where(F.col("ts").isNotNull())
-                .unionByName(_order_rows(orders), allowMissingColumns=True)
-                .withColumn("t", F.unix_micros("ts")))
-    credited = timeline.select(
-        "revenue", _credited_touch(timeline, keys=["message_id"], click_through_days=click_through_days,
-                                   view_through_days=view_through_days).alias("credit"))
+    owned = (touches.join(messages.select("message_id", "user_id"), "message_id", how="inner")
+             .where(F.col("event_ts").isNotNull())
+             .select("user_id", "message_id", _touch_kind_of_type().alias("kind"),
+                     F.unix_micros("event_ts").alias("t"), F.lit(None).cast("string").alias("campaign_id"),
+                     F.lit(None).cast("date").alias("plan_date")))
+    per_user = owned.groupBy("user_id").agg(F.collect_list(_touch_struct()).alias("touches"))
+    timed = orders.where(F.col("order_ts").isNotNull()).select(
+        "user_id", "revenue", F.struct(F.unix_micros("order_ts").alias("t")).alias("order"))
+    # per_user is grouped by user_id: one row per order.
+    credited = timed.join(per_user, "user_id", how="inner").select(
+        "revenue", _credit(F.col("order"), F.col("touches"), click_through_days=click_through_days,
+                           view_through_days=view_through_days).alias("credit"))
     return (credited.where(F.col("credit").isNotNull())
             .groupBy(F.col("credit.message_id").alias("message_id"))
             .agg(F.count("*").cast("int").alias("attributed_orders"), F.sum("revenue").alias("attributed_revenue")))
@@ -211,57 +223,71 @@ def recipient_outcomes(plan: DataFrame, outbox: DataFrame, deliveries: DataFrame
     """
     require_columns(events, ["event_id", "user_id", "event_type", "event_ts", "order_id", "quantity", "price"],
                     step="recipient_outcomes")
-    timeline = (_plan_rows(plan, outbox)
-                .unionByName(_message_rows(outbox, deliveries, events), allowMissingColumns=True)
-                .unionByName(_order_rows(orders_of(events)), allowMissingColumns=True)
-                .withColumn("t", F.unix_micros("ts")))
-    credit = _credited_touch(timeline, keys=["campaign_id", "plan_date"], click_through_days=click_through_days,
-                             view_through_days=view_through_days)
-    # After the last-touch window the rows are sorted by (user, t): the range frame below needs no
-    # further sort, as long as it is applied second.
-    credited = timeline.withColumn("_credit", credit)
-    ahead = Window.partitionBy("user_id").orderBy("t").rangeBetween(0, _micros(uplift_window_days) - 1)
-    is_order = F.col("kind") == _ORDER
+    rows = (_plan_rows(plan, outbox)
+            .unionByName(_message_rows(outbox, deliveries, events), allowMissingColumns=True)
+            .unionByName(_order_rows(orders_of(events)), allowMissingColumns=True)
+            .select("user_id", "kind", "campaign_id", "plan_date", "variant", F.unix_micros("ts").alias("t"),
+                    "message_id", *_FLAGS, "clicks", "order_key", "revenue"))
+    # One sort: a user's rows by recipient (campaign, day), the recipient's touches, then its plan
+    # row, then its message row; the user's orders (no campaign) first. The plan and the outbox
+    # have one row per (campaign, day, user) (message ids are made from that key), so a message row
+    # directly follows its plan row when there is one.
+    ordered = Window.partitionBy("user_id").orderBy("campaign_id", "plan_date", "kind", "message_id", "order_key")
+    whole = ordered.rowsBetween(*_WHOLE)
+    upto = ordered.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    key = ["campaign_id", "plan_date"]
     is_recipient = F.col("kind").isin(_PLAN, _MESSAGE)
-    windowed = credited.select(
+    same_key_next = F.lit(True)
+    for column in key:
+        same_key_next = same_key_next & F.lead(column).over(ordered).eqNullSafe(F.col(column))
+    # The last plan or message row of a recipient stands for it; the plan row's values ride along.
+    is_last_of_recipient = is_recipient & ~F.coalesce(F.lead("kind").over(ordered).isin(_PLAN, _MESSAGE)
+                                                       & same_key_next, F.lit(False))
+    plan_row = F.last(F.when(F.col("kind") == _PLAN, F.struct(*key, "variant", "t")), ignorenulls=True).over(upto)
+    is_touch = F.col("kind").isin(_CLICK, _OPEN)
+    is_order = F.col("kind") == _ORDER
+    # Whole-partition frames are computed once per user; most users have neither orders nor touches.
+    user_orders = F.collect_list(F.when(is_order & F.col("t").isNotNull(), F.struct("t", "revenue"))).over(whole)
+    user_touches = F.collect_list(F.when(is_touch, _touch_struct())).over(whole)
+    recipients = rows.select(
+        "*", is_last_of_recipient.alias("_is_recipient"), plan_row.alias("_plan"),
+        user_orders.alias("_orders"), user_touches.alias("_touches")).where(F.col("_is_recipient"))
+
+    is_message = F.col("kind") == _MESSAGE
+    has_plan = F.col("_plan").isNotNull() & F.col("_plan.campaign_id").eqNullSafe(F.col("campaign_id")) \
+        & F.col("_plan.plan_date").eqNullSafe(F.col("plan_date"))
+    plan_value = lambda field: F.when(has_plan, F.col(f"_plan.{field}"))  # noqa: E731
+    variant = F.when(is_message, F.coalesce(F.col("variant"), plan_value("variant"))).otherwise(F.col("variant"))
+    send_t = F.when(is_message, F.coalesce(plan_value("t"), F.col("t"))).otherwise(F.col("t"))
+    has_orders = F.size("_orders") > 0   # collect_list gives an empty list, never null
+    # The recipient's orders in its uplift window, and those credited to its message.
+    in_window = F.filter("_orders", lambda o: (o["t"] >= F.col("_send_t"))
+                         & (o["t"] < F.col("_send_t") + F.lit(_micros(uplift_window_days))))
+    recipient = F.struct(F.col("campaign_id").cast("string").alias("campaign_id"),
+                         F.col("plan_date").cast("date").alias("plan_date"))
+    credited = F.filter("_orders", lambda o: F.coalesce(
+        _credit(o, F.col("_touches"), click_through_days=click_through_days, view_through_days=view_through_days)
+        .dropFields("t", "is_click", "message_id") == recipient, F.lit(False)))
+    revenue_of = lambda orders: F.aggregate(orders, F.lit(0.0), lambda acc, o: acc + o["revenue"])  # noqa: E731
+    with_orders = recipients.select(
+        "*", send_t.alias("_send_t"), variant.alias("_variant")).select(
         "*",
-        F.when(is_recipient & F.col("t").isNotNull(), F.count(F.when(is_order, F.lit(1))).over(ahead))
-        .alias("_window_orders"),
-        F.when(is_recipient & F.col("t").isNotNull(), F.sum(F.when(is_order, F.col("revenue"))).over(ahead))
-        .alias("_window_revenue"))
-    # Recipient rows, and orders moved onto the recipient (campaign, day) of the message they credit.
-    keyed = windowed.where(is_recipient | (is_order & F.col("_credit").isNotNull())).select(
-        "*",
-        F.coalesce(F.col("_credit.campaign_id"), F.col("campaign_id")).alias("_campaign_id"),
-        F.coalesce(F.col("_credit.plan_date"), F.col("plan_date")).alias("_plan_date"))
-    of = lambda kind, column: F.max(F.when(F.col("kind") == kind, F.col(column)))  # noqa: E731
-    # Grouped by user first: rows partitioned by user need no further shuffle.
-    merged = keyed.groupBy("user_id", "_campaign_id", "_plan_date").agg(
-        of(_PLAN, "variant").alias("plan_variant"), of(_PLAN, "ts").alias("plan_send_at"),
-        of(_PLAN, "_window_orders").alias("plan_window_orders"),
-        of(_PLAN, "_window_revenue").alias("plan_window_revenue"),
-        of(_MESSAGE, "message_id").alias("message_id"), of(_MESSAGE, "variant").alias("message_variant"),
-        of(_MESSAGE, "ts").alias("message_send_at"), of(_MESSAGE, "_window_orders").alias("message_window_orders"),
-        of(_MESSAGE, "_window_revenue").alias("message_window_revenue"),
-        *[F.max(c).alias(c) for c in _FLAGS], F.max("clicks").alias("clicks"),
-        F.count_if(is_order).cast("int").alias("attributed_orders"),
-        F.sum(F.when(is_order, F.col("revenue"))).alias("attributed_revenue"))
-    variant = F.coalesce(F.col("message_variant"), F.col("plan_variant"))
-    # The window of the send time the row keeps: the plan's, else (plan row gone) the message's.
-    has_plan_time = F.col("plan_send_at").isNotNull()
-    window_orders = F.when(has_plan_time, F.col("plan_window_orders")).otherwise(F.col("message_window_orders"))
-    window_revenue = F.when(has_plan_time, F.col("plan_window_revenue")).otherwise(F.col("message_window_revenue"))
+        F.when(has_orders & F.col("_send_t").isNotNull(), in_window).alias("_window"),
+        F.when(has_orders & is_message, credited).alias("_credited"))
     false = F.lit(False)
-    return merged.select(
-        F.col("_campaign_id").alias("campaign_id"), variant.alias("variant"), F.col("_plan_date").alias("send_date"),
-        "user_id", "message_id", F.coalesce(F.col("plan_send_at"), F.col("message_send_at")).alias("send_at"),
-        (variant != F.lit(HOLDOUT)).alias("is_treated"),
-        *[F.coalesce(F.col(c), false).alias(c) for c in _FLAGS],
-        F.coalesce(F.col("clicks"), F.lit(0)).alias("clicks"),
-        "attributed_orders",
-        F.coalesce(F.col("attributed_revenue"), F.lit(0.0)).alias("attributed_revenue"),
-        F.coalesce(window_orders, F.lit(0)).cast("int").alias("window_orders"),
-        F.coalesce(window_revenue, F.lit(0.0)).alias("window_revenue"))
+    # size(null) is -1 or null depending on the session's settings: not asked.
+    size_of = lambda column: F.when(F.col(column).isNotNull(), F.size(column))  # noqa: E731
+    message_only = lambda column: F.when(is_message, F.col(column))  # noqa: E731
+    return with_orders.select(
+        "campaign_id", F.col("_variant").alias("variant"), F.col("plan_date").alias("send_date"), "user_id",
+        message_only("message_id").alias("message_id"), F.timestamp_micros("_send_t").alias("send_at"),
+        (F.col("_variant") != F.lit(HOLDOUT)).alias("is_treated"),
+        *[F.coalesce(message_only(c), false).alias(c) for c in _FLAGS],
+        F.coalesce(message_only("clicks"), F.lit(0)).alias("clicks"),
+        F.coalesce(size_of("_credited"), F.lit(0)).cast("int").alias("attributed_orders"),
+        F.coalesce(revenue_of(F.col("_credited")), F.lit(0.0)).alias("attributed_revenue"),
+        F.coalesce(size_of("_window"), F.lit(0)).cast("int").alias("window_orders"),
+        F.coalesce(revenue_of(F.col("_window")), F.lit(0.0)).alias("window_revenue"))
 
 
 _FLAGS = ["is_sent", "is_bounced", "is_delivered", "is_opened", "is_clicked", "is_unsubscribed", "is_complained"]
