@@ -237,6 +237,47 @@ def test_recipient_rows_merge_plan_and_outbox_and_count_their_orders(spark):
         assert row["send_date"] == d and row["is_treated"] == (values[0] != "holdout")
 
 
+def test_each_flag_and_orders_at_one_instant_reach_their_recipient(spark):
+    """recipient_outcomes carries a message's flags to the per-user step as the bits of one int and
+    orders a user's orders by time and revenue (not by order key): each flag lands in its own
+    column, and two orders at the same instant with the same revenue are both counted."""
+    d = D10
+    plan = spark.createDataFrame([("c1", d, "u1", "A", ts("2026-11-10T10:00:00")),
+                                  ("c1", d, "u2", "A", ts("2026-11-10T10:00:00"))],
+                                 "campaign_id string, plan_date date, user_id string, variant string, "
+                                 "send_at timestamp")
+    outbox = spark.createDataFrame([("m1", "c1", d, "u1", "A", "sent", ts("2026-11-10T10:00:00")),
+                                    ("m2", "c1", d, "u2", "A", "sent", ts("2026-11-10T10:00:00"))],
+                                   "message_id string, campaign_id string, plan_date date, user_id string, "
+                                   "variant string, status string, send_at timestamp")
+    # m1 is accepted, then bounced (a later DSN): sent and bounced, not delivered. m2 is accepted.
+    deliveries = spark.createDataFrame([("m1", "sent"), ("m1", "bounced"), ("m2", "sent")],
+                                       "message_id string, state string")
+    events = spark.createDataFrame([
+        # m1: a complaint only. m2: two clicks, an unsubscribe.
+        ("e1", "u1", "complaint", ts("2026-11-10T11:00:00"), None, None, None, "m1"),
+        ("e2", "u2", "email_click", ts("2026-11-10T11:00:00"), None, None, None, "m2"),
+        ("e3", "u2", "email_click", ts("2026-11-10T11:30:00"), None, None, None, "m2"),
+        ("e4", "u2", "unsubscribe", ts("2026-11-10T12:00:00"), None, None, None, "m2"),
+        # Two orders of u2 at one instant, 20.0 each (o9 sorts after o1 by key, before it by nothing):
+        # both after the clicks, both credited to m2 and both in its uplift window.
+        ("e5", "u2", "purchase", ts("2026-11-10T13:00:00"), "o9", 2, 10.0, None),
+        ("e6", "u2", "purchase", ts("2026-11-10T13:00:00"), "o1", 1, 20.0, None),
+    ], "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, quantity int, "
+       "price double, message_id string").withColumn("properties", F.lit(None).cast("map<string,string>"))
+    outcomes = recipient_outcomes(plan, outbox, deliveries, events, click_through_days=3, view_through_days=1,
+                                  uplift_window_days=3)
+    got = {r.user_id: r.asDict() for r in outcomes.collect()}
+    flags = ["is_sent", "is_bounced", "is_delivered", "is_opened", "is_clicked", "is_unsubscribed", "is_complained"]
+    assert {u: [got[u][f] for f in flags] for u in got} == {
+        "u1": [True, True, False, False, False, False, True],
+        "u2": [True, False, True, True, True, True, False],
+    }
+    assert [got["u1"][c] for c in ("clicks", "attributed_orders", "window_orders")] == [0, 0, 0]
+    assert [got["u2"][c] for c in ("clicks", "attributed_orders", "attributed_revenue", "window_orders",
+                                   "window_revenue")] == [2, 2, 40.0, 2, 40.0]
+
+
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):
     s = reported[0].settings
     overrides = {"storage.lake_dir": s.storage.lake_dir, "mlflow.tracking_uri": s.mlflow.tracking_uri,

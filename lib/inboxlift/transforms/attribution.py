@@ -24,7 +24,8 @@ once by user, and no join or aggregation after that moves rows again.
 
 1. **Per message** (partitioned by ``message_id``): the sent outbox rows, their delivery attempts
    and the events that name them, in one window per message. The outbox row gets the message's
-   delivery and engagement flags; each human touch gets its recipient (user, campaign, day).
+   delivery and engagement flags (as the bits of one int, for narrower rows through the next
+   exchange and sort); each human touch gets its recipient (user, campaign, day).
 2. **Per user** (partitioned by ``user_id``): the plan rows, the message rows, the touches and the
    user's orders, sorted once by (campaign, day, kind), and one window per user over that order. A
    recipient's touches, plan row and message row are neighbours, so the message row takes its plan
@@ -94,7 +95,7 @@ def orders_of(events: DataFrame) -> DataFrame:
 def _order_rows(orders: DataFrame) -> DataFrame:
     """Orders as timeline rows; an order without a time can be neither credited nor windowed."""
     return orders.where(F.col("order_ts").isNotNull()).select(
-        "user_id", F.lit(_ORDER).alias("kind"), F.col("order_ts").alias("ts"), "order_key", "revenue")
+        "user_id", F.lit(_ORDER).alias("kind"), F.col("order_ts").alias("ts"), "revenue")
 
 
 _TOUCH = "struct<t:bigint,is_click:boolean,message_id:string,campaign_id:string,plan_date:date>"
@@ -188,19 +189,35 @@ def _message_rows(outbox: DataFrame, deliveries: DataFrame, events: DataFrame) -
     accepted = F.max(F.when(of_kind([_ATTEMPT]), F.col("state") == F.lit("sent"))).over(message)
     bounced = F.max(F.when(of_kind([_ATTEMPT]), F.col("state") == F.lit("bounced"))).over(message)
     clicks = F.count(F.when(of_kind([_CLICK]), F.lit(1))).over(message)
+    flags = {
+        "is_sent": accepted | bounced, "is_bounced": bounced, "is_delivered": accepted & ~bounced,
+        "is_opened": F.max(F.when(is_event, of_kind([_CLICK, _OPEN]))).over(message), "is_clicked": clicks > 0,
+        "is_unsubscribed": F.max(F.when(is_event, of_kind([_UNSUBSCRIBE]))).over(message),
+        "is_complained": F.max(F.when(is_event, of_kind([_COMPLAINT]))).over(message),
+    }
     # outbox is keyed by message_id: one _MESSAGE row per message, the others take its values.
     flagged = rows.select(
         "message_id", "kind", "ts",
         of_message("user_id").alias("user_id"), of_message("campaign_id").alias("campaign_id"),
-        of_message("plan_date").alias("plan_date"), of_message("variant").alias("variant"),
+        of_message("plan_date").alias("plan_date"),
+        F.when(of_kind([_MESSAGE]), F.col("variant")).alias("variant"),
         F.max(of_kind([_MESSAGE])).over(message).alias("_is_sent_message"),
-        (accepted | bounced).alias("is_sent"), bounced.alias("is_bounced"), (accepted & ~bounced).alias("is_delivered"),
-        F.max(F.when(is_event, of_kind([_CLICK, _OPEN]))).over(message).alias("is_opened"),
-        clicks.cast("int").alias("clicks"), (clicks > 0).alias("is_clicked"),
-        F.max(F.when(is_event, of_kind([_UNSUBSCRIBE]))).over(message).alias("is_unsubscribed"),
-        F.max(F.when(is_event, of_kind([_COMPLAINT]))).over(message).alias("is_complained"))
+        # The flags travel to the per-user step as one int (narrower rows through its exchange and sort).
+        F.when(of_kind([_MESSAGE]), _packed(flags)).alias("outcome"),
+        F.when(of_kind([_MESSAGE]), clicks.cast("int")).alias("clicks"))
     is_timed_touch = of_kind([_CLICK, _OPEN]) & F.col("ts").isNotNull()
     return flagged.where(F.col("_is_sent_message") & (of_kind([_MESSAGE]) | is_timed_touch)).drop("_is_sent_message")
+
+
+def _packed(flags: dict[str, Column]) -> Column:
+    """The ``_FLAGS`` as the bits of one int (a null flag is a clear bit); :func:`_unpacked` reads one."""
+    bits = [F.when(F.coalesce(flags[name], F.lit(False)), F.lit(1 << i)).otherwise(F.lit(0))
+            for i, name in enumerate(_FLAGS)]
+    return sum(bits[1:], bits[0])
+
+
+def _unpacked(packed: Column, name: str) -> Column:
+    return packed.bitwiseAND(F.lit(1 << _FLAGS.index(name))) != F.lit(0)
 
 
 def _plan_rows(plan: DataFrame, outbox: DataFrame) -> DataFrame:
@@ -227,12 +244,13 @@ def recipient_outcomes(plan: DataFrame, outbox: DataFrame, deliveries: DataFrame
             .unionByName(_message_rows(outbox, deliveries, events), allowMissingColumns=True)
             .unionByName(_order_rows(orders_of(events)), allowMissingColumns=True)
             .select("user_id", "kind", "campaign_id", "plan_date", "variant", F.unix_micros("ts").alias("t"),
-                    "message_id", *_FLAGS, "clicks", "order_key", "revenue"))
+                    "message_id", "outcome", "clicks", "revenue"))
     # One sort: a user's rows by recipient (campaign, day), the recipient's touches, then its plan
-    # row, then its message row; the user's orders (no campaign) first. The plan and the outbox
-    # have one row per (campaign, day, user) (message ids are made from that key), so a message row
-    # directly follows its plan row when there is one.
-    ordered = Window.partitionBy("user_id").orderBy("campaign_id", "plan_date", "kind", "message_id", "order_key")
+    # row, then its message row; the user's orders (no campaign) first, by time and revenue (orders
+    # equal in both add up the same in any order, so the sums are the same run to run). The plan and
+    # the outbox have one row per (campaign, day, user) (message ids are made from that key), so a
+    # message row directly follows its plan row when there is one.
+    ordered = Window.partitionBy("user_id").orderBy("campaign_id", "plan_date", "kind", "message_id", "t", "revenue")
     whole = ordered.rowsBetween(*_WHOLE)
     upto = ordered.rowsBetween(Window.unboundedPreceding, Window.currentRow)
     key = ["campaign_id", "plan_date"]
@@ -282,7 +300,7 @@ def recipient_outcomes(plan: DataFrame, outbox: DataFrame, deliveries: DataFrame
         "campaign_id", F.col("_variant").alias("variant"), F.col("plan_date").alias("send_date"), "user_id",
         message_only("message_id").alias("message_id"), F.timestamp_micros("_send_t").alias("send_at"),
         (F.col("_variant") != F.lit(HOLDOUT)).alias("is_treated"),
-        *[F.coalesce(message_only(c), false).alias(c) for c in _FLAGS],
+        *[F.coalesce(F.when(is_message, _unpacked(F.col("outcome"), c)), false).alias(c) for c in _FLAGS],
         F.coalesce(message_only("clicks"), F.lit(0)).alias("clicks"),
         F.coalesce(size_of("_credited"), F.lit(0)).cast("int").alias("attributed_orders"),
         F.coalesce(revenue_of(F.col("_credited")), F.lit(0.0)).alias("attributed_revenue"),
