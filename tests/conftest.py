@@ -12,6 +12,8 @@ from inboxlift.context import RunContext
 from inboxlift.session import build_session
 from inboxlift.settings import Settings, load_settings
 from inboxlift.storage import Lake, choose_backend
+from jvm_options import JAVA_OPTIONS
+from run_all_shop import RunAll, run_all_on_connect
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["deltars", "native"]
@@ -30,6 +32,7 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "spark.ui_enabled": False,
             "spark.checkpoint_dir": str(work / "checkpoints"),
             "spark.extra_conf": {"spark.sql.adaptive.enabled": "false",
+                                 "spark.driver.defaultJavaOptions": JAVA_OPTIONS,
                                  "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000"},
             "storage.lake_dir": str(work / "lake"),
             "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
@@ -87,3 +90,9 @@ def ctx(spark, spark_info, base_settings, tmp_path, clock) -> RunContext:
     settings = settings_in(base_settings, tmp_path)
     lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
     return RunContext(spark=spark, settings=settings, lake=lake, clock=clock)
+
+
+@pytest.fixture(scope="session")
+def run_all(tmp_path_factory) -> RunAll:
+    """The suite's one ``inboxlift run-all`` (on Spark Connect, in a subprocess; see run_all_shop.py)."""
+    return run_all_on_connect(tmp_path_factory.mktemp("run_all"))

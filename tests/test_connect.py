@@ -2,75 +2,20 @@
 server, the way Databricks serverless and shared clusters run it (no ``sparkContext``, no RDDs, no
 JVM gateway in the client).
 
-A local Connect server cannot start in a process that already holds a classic session (the test
-session), so the command runs in a subprocess of this interpreter.
+The run is the suite's one run-all (the ``run_all`` fixture, tests/run_all_shop.py); tests/test_pipeline.py
+checks what it wrote.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _settings(work: Path) -> dict[str, object]:
-    return {
-        "spark.remote": "local[2]",
-        # 3g as the test session: the Connect server also holds every fitted model in its ML cache.
-        "spark.driver_memory": "3g",
-        "spark.shuffle_partitions": 2,
-        "spark.checkpoint_dir": work / "checkpoints",
-        "storage.lake_dir": work / "lake",
-        "storage.backend": "deltars",
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-        "mlflow.artifact_location": work / "artifacts",
-        "paths.landing_dir": work / "landing",
-        "paths.output_dir": work / "output",
-        "generate.truth_dir": work / "truth",
-        "delivery.journal_dir": work / "delivery",
-        # The tiniest shop on which every stage still has rows to write and mail goes out: the point is that
-        # every step runs on Connect, not what the models learn (that is tested on the classic session).
-        "generate.users": 60,
-        "generate.items": 30,
-        "generate.days": 28,
-        "generate.dirty_rate": 0.0,
-        # One k, both algorithms, one stability seed: every segment-train step, the fewest fits.
-        "segments.k_max": 3,
-        "segments.stability_seeds": "[7]",
-        # One candidate per recommender: the point is that every step runs on Connect, not the search.
-        "recommend.ranks": "[8]",
-        "recommend.reg_params": "[0.1]",
-        "recommend.alphas": "[1.0]",
-        "recommend.hybrid_weights": "[0.5]",
-        "recommend.max_iter": 5,
-        # A week each for test and validation leaves two weeks of the 28 days to train on (14 + 14 would
-        # leave the small shop's training window empty).
-        "recommend.test_days": 7,
-        "recommend.validation_days": 7,
-    }
-
-
-@pytest.fixture(scope="module")
-def connect_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("connect")
-    args = [sys.executable, "-m", "inboxlift.cli", "run-all", "--conf-dir", str(ROOT / "conf"),
-            "--now", "2026-11-20T12:00:00"]
-    for key, value in _settings(work).items():
-        args += ["--set", f"{key}={value}"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INBOXLIFT", "SPARK_REMOTE", "PYSPARK"))}
-    env["PYTHONPATH"] = str(ROOT / "lib") + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1500)
-    return work, done
-
-
-def test_run_all_completes_on_spark_connect(connect_run):
-    work, done = connect_run
+def test_run_all_completes_on_spark_connect(run_all):
+    done = run_all.done
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "Spark Connect" in done.stdout, done.stdout[:2000]
     listing = done.stdout.split("== tables", 1)[1]

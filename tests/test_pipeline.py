@@ -1,5 +1,6 @@
-"""The main command end to end on a tiny generated shop, the segments notebook on its result, and
-the import command's refusal of an export that does not match its mapping."""
+"""The main command end to end on a tiny generated shop (the suite's one run-all, on Spark Connect:
+tests/run_all_shop.py), the notebooks and the logged models on its result, and the import command's
+refusal of an export that does not match its mapping."""
 
 from __future__ import annotations
 
@@ -12,53 +13,19 @@ import pytest
 
 from inboxlift.cli import main
 from inboxlift.pipeline import RUN_ALL
+from run_all_shop import ITEMS, USERS, set_args, shop_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-USERS = 150
 
 
 def _overrides(work: Path) -> list[str]:
-    settings = {
-        "storage.lake_dir": work / "lake",
-        "storage.backend": "deltars",
-        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
-        "mlflow.artifact_location": work / "artifacts",
-        "paths.landing_dir": work / "landing",
-        "paths.output_dir": work / "output",
-        "generate.truth_dir": work / "truth",
-        "delivery.journal_dir": work / "delivery",
-        "generate.users": USERS,
-        "generate.items": 40,
-        "generate.days": 28,
-        "generate.dirty_rate": 0.0,
-        "segments.k_max": 4,
-        "segments.stability_seeds": "[7]",
-        # One candidate per recommender (the search is tested in test_recommend*.py): every stage still runs.
-        "recommend.ranks": "[8]",
-        "recommend.reg_params": "[0.1]",
-        "recommend.alphas": "[1.0]",
-        "recommend.hybrid_weights": "[0.5]",
-        "recommend.max_iter": 5,
-    }
-    out = ["--conf-dir", str(ROOT / "conf")]
-    for key, value in settings.items():
-        out += ["--set", f"{key}={value}"]
-    return out
+    """The run's settings but its session: what a notebook or command on this session reads the result with."""
+    return set_args(shop_settings(work))
 
 
-@pytest.fixture(scope="module")
-def run_all(spark, tmp_path_factory):
-    """``inboxlift run-all`` on an empty local lake: it generates a shop, then runs every stage."""
-    work = tmp_path_factory.mktemp("run_all")
-    capture = work / "stdout.txt"
-    saved = sys.stdout
-    with capture.open("w") as out:
-        sys.stdout = out
-        try:
-            code = main(["run-all", *_overrides(work), "--now", "2026-11-20T12:00:00"], environ={})
-        finally:
-            sys.stdout = saved
-    return work, code, capture.read_text()
+@pytest.fixture(autouse=True)
+def _classic_session(spark):
+    """The notebooks and commands here run in this process, on the suite's classic session."""
 
 
 def _table_rows(stdout: str) -> dict[str, int]:
@@ -73,20 +40,19 @@ def _table_rows(stdout: str) -> dict[str, int]:
 
 
 def test_run_all_generates_then_runs_every_stage_in_order(run_all):
-    work, code, stdout = run_all
-    assert code == 0, stdout
+    stdout = run_all.stdout
+    assert run_all.done.returncode == 0, stdout[-3000:] + run_all.done.stderr[-5000:]
     headers = [line.split(":")[0][3:] for line in stdout.splitlines() if line.startswith("== ")]
     assert headers == ["generate", *RUN_ALL, "tables"]
 
 
 def test_run_all_tables_hold_every_user_once(run_all):
-    work, _, stdout = run_all
-    rows = _table_rows(stdout)
+    rows = _table_rows(run_all.stdout)
     # No dirty records were generated: every user is accepted, gets one feature row and one segment.
     assert rows["users"] == USERS
     assert rows["user_features"] == USERS
     assert rows["user_segments"] == USERS
-    assert rows["products"] == 40 and rows["item_features"] == 40
+    assert rows["products"] == ITEMS and rows["item_features"] == ITEMS
     assert "events_quarantine" not in rows or rows["events_quarantine"] == 0
     assert rows["events"] > 0 and rows["interactions"] > 0
 
@@ -95,7 +61,7 @@ def test_run_all_delivers_mail_into_the_embedded_relay(run_all):
     """The loop ends with mail sent: the embedded relay stored what the send stage reports as sent."""
     import mailbox
 
-    work, _, stdout = run_all
+    work, stdout = run_all.work, run_all.stdout
     sent = re.search(r"due \d+ = sent (\d+)", stdout)
     stored = re.search(r"embedded relay \S+ \(now stopped\): (\d+) messages stored", stdout)
     assert sent and stored, stdout[-3000:]
@@ -104,7 +70,7 @@ def test_run_all_delivers_mail_into_the_embedded_relay(run_all):
 
 
 def test_run_all_ends_with_where_things_are(run_all):
-    work, _, stdout = run_all
+    work, stdout = run_all.work, run_all.stdout
     where = stdout.split("where things are:", 1)[1]
     assert f"lake (Delta tables): {work / 'lake'}" in where
     assert f"sqlite:///{work / 'mlflow.db'}" in where
@@ -112,7 +78,7 @@ def test_run_all_ends_with_where_things_are(run_all):
 
 
 def test_segments_notebook_runs_on_the_result(run_all, capsys, monkeypatch):
-    work, _, _ = run_all
+    work = run_all.work
     monkeypatch.setattr(sys, "argv", ["segments.py", *_overrides(work)])
     runpy.run_path(str(ROOT / "notebooks" / "segments.py"), run_name="__main__")
     out = capsys.readouterr().out
@@ -147,7 +113,7 @@ def _run_notebook(name: str, work: Path, monkeypatch) -> None:
 
 
 def test_features_notebook_runs_on_the_result(run_all, capsys, monkeypatch):
-    work, _, _ = run_all
+    work = run_all.work
     _run_notebook("features", work, monkeypatch)
     out = capsys.readouterr().out
     assert f"{USERS} users" in out
@@ -162,7 +128,7 @@ def test_features_notebook_runs_on_the_result(run_all, capsys, monkeypatch):
 
 
 def test_recommendations_notebook_runs_on_the_result(run_all, capsys, monkeypatch):
-    work, _, _ = run_all
+    work = run_all.work
     _run_notebook("recommendations", work, monkeypatch)
     out = capsys.readouterr().out
     assert "inboxlift-recommender version 1" in out
@@ -204,7 +170,7 @@ def test_every_logged_model_loads_and_scores_where_the_library_is_not_installed(
 
     import mlflow
 
-    work, _, _ = run_all
+    work = run_all.work
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     folders, runs_with_models = [], set()

@@ -1,0 +1,100 @@
+"""The one ``inboxlift run-all`` of the suite: a tiny generated shop, every stage, on Spark Connect.
+
+tests/test_connect.py checks that the run completes on Connect; tests/test_pipeline.py checks what it
+wrote (tables, mail in the relay, the notebooks and the logged models on its result). One run serves
+both. The suite used to run a second run-all, on the classic session, for test_pipeline.py; what only
+it covered is the stages chained on a classic session (where ``materialize`` persists instead of
+checkpointing), and each stage runs on the classic session in its own tests (test_ingest*,
+test_features_stage, test_segments, test_recommend, test_plan, test_render, test_send,
+test_simulate, test_report).
+
+A local Connect server cannot start in a process that already holds a classic session (the test
+session), so the command runs in a subprocess of this interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from jvm_options import JAVA_OPTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = "2026-11-20T12:00:00"
+USERS = 60
+ITEMS = 30
+
+
+def spark_settings(work: Path) -> dict[str, object]:
+    """The session the command builds: pyspark's own local Connect server."""
+    return {
+        "spark.remote": "local[2]",
+        # 3g as the test session: the Connect server also holds every fitted model in its ML cache.
+        "spark.driver_memory": "3g",
+        "spark.shuffle_partitions": 2,
+        "spark.checkpoint_dir": work / "checkpoints",
+        "spark.extra_conf.spark.driver.defaultJavaOptions": JAVA_OPTIONS,
+    }
+
+
+def shop_settings(work: Path) -> dict[str, object]:
+    """Where the run writes and what it generates: also what the notebooks are given to read its result."""
+    return {
+        "storage.lake_dir": work / "lake",
+        "storage.backend": "deltars",
+        "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
+        "mlflow.artifact_location": work / "artifacts",
+        "paths.landing_dir": work / "landing",
+        "paths.output_dir": work / "output",
+        "generate.truth_dir": work / "truth",
+        "delivery.journal_dir": work / "delivery",
+        # The tiniest shop on which every stage still has rows to write and mail goes out: the point is that
+        # every step runs, not what the models learn (that is tested in the stage and model tests).
+        "generate.users": USERS,
+        "generate.items": ITEMS,
+        "generate.days": 28,
+        "generate.dirty_rate": 0.0,
+        # One k, both algorithms, one stability seed: every segment-train step, the fewest fits.
+        "segments.k_max": 3,
+        "segments.stability_seeds": "[7]",
+        # One candidate per recommender (the search is tested in test_recommend*.py): every stage still runs.
+        "recommend.ranks": "[8]",
+        "recommend.reg_params": "[0.1]",
+        "recommend.alphas": "[1.0]",
+        "recommend.hybrid_weights": "[0.5]",
+        "recommend.max_iter": 5,
+        # A week each for test and validation leaves two weeks of the 28 days to train on (14 + 14 would
+        # leave the small shop's training window empty).
+        "recommend.test_days": 7,
+        "recommend.validation_days": 7,
+    }
+
+
+def set_args(settings: dict[str, object]) -> list[str]:
+    out = ["--conf-dir", str(ROOT / "conf")]
+    for key, value in settings.items():
+        out += ["--set", f"{key}={value}"]
+    return out
+
+
+@dataclass(frozen=True)
+class RunAll:
+    work: Path
+    done: subprocess.CompletedProcess
+
+    @property
+    def stdout(self) -> str:
+        return self.done.stdout
+
+
+def run_all_on_connect(work: Path) -> RunAll:
+    """``inboxlift run-all`` on an empty local lake under ``work``: it generates a shop, then runs every stage."""
+    settings = {**spark_settings(work), **shop_settings(work)}
+    args = [sys.executable, "-m", "inboxlift.cli", "run-all", *set_args(settings), "--now", NOW]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INBOXLIFT", "SPARK_REMOTE", "PYSPARK"))}
+    env["PYTHONPATH"] = str(ROOT / "lib") + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    return RunAll(work, done)
