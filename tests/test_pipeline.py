@@ -18,14 +18,13 @@ from run_all_shop import ITEMS, USERS, set_args, shop_settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The notebooks and commands here run in this process, on the suite's classic session.
+pytestmark = pytest.mark.usefixtures("spark")
+
+
 def _overrides(work: Path) -> list[str]:
-    """The run's settings but its session: what a notebook or command on this session reads the result with."""
+    """The run-all's lake and stores without its Connect session: how a notebook here reads its result."""
     return set_args(shop_settings(work))
-
-
-@pytest.fixture(autouse=True)
-def _classic_session(spark):
-    """The notebooks and commands here run in this process, on the suite's classic session."""
 
 
 def _table_rows(stdout: str) -> dict[str, int]:
