@@ -12,7 +12,6 @@ from inboxlift.context import RunContext
 from inboxlift.session import build_session
 from inboxlift.settings import Settings, load_settings
 from inboxlift.storage import Lake, choose_backend
-from jvm_options import JAVA_OPTIONS
 from run_all_shop import RunAll, run_all_on_connect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,6 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "spark.ui_enabled": False,
             "spark.checkpoint_dir": str(work / "checkpoints"),
             "spark.extra_conf": {"spark.sql.adaptive.enabled": "false",
-                                 "spark.driver.defaultJavaOptions": JAVA_OPTIONS,
                                  "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000"},
             "storage.lake_dir": str(work / "lake"),
             "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",

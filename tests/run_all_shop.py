@@ -20,7 +20,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jvm_options import JAVA_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = "2026-11-20T12:00:00"
@@ -36,7 +35,6 @@ def spark_settings(work: Path) -> dict[str, object]:
         "spark.driver_memory": "3g",
         "spark.shuffle_partitions": 2,
         "spark.checkpoint_dir": work / "checkpoints",
-        "spark.extra_conf.spark.driver.defaultJavaOptions": JAVA_OPTIONS,
     }
 
 

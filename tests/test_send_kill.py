@@ -21,7 +21,6 @@ from pyspark.sql import functions as F
 from inboxlift.delivery.outbox import read_outbox
 from inboxlift.stages.send import run_send
 
-from jvm_options import JAVA_OPTIONS
 from smtp_server import ScriptedHandler, smtp_server
 from test_send import OUTBOX, USERS, message, mid, sending_ctx, user
 
@@ -39,7 +38,6 @@ def _start_send(ctx, port: int, work: Path) -> subprocess.Popen:
     settings = {
         "spark.master": "local[2]", "spark.driver_memory": "1g", "spark.ui_enabled": False,
         "spark.shuffle_partitions": 2, "spark.checkpoint_dir": work / "checkpoints",
-        "spark.extra_conf.spark.driver.defaultJavaOptions": JAVA_OPTIONS,
         "storage.lake_dir": ctx.settings.storage.lake_dir,
         "storage.backend": "native" if ctx.lake.backend.name == "native" else "deltars",
         "paths.output_dir": work / "output", "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
