@@ -305,7 +305,8 @@ def test_train_and_score_on_a_planted_shop_twice(ctx, spark):
     assert run.data.params["chosen.rank"] == "4" and run.data.params["chosen.recommender"] == served
     assert run.data.params["data.id_map_users_version"] == "0"
     assert run.data.params["data.checkpoint_dir"] == spark.conf.get("spark.checkpoint.dir")
-    # The blocks were sized to the test session (spark.default.parallelism 1) and logged
+    # The blocks were sized to the test session (local[2]: 2 slots) and the data (a few thousand pairs,
+    # under als_min_pairs_per_block: one block each way) and logged
     assert (run.data.params["fit.num_user_blocks"], run.data.params["fit.num_item_blocks"]) == ("1", "1")
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "plots")}
     assert {"plots/recommenders_vs_baselines.png", "plots/validation_curve.png"} <= artifacts

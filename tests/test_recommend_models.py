@@ -19,6 +19,7 @@ from inboxlift.models.recommend.als import (
     checkpoint_dir,
     fit_als,
     fit_settings,
+    local_task_slots,
     task_slots,
 )
 from inboxlift.models.recommend.evaluate import ranking_metrics
@@ -88,9 +89,15 @@ def test_spark_als_recovers_planted_taste_groups_and_checkpoints_where_the_conf_
 
 
 def test_blocks_follow_the_task_slots_and_the_data(spark):
-    # The test session says spark.default.parallelism = 1; a range gets as many partitions.
-    assert task_slots(spark) == 1 == int(spark.conf.get("spark.default.parallelism"))
+    # The test session runs local[2] and says spark.default.parallelism = 1: two tasks run at once,
+    # whatever the shuffles' parallelism (before, the slots were read from the latter: 1 here, and
+    # twice the cores in the local session, which gave ALS twice the blocks it has cores for).
+    assert int(spark.conf.get("spark.default.parallelism")) == 1
+    assert task_slots(spark) == 2
     assert spark.range(1000).select(F.spark_partition_id().alias("p")).distinct().count() == 1
+    assert [local_task_slots(m, cpus=8) for m in ("local", "local[3]", "local[*]", "local[4,2]", "local[*, 3]",
+                                                   "local-cluster[2,3,1024]")] == [1, 3, 8, 4, 8, 6]
+    assert [local_task_slots(m) for m in ("yarn", "spark://host:7077", "sc://localhost", "unknown")] == [None] * 4
     assert als_blocks(pairs=5_000_000, slots=64, min_pairs_per_block=200_000) == 25
     assert als_blocks(pairs=50_000_000, slots=64, min_pairs_per_block=200_000) == 64
     assert als_blocks(pairs=10, slots=64, min_pairs_per_block=200_000) == 1

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
@@ -28,6 +30,7 @@ from inboxlift.models.recommend.data import CONFIDENCE, ITEM_IDX, USER_IDX, with
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 from inboxlift.schemas import require_columns
+from inboxlift.session import master_of
 
 # Rows of the range whose partitions tell how many task slots the cluster has (see task_slots).
 _SLOT_PROBE_ROWS = 1 << 16
@@ -84,13 +87,42 @@ class AlsFitSettings:
         return {f"{prefix}.{k}": str(v) for k, v in asdict(self).items()}
 
 
-def task_slots(spark: SparkSession) -> int:
-    """The cluster's task slots as Spark reports them, without ``sparkContext`` (Spark Connect too).
+# A local master: local, local[N], local[*], local[N,F], local[*,F]; a local test cluster:
+# local-cluster[executors,cores,memory].
+_LOCAL = re.compile(r"local(?:\[\s*(?P<threads>\d+|\*)\s*(?:,\s*\d+\s*)?\])?")
+_LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(?P<executors>\d+)\s*,\s*(?P<cores>\d+)\s*,\s*\d+\s*\]")
 
-    ``spark.default.parallelism`` when the session sets it (the local session does); otherwise the
-    number of partitions Spark gives a range, which is its default parallelism (the executors'
-    cores on a cluster, ``spark.sql.leafNodeDefaultParallelism`` when set): a one-row aggregate.
+
+def local_task_slots(master: str, *, cpus: int | None = None) -> int | None:
+    """The tasks a local master runs at once (its threads; ``*`` is this machine's cores), or None
+    when ``master`` is not local (a cluster's slots are asked of Spark, :func:`task_slots`)."""
+    master = master.strip()
+    cluster = _LOCAL_CLUSTER.fullmatch(master)
+    if cluster:
+        return int(cluster["executors"]) * int(cluster["cores"])
+    local = _LOCAL.fullmatch(master)
+    if not local:
+        return None
+    threads = local["threads"]
+    if threads is None:
+        return 1
+    if threads == "*":
+        return max(1, cpus if cpus is not None else (os.cpu_count() or 1))
+    return max(1, int(threads))
+
+
+def task_slots(spark: SparkSession) -> int:
+    """The cluster's task slots, the tasks it runs at once, without ``sparkContext`` (Spark Connect too).
+
+    A local master's threads (``local[2]``: 2) when the master is local: the local session sets
+    ``spark.default.parallelism`` to twice the cores for its shuffles, which is not how many tasks
+    run at once. Otherwise ``spark.default.parallelism`` when the session sets it; else the number
+    of partitions Spark gives a range, which is its default parallelism (the executors' cores on a
+    cluster, ``spark.sql.leafNodeDefaultParallelism`` when set): a one-row aggregate.
     """
+    local = local_task_slots(master_of(spark))
+    if local is not None:
+        return local
     configured = spark.conf.get("spark.default.parallelism", None)
     if configured:
         try:
