@@ -98,6 +98,9 @@ def test_blocks_follow_the_task_slots_and_the_data(spark):
     assert [local_task_slots(m, cpus=8) for m in ("local", "local[3]", "local[*]", "local[4,2]", "local[*, 3]",
                                                    "local-cluster[2,3,1024]")] == [1, 3, 8, 4, 8, 6]
     assert [local_task_slots(m) for m in ("yarn", "spark://host:7077", "sc://localhost", "unknown")] == [None] * 4
+    # A Spark Connect client cannot count a remote server's cores: Spark is asked instead.
+    assert local_task_slots("local[*]", on_this_machine=False) is None
+    assert local_task_slots("local[3]", on_this_machine=False) == 3
     assert als_blocks(pairs=5_000_000, slots=64, min_pairs_per_block=200_000) == 25
     assert als_blocks(pairs=50_000_000, slots=64, min_pairs_per_block=200_000) == 64
     assert als_blocks(pairs=10, slots=64, min_pairs_per_block=200_000) == 1

@@ -30,7 +30,7 @@ from inboxlift.models.recommend.data import CONFIDENCE, ITEM_IDX, USER_IDX, with
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 from inboxlift.schemas import require_columns
-from inboxlift.session import master_of
+from inboxlift.session import is_connect_session, master_of
 
 # Rows of the range whose partitions tell how many task slots the cluster has (see task_slots).
 _SLOT_PROBE_ROWS = 1 << 16
@@ -93,9 +93,11 @@ _LOCAL = re.compile(r"local(?:\[\s*(?P<threads>\d+|\*)\s*(?:,\s*\d+\s*)?\])?")
 _LOCAL_CLUSTER = re.compile(r"local-cluster\[\s*(?P<executors>\d+)\s*,\s*(?P<cores>\d+)\s*,\s*\d+\s*\]")
 
 
-def local_task_slots(master: str, *, cpus: int | None = None) -> int | None:
-    """The tasks a local master runs at once (its threads; ``*`` is this machine's cores), or None
-    when ``master`` is not local (a cluster's slots are asked of Spark, :func:`task_slots`)."""
+def local_task_slots(master: str, *, cpus: int | None = None, on_this_machine: bool = True) -> int | None:
+    """The tasks a local master runs at once (its threads; ``*`` is this machine's cores, or
+    ``cpus``), or None when ``master`` is not local (a cluster's slots are asked of Spark,
+    :func:`task_slots`) and for ``*`` when the master is not ``on_this_machine`` (a Spark Connect
+    client cannot count the server's cores)."""
     master = master.strip()
     cluster = _LOCAL_CLUSTER.fullmatch(master)
     if cluster:
@@ -107,6 +109,8 @@ def local_task_slots(master: str, *, cpus: int | None = None) -> int | None:
     if threads is None:
         return 1
     if threads == "*":
+        if cpus is None and not on_this_machine:
+            return None
         return max(1, cpus if cpus is not None else (os.cpu_count() or 1))
     return max(1, int(threads))
 
@@ -114,13 +118,14 @@ def local_task_slots(master: str, *, cpus: int | None = None) -> int | None:
 def task_slots(spark: SparkSession) -> int:
     """The cluster's task slots, the tasks it runs at once, without ``sparkContext`` (Spark Connect too).
 
-    A local master's threads (``local[2]``: 2) when the master is local: the local session sets
+    A local master's threads (``local[2]``: 2; ``local[*]``: the cores, counted here unless the
+    session is a Spark Connect client) when the master is local: the local session sets
     ``spark.default.parallelism`` to twice the cores for its shuffles, which is not how many tasks
     run at once. Otherwise ``spark.default.parallelism`` when the session sets it; else the number
     of partitions Spark gives a range, which is its default parallelism (the executors' cores on a
     cluster, ``spark.sql.leafNodeDefaultParallelism`` when set): a one-row aggregate.
     """
-    local = local_task_slots(master_of(spark))
+    local = local_task_slots(master_of(spark), on_this_machine=not is_connect_session(spark))
     if local is not None:
         return local
     configured = spark.conf.get("spark.default.parallelism", None)
