@@ -230,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant:<12}{seconds:>9.1f}{model.search_rows:>13,}{fits:>13.1f}{model.refit_seconds:>8.1f}"
               f"{chosen:>24}{model.choice.silhouette:>12.4f}  {', '.join(model.profiles['segment_name'])}")
         print(f"{'':<12}all timed runs: {', '.join(f'{s:.1f}' for s, _ in results)} s")
+        if model.refit is not None:
+            kept = "the sample's fit" if model.refit.kept_seed is None else f"seed {model.refit.kept_seed}"
+            print(f"{'':<12}refit on all users: kept {kept}; cost per user of the sample's fit "
+                  f"{model.refit.sample_fit_cost / users:.4f}, of each refit: "
+                  + ", ".join(f"seed {seed} {cost / users:.4f}" for seed, cost in model.refit.tried))
+        print(f"{'':<12}segment shares: " + ", ".join(
+            f"{name} {share:.1%}" for name, share in zip(model.profiles["segment_name"], model.profiles["share"])))
     for variant, (_, model) in best.items():
         print(f"{variant} k search: " + "; ".join(
             f"{c.algorithm} k={c.k} {c.silhouette:.4f}" for c in model.candidates))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 from chispa import assert_df_equality
 from pyspark.ml import Pipeline, PipelineModel
@@ -13,7 +14,9 @@ from pyspark.ml.linalg import Vectors
 from inboxlift.metrics_cluster import adjusted_rand_index
 from inboxlift.models.segments import SegmentSearch
 from inboxlift.models.segments.features import anchor_stages, hash_sample, preprocessing_stages, silhouette_sample
-from inboxlift.models.segments.scoring import clusterer_stage, with_distance_to_centroid
+from inboxlift.models.segments.estimator import REFIT_COST_TOLERANCE, refit_on_all_users
+from inboxlift.models.segments.features import FEATURES_COL
+from inboxlift.models.segments.scoring import assignment_cost, clusterer_stage, with_distance_to_centroid
 from inboxlift.models.segments.search import KCandidate, choose_candidate, clusterer, elbow_k, search_k, with_anchor
 from planted_segments import FEATURE_SCHEMA, PER_GROUP, PLANTED, TEST_PARAMS, planted_frame
 
@@ -61,6 +64,53 @@ def test_distance_to_centroid(spark):
     out = with_distance_to_centroid(rows, features_col="v", cluster_col="c", centers=[[0.0, 0.0], [1.0, 2.0]])
     got = {r["user_id"]: r["distance"] for r in out.collect()}
     assert got == pytest.approx({"a": 5.0, "b": 1.0})
+
+
+def test_assignment_cost_is_the_squared_distance_to_the_assigned_centre(spark):
+    # Two pairs of points 2 apart, far from each other: centres (0, 1) and (10, 11), each point 1
+    # from its centre, cost 4 x 1 = 4 (what Spark reports for the fit). The same model on a
+    # point at (0, 5): 4 from (0, 1), 16 more.
+    points = spark.createDataFrame([(Vectors.dense([x, y]),) for x, y in [(0, 0), (0, 2), (10, 10), (10, 12)]],
+                                   [FEATURES_COL])
+    model = clusterer(TEST_PARAMS, algorithm="kmeans", k=2, seed=1).fit(points)
+    assert sorted(list(c) for c in model.clusterCenters()) == [[0.0, 1.0], [10.0, 11.0]]
+    assert assignment_cost(model, points) == pytest.approx(4.0) == pytest.approx(model.summary.trainingCost)
+    more = points.union(spark.createDataFrame([(Vectors.dense([0.0, 5.0]),)], [FEATURES_COL]))
+    assert assignment_cost(model, more) == pytest.approx(20.0)
+
+
+def _uniform_points(spark, n: int = 400):
+    # A uniform square has no clusters: where K-means stops depends on its iterations.
+    rng = np.random.default_rng(11)
+    return spark.createDataFrame([(Vectors.dense(p),) for p in rng.uniform(0, 10, size=(n, 2)).tolist()],
+                                 [FEATURES_COL]).persist()
+
+
+def test_a_refit_worse_than_the_sample_fit_on_all_users_is_not_kept(spark):
+    points = _uniform_points(spark)
+    try:
+        converged = dataclasses.replace(TEST_PARAMS, max_iter=50, tol=1e-9)
+        one_step = dataclasses.replace(TEST_PARAMS, max_iter=1)
+        good = clusterer(converged, algorithm="kmeans", k=6, seed=5).fit(points)
+        good_cost = good.summary.trainingCost
+        # Refits stopped after one iteration cannot match the converged fit: every seed is tried,
+        # each costs more, and the converged fit (standing for the sample's) is what is kept.
+        model, cost, refit = refit_on_all_users(one_step, algorithm="kmeans", k=6, seeds=[5, 17, 3],
+                                                sample_fit=good, everyone=points)
+        assert model is good and refit.kept_seed is None and cost == pytest.approx(good_cost)
+        assert refit.sample_fit_cost == pytest.approx(good_cost)
+        assert [seed for seed, _ in refit.tried] == [5, 17, 3]
+        assert all(c > good_cost * (1 + REFIT_COST_TOLERANCE) for _, c in refit.tried)
+        # The other way round: the converged refit from the same seed (the same initial centres,
+        # more iterations) beats the one-step fit, so it is kept and no other seed is tried; its
+        # cost is the one Spark reports for it.
+        rough = clusterer(one_step, algorithm="kmeans", k=6, seed=5).fit(points)
+        model, cost, refit = refit_on_all_users(converged, algorithm="kmeans", k=6, seeds=[5, 17],
+                                                sample_fit=rough, everyone=points)
+        assert refit.kept_seed == 5 and [seed for seed, _ in refit.tried] == [5]
+        assert cost == pytest.approx(model.summary.trainingCost) and cost < refit.sample_fit_cost
+    finally:
+        points.unpersist()
 
 
 def test_silhouette_sample_is_deterministic_and_bounded(spark):

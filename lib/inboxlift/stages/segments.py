@@ -33,6 +33,7 @@ from inboxlift.models.segments import (
     SILHOUETTE,
     STABILITY_MEAN,
     ChampionArtifacts,
+    Refit,
     SegmentModel,
     SegmentSearch,
     assign_segments,
@@ -55,6 +56,13 @@ class NoChampionError(RuntimeError):
     """Scoring found no ``champion`` version of the segment model: run segment-train first."""
 
 
+def _refit_outcome(refit: Refit) -> str:
+    tried = ", ".join(f"seed {seed}: cost {cost:,.1f}" for seed, cost in refit.tried)
+    kept = ("kept the sample's fit, no refit matched its cost" if refit.kept_seed is None
+            else f"kept seed {refit.kept_seed}")
+    return f"{kept}; the sample's fit costs {refit.sample_fit_cost:,.1f} on all users; tried {tried}"
+
+
 @dataclass(frozen=True)
 class SegmentTrainReport:
     run_id: str
@@ -71,7 +79,7 @@ class SegmentTrainReport:
             f"  {m.choice.reason}",
             f"  k searched on {m.search_rows} of {m.training_rows} users"
             + (f"; {m.choice.algorithm} k={m.choice.k} refitted on all users in {m.refit_seconds:.1f} s"
-               if m.search_rows < m.training_rows else ""),
+               f" ({_refit_outcome(m.refit)})" if m.refit is not None else ""),
             f"  stability over seeds {list(m.stability.seeds)}: adjusted Rand index mean {m.stability.mean:.3f}, "
             f"min {m.stability.minimum:.3f}"
             + ("" if m.stability.mean >= m.params.min_stability_ari

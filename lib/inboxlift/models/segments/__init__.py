@@ -9,7 +9,7 @@ chosen by silhouette, profiled and named by rules. Described in ``docs/segments.
 - :mod:`.tracking`: what a run logs to MLflow, what a notebook loads back, the plots
 """
 
-from inboxlift.models.segments.estimator import SegmentModel, SegmentSearch
+from inboxlift.models.segments.estimator import Refit, SegmentModel, SegmentSearch
 from inboxlift.models.segments.features import silhouette_sample
 from inboxlift.models.segments.scoring import assign_segments, pipeline_silhouette
 from inboxlift.models.segments.search import SILHOUETTE, STABILITY_MEAN
@@ -18,7 +18,7 @@ from inboxlift.models.segments.tracking import (
 )
 
 __all__ = [
-    "MODEL_ARTIFACT", "SILHOUETTE", "STABILITY_MEAN", "ChampionArtifacts", "SegmentModel", "SegmentSearch",
+    "MODEL_ARTIFACT", "SILHOUETTE", "STABILITY_MEAN", "ChampionArtifacts", "Refit", "SegmentModel", "SegmentSearch",
     "assign_segments", "load_model_artifacts", "log_segment_model", "pipeline_silhouette", "plot_k_search",
     "plot_profiles", "silhouette_sample",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.clustering import BisectingKMeansModel, KMeansModel
 from pyspark.sql import DataFrame
 
 from inboxlift.models.segments.features import (
@@ -20,7 +21,7 @@ from inboxlift.models.segments.features import (
 from inboxlift.models.segments.naming import (
     centroid_from_row, centroids_from_profiles, cluster_profiles, finish_profiles, name_segments, relabel_stage,
 )
-from inboxlift.models.segments.scoring import assign_segments
+from inboxlift.models.segments.scoring import assign_segments, assignment_cost
 from inboxlift.models.segments.search import (
     Choice, KCandidate, Stability, choose_candidate, clusterer, k_search_frame, search_k, seed_stability, with_anchor,
 )
@@ -44,6 +45,7 @@ class SegmentModel:
     training_cost: float        # within-cluster sum of squares of the chosen model, all users
     refit_seconds: float        # the chosen model's fit on all users (0 when the sample was all users)
     missing_roles: list[str] = field(default_factory=list)
+    refit: Refit | None = None  # how the refit on all users went (None when the sample was all users)
 
     def transform(self, features: DataFrame) -> DataFrame:
         """``user_id, segment_id, segment_name, distance`` for every row of ``features``."""
@@ -51,6 +53,44 @@ class SegmentModel:
 
     def k_search(self) -> pd.DataFrame:
         return k_search_frame(self.candidates)
+
+
+# A refit is kept when its cost on all users is at most this much above the sample fit's there: a
+# refit in the sample fit's optimum has the lower cost (it is fitted on all users), one in a worse
+# optimum a higher one (0.7 % higher at k=5 on the 1M-user shop, docs/segments.md).
+REFIT_COST_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Refit:
+    """The refit of the chosen (algorithm, k) on all users: every seed tried, in order, with its cost
+    on all users; the sample's fit's cost there; the seed kept (None: the sample's fit was kept)."""
+
+    sample_fit_cost: float
+    tried: tuple[tuple[int, float], ...]
+    kept_seed: int | None
+
+
+def refit_on_all_users(params: SegmentSettings, *, algorithm: str, k: int, seeds: list[int],
+                       sample_fit: KMeansModel | BisectingKMeansModel,
+                       everyone: DataFrame) -> tuple[KMeansModel | BisectingKMeansModel, float, Refit]:
+    """Fit (algorithm, k) on ``everyone`` (cached by the caller) with ``seeds`` in order until a fit
+    is no worse than ``sample_fit`` on all users (``REFIT_COST_TOLERANCE``); when none is, the
+    sample's fit is kept. A fresh initialisation on all users can end in a worse local optimum than
+    the one the sample's best seed found (as Spark ML's K-means has no initial model to start from
+    the sample's centres): this keeps the refit from undoing the search.
+
+    Returns ``(model, cost on all users, Refit)``.
+    """
+    sample_cost = assignment_cost(sample_fit, everyone)
+    tried: list[tuple[int, float]] = []
+    for seed in seeds:
+        model = clusterer(params, algorithm=algorithm, k=k, seed=seed).fit(everyone)
+        cost = assignment_cost(model, everyone)
+        tried.append((seed, cost))
+        if cost <= sample_cost * (1.0 + REFIT_COST_TOLERANCE):
+            return model, cost, Refit(sample_fit_cost=sample_cost, tried=tuple(tried), kept_seed=seed)
+    return sample_fit, sample_cost, Refit(sample_fit_cost=sample_cost, tried=tuple(tried), kept_seed=None)
 
 
 class SegmentSearch:
@@ -98,14 +138,22 @@ class SegmentSearch:
             silhouette_points.unpersist()
             points.unpersist()
 
-        refit_seconds = 0.0
+        refit_seconds, refit = 0.0, None
+        training_cost = float(chosen.summary.trainingCost)
         if search_rows < training_rows:
-            # One fit on all users of the chosen (algorithm, k), with the seed whose fit won on the
-            # sample; Spark caches its vectors for the fit.
+            # The chosen (algorithm, k) fitted on all users: the seed whose fit won on the sample
+            # first, then the others by their cost on the sample, until a fit is as good on all
+            # users as the sample's own (refit_on_all_users). Cached: each try fits and costs it.
             started = time.perf_counter()
             everyone = with_anchor(preprocessing.transform(features).select(USER_ID, FEATURES_COL),
-                                   algorithms=[choice.algorithm])
-            chosen = clusterer(params, algorithm=choice.algorithm, k=choice.k, seed=seed).fit(everyone)
+                                   algorithms=[choice.algorithm]).persist()
+            try:
+                order = [seed, *sorted((s for s in fits if s != seed), key=lambda s: fits[s].summary.trainingCost)]
+                chosen, training_cost, refit = refit_on_all_users(
+                    params, algorithm=choice.algorithm, k=choice.k, seeds=order, sample_fit=fits[seed],
+                    everyone=everyone)
+            finally:
+                everyone.unpersist()
             refit_seconds = time.perf_counter() - started
 
         anchors = anchor_stages() if choice.algorithm == "bisecting_kmeans" else []
@@ -125,5 +173,5 @@ class SegmentSearch:
         return SegmentModel(pipeline=pipeline, params=params, candidates=candidates, choice=choice,
                             stability=stability, profiles=profiles, population=population_means,
                             training_rows=training_rows, search_rows=search_rows, silhouette_rows=silhouette_rows,
-                            training_cost=float(chosen.summary.trainingCost), refit_seconds=refit_seconds,
-                            missing_roles=missing_roles)
+                            training_cost=training_cost, refit_seconds=refit_seconds,
+                            missing_roles=missing_roles, refit=refit)

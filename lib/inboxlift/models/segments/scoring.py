@@ -40,6 +40,16 @@ def with_distance_to_centroid(assigned: DataFrame, *, features_col: str, cluster
     return assigned.withColumn(DISTANCE, F.sqrt(sum(squares, F.lit(0.0))))
 
 
+def assignment_cost(model: KMeansModel | BisectingKMeansModel, points: DataFrame) -> float:
+    """The sum over ``points`` of the squared distance from each point to the centre ``model``
+    assigns it to: K-means' cost of any fitted model on any points, e.g. a sample's fit on all users."""
+    assigned = with_distance_to_centroid(model.transform(points), features_col=model.getFeaturesCol(),
+                                         cluster_col=model.getPredictionCol(),
+                                         centers=[list(c) for c in model.clusterCenters()])
+    total = assigned.agg(F.sum(F.col(DISTANCE) * F.col(DISTANCE))).first()[0]
+    return float(total or 0.0)
+
+
 def assign_segments(features: DataFrame, *, pipeline: PipelineModel) -> DataFrame:
     """``user_id, segment_id, segment_name, distance`` for every user of ``features`` (no retraining)."""
     if USER_ID not in features.columns:

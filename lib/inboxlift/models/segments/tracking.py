@@ -92,9 +92,17 @@ def log_segment_model(model: SegmentModel, *, features: DataFrame, data: Mapping
               "segments": float(len(model.profiles)), STABILITY_MEAN: model.stability.mean,
               STABILITY_MIN: model.stability.minimum}
     chosen.update({f"elbow_k/{a}": float(k) for a, k in model.choice.elbows.items() if k is not None})
+    if model.refit is not None:
+        # Each refit tried on all users (step: its order) against the sample's fit's cost there.
+        chosen.update({"refit_fits": float(len(model.refit.tried)), "refit_sample_fit_cost": model.refit.sample_fit_cost})
+        for step, (seed, cost) in enumerate(model.refit.tried):
+            mlflow.log_metrics({"refit_cost": cost, "refit_seed": float(seed)}, step=step)
     mlflow.log_metrics({k: v for k, v in chosen.items() if not math.isnan(v)})
     stable = model.stability.mean >= model.params.min_stability_ari
+    refit_kept = ("" if model.refit is None else "sample fit" if model.refit.kept_seed is None
+                  else f"seed {model.refit.kept_seed}")
     mlflow.set_tags({"selection_reason": model.choice.reason, "stability_ok": str(stable).lower(),
+                     "refit_kept": refit_kept,
                      "missing_roles": ",".join(model.missing_roles)})
     mlflow.log_text(model.choice.reason + "\n", "segments/selection.txt")
     mlflow.log_dict({"seeds": list(model.stability.seeds),
