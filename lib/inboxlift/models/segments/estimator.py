@@ -57,7 +57,7 @@ class SegmentModel:
 
 # A refit is kept when its cost on all users is at most this much above the sample fit's there: a
 # refit in the sample fit's optimum has the lower cost (it is fitted on all users), one in a worse
-# optimum a higher one (0.7 % higher at k=5 on the 1M-user shop, docs/segments.md).
+# optimum a higher one (0.9 % higher at k=5 on the 1M-user shop, docs/segments.md).
 REFIT_COST_TOLERANCE = 1e-3
 
 
