@@ -289,6 +289,47 @@ def test_concurrent_appends_both_commit(lake, day1, day2):
     assert lake.version("events") == 2
 
 
+def test_two_first_writes_racing_to_create_a_table_one_commits_the_other_is_refused(lake, spark, monkeypatch):
+    if lake.backend.name != "delta-rs":
+        pytest.skip("the race is in delta-rs's create; native tables are created by Delta's own commit protocol")
+    import inboxlift.storage.deltars as deltars_module
+
+    # Both writers have found no table and written their files; they create it at the same moment.
+    # delta-rs 1.6 retried the losing create as version 1 and committed it (29 of 30 pairs in a
+    # loop): the table then held both writers' rows, and two ingest runs both took the lease.
+    real_create = deltars_module.create_table_with_add_actions
+    barrier = threading.Barrier(2)
+
+    def create_together(*args, **kwargs):
+        barrier.wait()
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(deltars_module, "create_table_with_add_actions", create_together)
+    for round_ in range(5):
+        name = f"race_{round_}"
+        outcomes: dict[str, object] = {}
+
+        def append(user: str) -> None:
+            try:
+                lake.append(name, rows(spark, [(user, None, None, dt.date(2026, 11, 1))]),
+                            write_id=WriteId("race", 1))
+                outcomes[user] = "committed"
+            except ConcurrentWriteError as exc:
+                outcomes[user] = exc
+
+        threads = [threading.Thread(target=append, args=(u,)) for u in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        committed = [u for u, o in outcomes.items() if o == "committed"]
+        assert len(committed) == 1, outcomes
+        loser = next(o for o in outcomes.values() if o != "committed")
+        assert "created by another writer meanwhile" in str(loser)
+        assert [r.user_id for r in lake.read(name).collect()] == committed
+        assert lake.version(name) == 0
+
+
 def test_racing_overwrites_of_one_partition_never_duplicate_it(lake, spark, day1):
     lake.append("events", day1, partition_by=["event_date"])
     barrier = threading.Barrier(2)
