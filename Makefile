@@ -31,7 +31,7 @@ run: java $(STAMP)
 	$(BIN)/inboxlift run-all
 
 test: java $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 bench: java $(STAMP)
 	$(BIN)/python bench/run_all.py
