@@ -167,6 +167,20 @@ def test_last_touch_prefers_the_latest_click_and_ignores_machine_opens(spark):
     assert {r.message_id: (r.attributed_orders, r.attributed_revenue) for r in credited.collect()} == {"mB": (1, 10.0)}
 
 
+def test_a_machine_flag_counts_in_any_case_and_only_when_it_says_true(spark):
+    """The tracking service writes "true"; a file from elsewhere may write "True" or "TRUE". Only the
+    opens whose flag is none of those are human touches."""
+    flags = {"o1": "true", "o2": "True", "o3": "TRUE", "o4": "false", "o5": "yes", "o6": None, "o7": " true"}
+    events = spark.createDataFrame(
+        [(e, "email_open", "2026-11-02 11:00:00", f"m-{e}", {"is_machine_open": v} if v is not None else None)
+         for e, v in flags.items()]
+        + [("c1", "email_click", "2026-11-02 11:00:00", "m-c1", {"is_machine_click": "tRuE"}),
+           ("c2", "email_click", "2026-11-02 11:00:00", "m-c2", {"is_machine_open": "true"})],
+        "event_id string, event_type string, ts string, message_id string, properties map<string,string>",
+    ).withColumn("event_ts", F.to_timestamp("ts"))
+    assert {r.message_id for r in human_touches(events).collect()} == {"m-o4", "m-o5", "m-o6", "m-o7", "m-c2"}
+
+
 def test_last_touch_counts_a_click_at_the_order_instant_and_breaks_ties_by_message_id(spark):
     """The timeline's order: a touch at the order's very instant counts (the window is [touch,
     touch + days)), and of two clicks at one instant the smaller message id is credited."""
