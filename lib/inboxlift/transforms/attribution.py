@@ -67,9 +67,8 @@ def _is_flagged(name: str) -> Column:
     """Whether the event's property ``name`` says "true", in any case ("True", "TRUE", ...).
 
     ASCII case folding by ``translate``, not ``lower``: the first ``lower`` in a JVM starts Spark 4's
-    collation-aware case mapping (ICU), measured at 5-6 s of JVM CPU in a fresh local session on a
-    2-core machine against under 3 s for the same query with ``translate``; a scheduled ``run report``
-    is such a session. Only ASCII letters can fold to "true", so the two agree on every value.
+    collation-aware case mapping (ICU), a cost every fresh ``run report`` JVM would pay (measured in
+    bench/README.md). No non-ASCII letter lower-cases to t, r, u or e, so both agree on every value.
     """
     value = F.element_at(F.col("properties"), F.lit(name))
     return F.coalesce(F.translate(value, "TRUE", "true") == F.lit("true"), F.lit(False))
