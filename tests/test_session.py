@@ -22,6 +22,20 @@ def test_local_conf_sizes_and_settles_the_session():
     assert conf["spark.checkpoint.dir"] == str((Path("var/checkpoints")).absolute())
 
 
+def test_local_pages_are_small_so_many_tiny_broadcasts_fit_a_small_driver():
+    # Without it, a 3 GiB driver's 64 MiB pages left the suite's run-all on Connect out of memory
+    # in the recommend stage (CI of 2026-12-05).
+    for memory in ("3g", "9g", "32g"):
+        conf = local_conf(SparkSettings(driver_memory=memory), environ={}, delta_jars=[])
+        assert conf["spark.buffer.pageSize"] == "4m"
+    mine = local_conf(SparkSettings(extra_conf={"spark.buffer.pageSize": "16m"}), environ={}, delta_jars=[])
+    assert mine["spark.buffer.pageSize"] == "16m"
+
+
+def test_the_suite_session_runs_with_the_small_pages(spark):
+    assert spark.conf.get("spark.buffer.pageSize") == "4m"
+
+
 def test_ui_is_off_under_ci_and_delta_is_wired_when_jars_exist():
     jars = ["/x/delta-spark_2.13-4.4.1.jar", "/x/delta-storage-4.4.1.jar"]
     conf = local_conf(SparkSettings(extra_conf={"spark.sql.ansi.enabled": "false"}), environ={"CI": "true"},
