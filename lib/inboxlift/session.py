@@ -171,9 +171,9 @@ def local_conf(settings: SparkSettings, *, environ: Mapping[str, str], delta_jar
         "spark.ui.showConsoleProgress": "false",
         # Spark sizes a Tungsten page from the heap (64 MiB from a 3 GiB local driver up), and every
         # broadcast hash relation allocates at least one page while it is built. Under AQE a stage
-        # like recommend builds dozens of tiny broadcasts at once, mostly empty pages filled the
-        # suite's 3 GiB Connect server: "Not enough memory to build and broadcast the table".
-        # 4 MiB pages still allow 32 GiB per task (8,192 pages), more than a local driver has.
+        # like recommend builds dozens of tiny broadcasts at once; their mostly empty pages filled
+        # the suite's 3 GiB Connect server ("Not enough memory to build and broadcast the table").
+        # 4 MiB pages still allow 32 GiB per task (8,192 pages), the largest `auto` driver.
         # Measured: README, "Memory of a local session".
         "spark.buffer.pageSize": LOCAL_PAGE_SIZE,
         # Both are static settings read when the context starts (Spark 4), so they need no
