@@ -272,7 +272,18 @@ def table(ctx, name):
 SERVED = {"als", "itemcf", "hybrid"}
 
 
-def test_train_and_score_on_a_planted_shop_twice(ctx, spark):
+def jobs_of(spark, step) -> int:
+    """How many Spark jobs ``step`` ran (a job group on the test's classic session)."""
+    sc, group = spark.sparkContext, f"counted-{uuid.uuid4().hex}"
+    sc.setJobGroup(group, "jobs counted by a test")
+    try:
+        step()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    return len(sc.statusTracker().getJobIdsForGroup(group))
+
+
+def test_train_and_score_on_a_planted_shop_twice(ctx, spark, monkeypatch):
     shop = planted_ctx(ctx)
     write_planted_shop(shop, spark)
     with pytest.raises(NoChampionError):
@@ -366,6 +377,27 @@ def test_train_and_score_on_a_planted_shop_twice(ctx, spark):
     for name, df in before.items():
         assert_df_equality(table(shop, name), df, ignore_row_order=True)
     assert (shop.lake.version("id_map_users"), shop.lake.version("id_map_items")) == map_versions
+
+    # Served as the hybrid, under adaptive execution as every inboxlift session runs (this suite's session
+    # turns it off, and then Spark reuses a repeated subtree's exchanges, which adaptive execution does not):
+    # the assembly reads the served rows and the content rows three times each, so the stage keeps both
+    # once. Measured on this shop: 181 jobs with both kept, 481 with each read recomputing its top-k.
+    import inboxlift.stages.recommend as stage
+    hybrid = dataclasses.replace(first.trained.choice, kind="hybrid", als_weight=0.5, similar_items_source="itemcf")
+    monkeypatch.setattr(stage, "served_choice", lambda client, champion: hybrid)
+    spark.conf.set("spark.sql.adaptive.enabled", "true")
+    try:
+        jobs = jobs_of(spark, lambda: run_recommend(shop))
+    finally:
+        spark.conf.set("spark.sql.adaptive.enabled", "false")
+        monkeypatch.undo()
+    assert jobs < 300
+    rows = {}
+    for r in table(shop, RECOMMENDATIONS).collect():
+        rows.setdefault(r["user_id"], []).append(r)
+    planted = [u for u in rows if u.startswith(("a-user", "b-user"))]
+    assert planted and all({r["source"] for r in rows[u]} <= {"hybrid", "content"} for u in planted)
+    assert all({r["item_id"][0] for r in rows[u] if r["source"] == "hybrid"} == {u[0]} for u in planted)
 
     # A second training, ALS alone with weaker parameters: the champion's choice, retrained on the same
     # split, scores what it scored the first time and stays champion

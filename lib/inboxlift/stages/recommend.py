@@ -81,6 +81,7 @@ from inboxlift.models.similar import (
     top_k_blocked,
 )
 from inboxlift.models.tracking import tracked_run, tracking_client
+from inboxlift.session import materialize
 from inboxlift.transforms.features_common import cutoff_of, latest_row_per_key
 from inboxlift.transforms.features_returns import net_of_returns
 
@@ -467,14 +468,16 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
                              items=item_features.select(ITEM_ID).unionByName(interactions.select(ITEM_ID)))
     user_map, item_map = _maps(ctx, id_maps)
     item_categories = item_features.select(ITEM_ID, "category")
-    users = to_indexes(user_features.select(USER_ID), user_map=user_map).persist()
-    in_stock = to_indexes(item_features.where(F.col("is_in_stock")).select(ITEM_ID), item_map=item_map).persist()
-    exclusions = to_indexes(
+    # Kept with materialize (locally checkpointed on Spark Connect): the frames built on these read them
+    # several times, and on Connect their plans would otherwise nest past protobuf's depth limit.
+    users = materialize(to_indexes(user_features.select(USER_ID), user_map=user_map))
+    in_stock = materialize(to_indexes(item_features.where(F.col("is_in_stock")).select(ITEM_ID), item_map=item_map))
+    exclusions = materialize(to_indexes(
         recommendation_exclusions(interactions=interactions, item_categories=item_categories,
                                   negative=negative_reviews(ctx, user_features) if s.exclude_negative_reviews else None,
                                   exclude_purchased=s.exclude_purchased,
                                   consumable_categories=s.consumable_categories),
-        user_map=user_map, item_map=item_map).persist()
+        user_map=user_map, item_map=item_map))
     persisted = [users, in_stock, exclusions]
     try:
         baskets = None
@@ -482,19 +485,23 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
             # Item-based CF needs no training: its baskets are today's latest items.
             pairs = to_indexes(decayed_pairs(events, cutoff=cutoff, half_life_days=fs.half_life_days),
                                user_map=user_map, item_map=item_map)
-            baskets = recent_baskets(pairs, basket_items=choice.itemcf.basket_items).persist()
+            baskets = materialize(recent_baskets(pairs, basket_items=choice.itemcf.basket_items))
             persisted.append(baskets)
-        primary = served_rows(choice, model=model, baskets=baskets, users=users, exclusions=exclusions,
-                              in_stock=in_stock, k=s.top_n, block_size=s.user_block_size,
-                              chunk_size=s.item_block_size)
+        # The served rows and the content rows are each read three times by the assembly (counted, kept
+        # apart from the other source, united): kept once, so the top-k behind them runs once.
+        primary = materialize(served_rows(choice, model=model, baskets=baskets, users=users, exclusions=exclusions,
+                                          in_stock=in_stock, k=s.top_n, block_size=s.user_block_size,
+                                          chunk_size=s.item_block_size))
+        persisted.append(primary)
 
         products_latest = latest_row_per_key(products, key=ITEM_ID, order_by="updated_at",
                                              columns=["name", "description", "category_path", "brand", "price"])
-        vectors = (to_indexes(content_vectors(products_latest, weights=s.content_weights,
-                                              text_features=s.content_text_features,
-                                              price_edges=fs.price_band_edges, price_labels=fs.price_band_labels),
-                              item_map=item_map)
-                   .select(F.col(ITEM_IDX).alias(ID), GROUP, FEATURES).persist())
+        vectors = materialize(to_indexes(content_vectors(products_latest, weights=s.content_weights,
+                                                         text_features=s.content_text_features,
+                                                         price_edges=fs.price_band_edges,
+                                                         price_labels=fs.price_band_labels),
+                                         item_map=item_map)
+                              .select(F.col(ITEM_IDX).alias(ID), GROUP, FEATURES))
         persisted.append(vectors)
         content_similar_rows = content_similar(vectors, k=s.content_similar_items, block_size=s.user_block_size,
                                                chunk_size=s.item_block_size,
@@ -508,12 +515,15 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
         strongest = Window.partitionBy(USER_IDX).orderBy(F.col(CONFIDENCE).desc(), F.col(ITEM_IDX))
         anchors = (interactions_idx.withColumn("_a", F.row_number().over(strongest))
                    .where(F.col("_a") <= s.content_anchor_items).select(USER_IDX, ITEM_IDX))
-        content = content_rows(anchors=anchors, new_items=new_items, vectors=vectors, exclusions=exclusions,
-                               slots=s.content_slots, neighbours=s.content_similar_items,
-                               block_size=s.user_block_size, chunk_size=s.item_block_size)
+        content = materialize(content_rows(anchors=anchors, new_items=new_items, vectors=vectors,
+                                           exclusions=exclusions, slots=s.content_slots,
+                                           neighbours=s.content_similar_items, block_size=s.user_block_size,
+                                           chunk_size=s.item_block_size))
+        persisted.append(content)
 
         popularity = item_popularity(events, item_categories=item_categories, end=cutoff,
-                                     days=s.popularity_days, item_map=item_map, candidate_items=in_stock).persist()
+                                     days=s.popularity_days, item_map=item_map, candidate_items=in_stock)
+        popularity = materialize(popularity)
         categories_idx = to_indexes(item_categories, item_map=item_map)
         user_categories = user_top_categories(interactions_idx, item_categories=categories_idx,
                                               n=s.fallback_categories)
