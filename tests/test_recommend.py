@@ -272,6 +272,13 @@ def table(ctx, name):
 SERVED = {"als", "itemcf", "hybrid"}
 
 
+def rows_by_user(recs) -> dict:
+    rows = {}
+    for r in recs.collect():
+        rows.setdefault(r["user_id"], []).append(r)
+    return rows
+
+
 def jobs_of(spark, step) -> int:
     """How many Spark jobs ``step`` ran (a job group on the test's classic session)."""
     sc, group = spark.sparkContext, f"counted-{uuid.uuid4().hex}"
@@ -330,9 +337,7 @@ def test_train_and_score_on_a_planted_shop_twice(ctx, spark, monkeypatch):
     report = run_recommend(shop)
     recs = table(shop, RECOMMENDATIONS)
     assert recs.columns == RECOMMENDATION_COLUMNS
-    rows = {}
-    for r in recs.collect():
-        rows.setdefault(r["user_id"], []).append(r)
+    rows = rows_by_user(recs)
     for user, user_rows in rows.items():
         assert sorted(r["rank"] for r in user_rows) == list(range(1, len(user_rows) + 1))
         assert len({r["item_id"] for r in user_rows}) == len(user_rows)
@@ -385,16 +390,15 @@ def test_train_and_score_on_a_planted_shop_twice(ctx, spark, monkeypatch):
     import inboxlift.stages.recommend as stage
     hybrid = dataclasses.replace(first.trained.choice, kind="hybrid", als_weight=0.5, similar_items_source="itemcf")
     monkeypatch.setattr(stage, "served_choice", lambda client, champion: hybrid)
+    adaptive = spark.conf.get("spark.sql.adaptive.enabled")
     spark.conf.set("spark.sql.adaptive.enabled", "true")
     try:
         jobs = jobs_of(spark, lambda: run_recommend(shop))
     finally:
-        spark.conf.set("spark.sql.adaptive.enabled", "false")
+        spark.conf.set("spark.sql.adaptive.enabled", adaptive)
         monkeypatch.undo()
     assert jobs < 300
-    rows = {}
-    for r in table(shop, RECOMMENDATIONS).collect():
-        rows.setdefault(r["user_id"], []).append(r)
+    rows = rows_by_user(table(shop, RECOMMENDATIONS))
     planted = [u for u in rows if u.startswith(("a-user", "b-user"))]
     assert planted and all({r["source"] for r in rows[u]} <= {"hybrid", "content"} for u in planted)
     assert all({r["item_id"][0] for r in rows[u] if r["source"] == "hybrid"} == {u[0]} for u in planted)

@@ -521,9 +521,9 @@ def run_recommend(ctx: RunContext) -> RecommendReport:
                                            chunk_size=s.item_block_size))
         persisted.append(content)
 
-        popularity = item_popularity(events, item_categories=item_categories, end=cutoff,
-                                     days=s.popularity_days, item_map=item_map, candidate_items=in_stock)
-        popularity = materialize(popularity)
+        popularity = materialize(item_popularity(events, item_categories=item_categories, end=cutoff,
+                                                 days=s.popularity_days, item_map=item_map,
+                                                 candidate_items=in_stock))
         categories_idx = to_indexes(item_categories, item_map=item_map)
         user_categories = user_top_categories(interactions_idx, item_categories=categories_idx,
                                               n=s.fallback_categories)
