@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 from inboxlift.clock import FixedClock, SystemClock
 from inboxlift.context import RunContext
 from inboxlift.pipeline import RUN_ALL, STAGES, Stage, generate_default_data, landing_is_empty
+from inboxlift.session import collect_ml_garbage, ml_finalizers_at_safe_points
 from inboxlift.settings import Settings, SettingsError, default_conf_dir, load_settings, parse_override
 
 
@@ -181,7 +182,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     ctx = build_context(settings, now=args.now, environ=environ)
     started = time.monotonic()
     try:
-        code = _dispatch(ctx, args, settings)
+        with ml_finalizers_at_safe_points(ctx.spark):
+            code = _dispatch(ctx, args, settings)
     except _user_errors() as exc:
         print(f"inboxlift: {exc}", file=sys.stderr)
         return 2
@@ -286,6 +288,7 @@ def _dispatch(ctx: RunContext, args: argparse.Namespace, settings: Settings) -> 
         for name in RUN_ALL:
             stage = STAGES[name]
             warnings += _run_stage(ctx, stage, _with_stage_defaults(stage, args))
+            collect_ml_garbage()   # the stage's models, released between stages (no RPC in flight here)
         print("\n== tables", flush=True)
         print_tables(ctx)
         print_locations(settings)

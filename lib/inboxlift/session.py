@@ -13,13 +13,15 @@ so the same code serves both kinds of session.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import os
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
@@ -51,6 +53,49 @@ class SessionInfo:
 def is_connect_session(spark: SparkSession) -> bool:
     """Whether ``spark`` is a Spark Connect client (no JVM in this process to talk to)."""
     return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+# How many ml_finalizers_at_safe_points blocks are open that turned Python's cyclic collector off.
+_COLLECTOR_HELD = 0
+
+
+@contextlib.contextmanager
+def ml_finalizers_at_safe_points(spark: SparkSession) -> Iterator[None]:
+    """On Spark Connect, let Python's cyclic garbage collector run only where no RPC is in flight.
+
+    pyspark 4.2's Connect client deletes a fitted model from the server's ML cache in the model's
+    finalizer, with a blocking RPC. A model caught in a reference cycle is finalized by the cyclic
+    collector, which Python starts at whatever allocation crosses its threshold: also one made inside
+    another RPC of the same thread (``spark.conf.get``, a schema request). The nested delete then
+    waits on the channel the outer call holds, and the run hangs without an error (seen in a local
+    ``run-all`` on Connect, in the ``plan`` stage after the model stages; pyspark 4.2.0 turns the
+    collector off only around its own ``ExecutePlan`` calls). Inside this block the automatic
+    collector is off; the block's end and :func:`collect_ml_garbage` (between the fits of a search)
+    collect where no RPC is in flight. Reference counting, which frees most objects at once, is
+    untouched. On a classic session, or with the collector already off, nothing changes.
+    """
+    global _COLLECTOR_HELD
+    if not is_connect_session(spark) or not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    _COLLECTOR_HELD += 1
+    try:
+        yield
+    finally:
+        _COLLECTOR_HELD -= 1
+        gc.enable()
+        gc.collect()
+
+
+def collect_ml_garbage() -> None:
+    """A safe point inside :func:`ml_finalizers_at_safe_points`: collect now (no RPC is in flight).
+
+    Frees the models of a search's earlier fits (and their server-side cache entries) as it goes;
+    outside such a block Python's own collector is on and this does nothing.
+    """
+    if _COLLECTOR_HELD:
+        gc.collect()
 
 
 def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> DataFrame:

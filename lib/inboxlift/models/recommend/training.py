@@ -55,7 +55,7 @@ from inboxlift.models.recommend.itemcf import (
     recent_baskets,
 )
 from inboxlift.models.recommend.tuning import TuningPoint, plan, successive_halving
-from inboxlift.session import materialize
+from inboxlift.session import collect_ml_garbage, materialize
 from inboxlift.settings import RecommendSettings
 
 ALS_KIND, ITEMCF_KIND, HYBRID_KIND = "als", "itemcf", "hybrid"
@@ -309,6 +309,7 @@ class RecommenderTraining:
         data = self.split("validation", train_cutoff=self.validation_start, end=self.test_start)
         try:
             def fit_and_score(params: AlsParams) -> tuple[float, float, ALSModel]:
+                collect_ml_garbage()   # the models of dropped candidates, released before the next fit
                 started = time.perf_counter()
                 model = self.fit(data, params)
                 ndcg = self.score(self.als_ranking(model, data, k=s.k), data, metrics=("ndcg",)).ndcg
