@@ -32,7 +32,7 @@ from inboxlift.session import collect_ml_garbage, ml_finalizers_at_safe_points
 
 spark = SparkSession.builder.remote("local[2]").getOrCreate()
 points = spark.createDataFrame([(Vectors.dense([float(i), 0.0]),) for i in range(10)], ["features"])
-pool = [KMeans(k=2, seed=1, maxIter=2).fit(points) for _ in range(6)]
+pool = [KMeans(k=2, seed=1, maxIter=2).fit(points) for _ in range(3)]
 
 def inside_a_call_being_placed():
     # gRPC's unary call places the call on its channel (segregated_call), holding the channel's lock
@@ -97,7 +97,7 @@ def test_a_model_finalized_by_the_collector_never_runs_inside_another_rpc_on_con
     assert child.returncode == 0, err[-3000:]
     lines = [line for line in out.splitlines() if ":" in line]
     assert lines == [
-        "rpcs done, models never dropped: 6",
+        "rpcs done, models never dropped: 3",
         "in a cycle, before the safe point: True",
         "after collect_ml_garbage: False",
         "after the block: False collector on: True",
