@@ -43,6 +43,9 @@ def test_run_all_generates_then_runs_every_stage_in_order(run_all):
     assert run_all.done.returncode == 0, stdout[-3000:] + run_all.done.stderr[-5000:]
     headers = [line.split(":")[0][3:] for line in stdout.splitlines() if line.startswith("== ")]
     assert headers == ["generate", *RUN_ALL, "tables"]
+    # Each stage says how long it took, in the order it ran.
+    took = re.findall(r"^  (\S+) took (\d+\.\d)s$", stdout, flags=re.MULTILINE)
+    assert [name for name, _ in took] == list(RUN_ALL)
 
 
 def test_run_all_tables_hold_every_user_once(run_all):

@@ -266,10 +266,12 @@ def _run_stage(ctx: RunContext, stage: Stage, args: argparse.Namespace) -> list:
     from inboxlift.diagnostics import diagnose_stage, report
 
     print(f"== {stage.name}: {stage.help}", flush=True)
+    started = time.monotonic()
     result = stage.run(ctx, args)
     _print_result(result)
     warnings = diagnose_stage(ctx, stage.name, result)
     report(warnings)
+    print(f"  {stage.name} took {time.monotonic() - started:.1f}s", flush=True)
     return warnings
 
 
