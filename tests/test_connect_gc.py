@@ -5,9 +5,11 @@ When Python's cyclic collector finalizes a model during another RPC of the same 
 delete waits forever: a local ``run-all`` on Connect hung so in its ``plan`` stage. The script below
 makes that happen on purpose: the collector runs at almost every allocation, and a ``gc`` callback
 drops a fitted model into a reference cycle when a collection starts where gRPC places a unary call
-(a ``spark.conf.get``) on its channel, so that collection finalizes it there. Without the guard the script hangs
-(measured: killed by the test's 90 s timeout); with it, the automatic collector never runs inside
-the block and the RPCs end in well under a second.
+(a ``spark.conf.get``) on its channel, so that collection finalizes it there. With the guard made a
+no-op the test failed in 6 runs of 6: three hung (killed at the 90 s timeout), and in three the
+models were finalized inside those calls without a deadlock, which the script's own checks catch
+(no model is left to pop). With the guard the collector never runs by itself inside the block, and
+the test passed in 5 runs of 5 (about 22 s, most of it the Connect server's start).
 """
 
 from __future__ import annotations
