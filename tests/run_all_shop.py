@@ -88,11 +88,17 @@ class RunAll:
         return self.done.stdout
 
 
+def subprocess_env() -> dict[str, str]:
+    """This environment for a child Python that builds its own session: no inboxlift, Spark Connect or
+    pyspark variables of the test run, and the library importable from the checkout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INBOXLIFT", "SPARK_REMOTE", "PYSPARK"))}
+    env["PYTHONPATH"] = str(ROOT / "lib") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def run_all_on_connect(work: Path) -> RunAll:
     """``inboxlift run-all`` on an empty local lake under ``work``: it generates a shop, then runs every stage."""
     settings = {**spark_settings(work), **shop_settings(work)}
     args = [sys.executable, "-m", "inboxlift.cli", "run-all", *set_args(settings), "--now", NOW]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INBOXLIFT", "SPARK_REMOTE", "PYSPARK"))}
-    env["PYTHONPATH"] = str(ROOT / "lib") + os.pathsep + env.get("PYTHONPATH", "")
-    done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(args, cwd=work, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
     return RunAll(work, done)

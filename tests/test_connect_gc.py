@@ -19,11 +19,9 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from inboxlift.session import collect_ml_garbage, ml_finalizers_at_safe_points
-
-ROOT = Path(__file__).resolve().parents[1]
+from run_all_shop import subprocess_env
 
 SCRIPT = r"""
 import gc, linecache, sys, weakref
@@ -85,10 +83,8 @@ spark.stop()
 
 
 def test_a_model_finalized_by_the_collector_never_runs_inside_another_rpc_on_connect(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARK_REMOTE", "PYSPARK"))}
-    env["PYTHONPATH"] = str(ROOT / "lib") + os.pathsep + env.get("PYTHONPATH", "")
     # Its own process group, so that a hang ends with the Connect server it started.
-    child = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = child.communicate(timeout=90)
