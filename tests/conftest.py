@@ -30,7 +30,12 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "spark.driver_memory": "3g",
             "spark.ui_enabled": False,
             "spark.checkpoint_dir": str(work / "checkpoints"),
+            # The suite's jobs run on a few rows each: compiling Java for them costs more than running
+            # them interpreted (README, "Tests"). The run-all on Connect keeps
+            # Spark's defaults, so the product's own settings still run every stage.
             "spark.extra_conf": {"spark.sql.adaptive.enabled": "false",
+                                 "spark.sql.codegen.wholeStage": "false",
+                                 "spark.sql.codegen.factoryMode": "NO_CODEGEN",
                                  "spark.sql.sources.parallelPartitionDiscovery.threshold": "1000"},
             "storage.lake_dir": str(work / "lake"),
             "mlflow.tracking_uri": f"sqlite:///{work / 'mlflow.db'}",
