@@ -31,7 +31,7 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "spark.ui_enabled": False,
             "spark.checkpoint_dir": str(work / "checkpoints"),
             # The suite's jobs run on a few rows each: compiling Java for them costs more than running
-            # them interpreted (README, "Tests"). The run-all on Connect keeps
+            # them interpreted (README, "What `make run` does", measured). The run-all on Connect keeps
             # Spark's defaults, so the product's own settings still run every stage.
             "spark.extra_conf": {"spark.sql.adaptive.enabled": "false",
                                  "spark.sql.codegen.wholeStage": "false",
