@@ -9,14 +9,17 @@ test_features_stage, test_segments, test_recommend, test_plan, test_render, test
 test_simulate, test_report).
 
 A local Connect server cannot start in a process that already holds a classic session (the test
-session), so the command runs in a subprocess of this interpreter.
+session), so the command runs in a subprocess of this interpreter: this file run as a script, which
+is ``inboxlift`` with a recorder of the plans the client sends (:func:`record_plan_sizes`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +102,48 @@ def subprocess_env() -> dict[str, str]:
 def run_all_on_connect(work: Path) -> RunAll:
     """``inboxlift run-all`` on an empty local lake under ``work``: it generates a shop, then runs every stage."""
     settings = {**spark_settings(work), **shop_settings(work)}
-    args = [sys.executable, "-m", "inboxlift.cli", "run-all", *set_args(settings), "--now", NOW]
+    args = [sys.executable, __file__, "run-all", *set_args(settings), "--now", NOW]
     done = subprocess.run(args, cwd=work, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
     return RunAll(work, done)
+
+
+PLAN_SIZES = "connect_plans.json"
+
+
+def record_plan_sizes(path: Path, *, keep: int = 5) -> None:
+    """Write the largest plans this process's Connect client executes to ``path``: their size and the
+    library's calling lines.
+
+    A Connect client sends a command's whole plan tree, so a frame used a dozen times in one query is
+    sent a dozen times over; the server converts and analyses all of it for every command (a 4.7 MB
+    plan once cost the tiny shop's ingest 14 s). pyspark 4.2's client has no public hook for this: the
+    recorder wraps the two methods every execution passes through (analysis requests carry the same
+    plans).
+    """
+    from pyspark.sql.connect.client import core
+
+    largest: list[dict[str, object]] = []
+
+    def note(request) -> None:
+        size = request.plan.ByteSize()
+        if len(largest) == keep and size <= largest[-1]["bytes"]:
+            return
+        frames = [f for f in traceback.extract_stack()[:-3] if "inboxlift" in f.filename]
+        largest.append({"bytes": size, "at": " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                                         for f in reversed(frames[-4:]))})
+        largest.sort(key=lambda entry: -entry["bytes"])
+        del largest[keep:]
+        path.write_text(json.dumps(largest, indent=1), encoding="utf-8")
+
+    for name in ("_execute", "_execute_and_fetch_as_iterator"):
+        def wrapped(self, request, *args, _original=getattr(core.SparkConnectClient, name), **kwargs):
+            note(request)
+            return _original(self, request, *args, **kwargs)
+        setattr(core.SparkConnectClient, name, wrapped)
+
+
+if __name__ == "__main__":
+    from inboxlift.cli import main
+
+    record_plan_sizes(Path.cwd() / PLAN_SIZES)
+    sys.exit(main(sys.argv[1:]))

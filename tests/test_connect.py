@@ -8,8 +8,11 @@ checks what it wrote.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+
+from run_all_shop import PLAN_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +29,17 @@ def test_run_all_completes_on_spark_connect(run_all):
         assert rows.get(table, 0) > 0, f"{table} is empty or missing on Spark Connect: {rows}"
     stored = re.search(r"embedded relay \S+ \(now stopped\): (\d+) messages stored", done.stdout)
     assert stored and int(stored.group(1)) > 0, done.stdout[-3000:]
+
+
+def test_no_command_of_the_run_sends_a_plan_of_a_megabyte(run_all):
+    """A Connect client sends a command's whole plan; a frame used many times in one query multiplies it.
+
+    Measured on this run: the largest plans are 0.3-0.4 MB (features, the generator). The suppressions'
+    update once sent 4.7 MB, the events' classification a dozen times over, until ingest checkpointed it.
+    """
+    largest = json.loads((run_all.work / PLAN_SIZES).read_text(encoding="utf-8"))
+    assert largest, "the run recorded no plans"
+    assert largest[0]["bytes"] < 1_000_000, largest
 
 
 def test_no_classic_only_api_in_the_library():
