@@ -738,7 +738,7 @@ def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
     On Spark Connect it is checkpointed (:func:`inboxlift.session.materialize`), not only persisted:
     a persisted frame still travels as its whole plan in every later command, and the suppressions'
     update refers to the events' classification a dozen times, a plan of 4.7 MB whose analysis and
-    two jobs took 14 s in the tiny shop's ``run-all`` (README, "Spark Connect").
+    two jobs took 14 s in the tiny shop's ``run-all`` (README, "Plan size on Spark Connect").
     """
     frame = materialize(frame, StorageLevel.MEMORY_AND_DISK)
     cached.append(frame)
