@@ -3,8 +3,8 @@
 tests/test_connect.py checks that the run completes on Connect; tests/test_pipeline.py checks what it
 wrote (tables, mail in the relay, the notebooks and the logged models on its result). One run serves
 both. The suite used to run a second run-all, on the classic session, for test_pipeline.py; what only
-it covered is the stages chained on a classic session (where ``materialize`` persists instead of
-checkpointing), and each stage runs on the classic session in its own tests (test_ingest*,
+it covered is the stages chained on a classic session, and each stage runs on the classic
+session in its own tests (test_ingest*,
 test_features_stage, test_segments, test_recommend, test_plan, test_render, test_send,
 test_simulate, test_report).
 

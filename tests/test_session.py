@@ -5,7 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from inboxlift.session import build_session, find_delta_jars, local_conf
+from pyspark.sql import functions as F
+
+from inboxlift.session import build_session, find_delta_jars, local_conf, materialize
 from inboxlift.settings import SparkSettings
 
 
@@ -93,3 +95,20 @@ def test_delta_probe_goes_through_the_dataframe_api(spark, spark_info):
     assert delta_classes_loaded(spark) is spark_info.has_delta_jars
     assert master_of(spark) == "local[2]"
     assert is_connect_session(spark) is False
+
+
+def test_a_materialized_frame_keeps_its_rows_and_drops_its_plan(spark):
+    """What is built on a kept frame starts from its rows: Catalyst no longer re-analyses the steps before it."""
+    frame = (spark.createDataFrame([(i, f"u{i % 3}") for i in range(12)], "n int, user string")
+             .where(F.col("n") > 4).groupBy("user").agg(F.sum("n").alias("total")))
+    kept = materialize(frame)
+    try:
+        # By hand: n 5..11; u0 has 6 and 9, u1 has 7 and 10, u2 has 5, 8 and 11
+        assert sorted(map(tuple, kept.collect())) == [("u0", 15), ("u1", 17), ("u2", 24)]
+        kept.createOrReplaceTempView("kept_frame")
+        plan = spark.sql("EXPLAIN EXTENDED SELECT * FROM kept_frame").collect()[0][0]
+        logical = plan.split("== Physical Plan ==")[0]
+        # The persisted frame's plan still held the filter and the aggregation
+        assert "Aggregate" not in logical and "(n#" not in logical and "LogicalRDD" in logical
+    finally:
+        spark.catalog.dropTempView("kept_frame")

@@ -99,19 +99,28 @@ def collect_ml_garbage() -> None:
 
 
 def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> DataFrame:
-    """``frame`` kept for reuse: persisted on a classic session, locally checkpointed on Spark Connect.
+    """``frame`` computed now and kept for reuse, its plan cut: a local checkpoint, on both kinds of session.
 
-    A Connect client sends the whole plan tree with every command, and protobuf refuses a message
-    nested more than 100 levels deep; the recommender's evaluation (splits, rankings, blends, ranked
-    lists) passes that depth, and ``RankingEvaluator`` then fails with ``Exceeded
-    upb_DecodeOptions_MaxDepth``. A local checkpoint replaces the plan with a reference to the
-    computed rows (eagerly), so what is built on it starts shallow again. Release either with
-    ``unpersist()``.
+    What is built on the result starts from a reference to the computed rows instead of ``frame``'s
+    whole plan. A persisted frame keeps its plan, and that costs twice:
+
+    - On Spark Connect the client sends the whole plan tree with every command, the server converts
+      and analyses it again each time, and protobuf refuses a message nested more than 100 levels
+      deep: the recommender's evaluation passes that depth (``Exceeded upb_DecodeOptions_MaxDepth``).
+    - On a classic session Catalyst analyses a new frame's whole plan for every ``join``, ``select``
+      or action built on it (``DeduplicateRelations`` walks it each time), and the stages' plans are
+      deep. On the suite's small data that analysis cost more than the jobs; measured in the
+      README, "Kept frames cut their plans".
+
+    The rows stay in the executors' block managers (``storage_level``, memory and disk by default)
+    with no lineage to recompute them: an executor lost while a stage uses them fails the stage,
+    which is then re-run. ``unpersist()`` does not free a local checkpoint (measured on a classic
+    session): Spark's ``ContextCleaner`` frees the blocks once nothing refers to the frame (on
+    Connect the client drops the server's reference when its Python frame is collected), and until
+    then they spill to disk under memory pressure like any cached blocks.
     """
     level = storage_level or StorageLevel.MEMORY_AND_DISK
-    if is_connect_session(frame.sparkSession):
-        return frame.localCheckpoint(eager=True, storageLevel=level)
-    return frame.persist(level)
+    return frame.localCheckpoint(eager=True, storageLevel=level)
 
 
 def master_of(spark: SparkSession) -> str:
