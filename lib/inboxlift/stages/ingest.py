@@ -735,10 +735,12 @@ def _count(classified: DataFrame, read: int | None, *, entity: str, files: int, 
 def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
     """``frame`` computed once for the count and the two or three tables it is written to.
 
-    On Spark Connect it is checkpointed (:func:`inboxlift.session.materialize`), not only persisted:
-    a persisted frame still travels as its whole plan in every later command, and the suppressions'
-    update refers to the events' classification a dozen times, a plan of 4.7 MB whose analysis and
-    two jobs took 14 s in the tiny shop's ``run-all`` (README, "Plan size on Spark Connect").
+    It is checkpointed (:func:`inboxlift.session.materialize`), not only persisted: a persisted
+    frame keeps its whole plan, which Spark Connect sends with every later command and a classic
+    session analyses again for every frame built on it. The suppressions' update refers to the
+    events' classification a dozen times: on Connect a plan of 4.7 MB whose analysis and two jobs
+    took 14 s in the tiny shop's ``run-all`` (README, "Plan size on Spark Connect" and "Kept frames
+    cut their plans").
     """
     frame = materialize(frame, StorageLevel.MEMORY_AND_DISK)
     cached.append(frame)
