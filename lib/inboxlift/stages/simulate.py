@@ -27,7 +27,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Observation, Window
 from pyspark.sql import functions as F
 
@@ -37,6 +36,7 @@ from inboxlift.delivery.states import BOUNCED, DELIVERIES_TABLE, SENT
 from inboxlift.generate import responses as R
 from inboxlift.generate.shop import GENERATOR_SQL_CONF, session_conf
 from inboxlift.schemas import EVENT_TYPES
+from inboxlift.session import materialize
 
 RESPONSES_FOLDER = "simulated"
 FILE_PREFIX = "responses-"
@@ -186,18 +186,18 @@ def _simulate(ctx: RunContext, *, days: int | None) -> SimulateReport:
         parts.append(holdout_units(spark.createDataFrame(
             [], "campaign_id string, campaign_type string, user_id string, plan_date date, variant string, "
                 "send_at timestamp, item_ids array<string>"), from_s=from_s, until_s=now_s))
-    units = (parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1])).persist(StorageLevel.MEMORY_AND_DISK)
+    units = materialize(parts[0] if len(parts) == 1 else parts[0].unionByName(parts[1]))
 
     traits = R.user_traits(users_truth, seed=params.seed, params=params)
     products = lake.read_required("products", needed_by="simulate-responses", hint="run ingest first")
-    catalogue = priced_catalogue(products, items_truth).persist(StorageLevel.MEMORY_AND_DISK)
+    catalogue = materialize(priced_catalogue(products, items_truth))
     outcomes = None
     try:
         catalogue_size = catalogue.count()  # the catalogue's size, not the users'
-        all_units = units.count()  # also fills the cache the outcomes read
-        outcomes = R.planted_outcomes(
+        all_units = units.count()
+        outcomes = materialize(R.planted_outcomes(
             units, traits=traits, categories=products.select("item_id", "category_path"), catalogue=catalogue,
-            catalogue_size=catalogue_size, seed=params.seed, params=params).persist(StorageLevel.MEMORY_AND_DISK)
+            catalogue_size=catalogue_size, seed=params.seed, params=params))
         counts = outcomes.agg(F.count_if(~F.col("is_holdout")).alias("messages"),
                               F.count_if(F.col("is_holdout")).alias("holdout")).first()
         truth_paths = {"units": str(truth_root / "responses" / "units"),
