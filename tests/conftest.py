@@ -12,7 +12,7 @@ from inboxlift.context import RunContext
 from inboxlift.session import build_session
 from inboxlift.settings import Settings, load_settings
 from inboxlift.storage import Lake, choose_backend
-from run_all_shop import RunAll, run_all_on_connect
+from run_all_shop import RunAll, RunAllInBackground
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = ["deltars", "native"]
@@ -95,7 +95,43 @@ def ctx(spark, spark_info, base_settings, tmp_path, clock) -> RunContext:
     return RunContext(spark=spark, settings=settings, lake=lake, clock=clock)
 
 
+# Modules whose tests read the run-all's result, or start a local Spark Connect server of their own: they
+# run last. A local Connect server listens on pyspark's fixed port (15002), so test_connect_gc's server
+# must not start while the run-all's is up; it waits for the run (``after_run_all``), which by then is over.
+LAST_MODULES = ("test_connect.py", "test_pipeline.py", "test_connect_gc.py")
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The run-all's readers and test_connect_gc last (whole modules, in that order), the rest as collected."""
+    def rank(item) -> int:
+        name = item.path.name
+        return LAST_MODULES.index(name) + 1 if name in LAST_MODULES else 0
+
+    items[:] = sorted(items, key=rank)  # sorted() is stable: the order within each group stays
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_all_started(request, tmp_path_factory):
+    """Starts the suite's one ``inboxlift run-all`` before the first test when a selected test reads it.
+
+    It runs in a subprocess (run_all_shop.py) beside the classic session's tests and is awaited by
+    ``run_all``; a run still going when the session ends (``-x``, Ctrl-C) is killed.
+    """
+    wanted = any("run_all" in item.fixturenames for item in request.session.items)
+    run = RunAllInBackground(tmp_path_factory.mktemp("run_all")) if wanted else None
+    yield run
+    if run is not None:
+        run.stop()
+
+
 @pytest.fixture(scope="session")
-def run_all(tmp_path_factory) -> RunAll:
+def run_all(_run_all_started) -> RunAll:
     """The suite's one ``inboxlift run-all`` (on Spark Connect, in a subprocess; see run_all_shop.py)."""
-    return run_all_on_connect(tmp_path_factory.mktemp("run_all"))
+    return _run_all_started.result()
+
+
+@pytest.fixture
+def after_run_all(_run_all_started) -> None:
+    """For a test that starts its own local Connect server: the run-all's server must be gone first."""
+    if _run_all_started is not None:
+        _run_all_started.result()

@@ -10,7 +10,9 @@ test_simulate, test_report).
 
 A local Connect server cannot start in a process that already holds a classic session (the test
 session), so the command runs in a subprocess of this interpreter: this file run as a script, which
-is ``inboxlift`` with a recorder of the plans the client sends (:func:`record_plan_sizes`).
+is ``inboxlift`` with a recorder of the plans the client sends (:func:`record_plan_sizes`). The suite
+starts it before its first test and reads it in its last ones (tests/conftest.py), so it runs beside the
+classic session's tests instead of before them.
 """
 
 from __future__ import annotations
@@ -99,12 +101,53 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def run_all_on_connect(work: Path) -> RunAll:
-    """``inboxlift run-all`` on an empty local lake under ``work``: it generates a shop, then runs every stage."""
-    settings = {**spark_settings(work), **shop_settings(work)}
-    args = [sys.executable, __file__, "run-all", *set_args(settings), "--now", NOW]
-    done = subprocess.run(args, cwd=work, env=subprocess_env(), capture_output=True, text=True, timeout=1500)
-    return RunAll(work, done)
+def _lowest_priority() -> None:
+    """In the child before it runs: CPU time only when the classic session's tests leave a core idle."""
+    os.nice(19)
+
+
+class RunAllInBackground:
+    """``inboxlift run-all`` on an empty local lake under ``work``, started now and awaited by :meth:`result`.
+
+    The suite starts it before its first test (tests/conftest.py) and runs the tests that read it last:
+    the classic session's tests leave about a third of the two cores idle (their driver mostly waits on
+    Catalyst, one thread), and the run-all's own JVM uses them meanwhile. Its output goes to files, not
+    pipes, so a long run never blocks on a full pipe nobody reads yet.
+    """
+
+    def __init__(self, work: Path, *, timeout: float = 1500.0) -> None:
+        self.work = work
+        self.timeout = timeout
+        settings = {**spark_settings(work), **shop_settings(work)}
+        self.args = [sys.executable, __file__, "run-all", *set_args(settings), "--now", NOW]
+        self._out = open(work / "run_all.stdout", "w+", encoding="utf-8")
+        self._err = open(work / "run_all.stderr", "w+", encoding="utf-8")
+        self.process = subprocess.Popen(self.args, cwd=work, env=subprocess_env(), stdout=self._out,
+                                        stderr=self._err, text=True, preexec_fn=_lowest_priority)
+        self._result: RunAll | None = None
+
+    def result(self) -> RunAll:
+        """Wait for the run (up to ``timeout`` seconds after it started in all) and return what it printed."""
+        if self._result is None:
+            try:
+                returncode = self.process.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                raise
+            outputs = []
+            for stream in (self._out, self._err):
+                stream.seek(0)
+                outputs.append(stream.read())
+                stream.close()
+            self._result = RunAll(self.work, subprocess.CompletedProcess(self.args, returncode, *outputs))
+        return self._result
+
+    def stop(self) -> None:
+        """Kill the run if it is still going (the suite ended early, or it timed out)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
 
 
 PLAN_SIZES = "connect_plans.json"

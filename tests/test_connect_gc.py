@@ -82,7 +82,7 @@ spark.stop()
 """
 
 
-def test_a_model_finalized_by_the_collector_never_runs_inside_another_rpc_on_connect(tmp_path):
+def test_a_model_finalized_by_the_collector_never_runs_inside_another_rpc_on_connect(tmp_path, after_run_all):
     # Its own process group, so that a hang ends with the Connect server it started.
     child = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
