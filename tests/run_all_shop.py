@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -123,11 +124,13 @@ class RunAllInBackground:
         self._out = open(work / "run_all.stdout", "w+", encoding="utf-8")
         self._err = open(work / "run_all.stderr", "w+", encoding="utf-8")
         self.process = subprocess.Popen(self.args, cwd=work, env=subprocess_env(), stdout=self._out,
-                                        stderr=self._err, text=True, preexec_fn=_lowest_priority)
+                                        stderr=self._err, text=True, preexec_fn=_lowest_priority,
+                                        start_new_session=True)  # its own group: stop() ends its JVM too
         self._result: RunAll | None = None
 
     def result(self) -> RunAll:
-        """Wait for the run (up to ``timeout`` seconds after it started in all) and return what it printed."""
+        """Wait for the run and return what it printed. ``timeout`` counts from this call, not from the start:
+        at the lowest priority the run may have had little CPU until the tests beside it were done."""
         if self._result is None:
             try:
                 returncode = self.process.wait(timeout=self.timeout)
@@ -143,10 +146,12 @@ class RunAllInBackground:
         return self._result
 
     def stop(self) -> None:
-        """Kill the run if it is still going (the suite ended early, or it timed out)."""
+        """Kill the run and its Connect server if they are still going (the suite ended early, or it timed out)."""
         if self.process.poll() is None:
-            self.process.kill()
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        for stream in (self._out, self._err):
+            stream.close()
 
 
 
