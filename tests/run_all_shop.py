@@ -127,14 +127,18 @@ class RunAllInBackground:
                                         stderr=self._err, text=True, preexec_fn=_lowest_priority,
                                         start_new_session=True)  # its own group: stop() ends its JVM too
         self._result: RunAll | None = None
+        self._timed_out: subprocess.TimeoutExpired | None = None
 
     def result(self) -> RunAll:
         """Wait for the run and return what it printed. ``timeout`` counts from this call, not from the start:
         at the lowest priority the run may have had little CPU until the tests beside it were done."""
         if self._result is None:
+            if self._timed_out is not None:
+                raise self._timed_out
             try:
                 returncode = self.process.wait(timeout=self.timeout)
-            except subprocess.TimeoutExpired:
+            except subprocess.TimeoutExpired as timed_out:
+                self._timed_out = timed_out  # every later reader fails the same way
                 self.stop()
                 raise
             outputs = []
@@ -152,7 +156,6 @@ class RunAllInBackground:
             self.process.wait()
         for stream in (self._out, self._err):
             stream.close()
-
 
 
 PLAN_SIZES = "connect_plans.json"
