@@ -23,6 +23,7 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from inboxlift.session import materialize
 from inboxlift.settings import FeatureSettings, MlflowSettings
 from inboxlift.schemas import require_columns
 from inboxlift.transforms.features_reviews import REVIEW_COLUMNS, REVIEW_SCORE_COLUMNS
@@ -102,7 +103,11 @@ def build_pipeline(params: SentimentParams) -> Pipeline:
 
 
 def evaluate(scored: DataFrame) -> dict[str, float]:
-    """Held-out metrics; NaN where the test set lacks a class (AUC and per-class F1 are undefined)."""
+    """Held-out metrics; NaN where the test set lacks a class (AUC and per-class F1 are undefined).
+
+    Each of the five evaluators runs its own job over ``scored``: pass rows already computed and kept
+    (as :func:`fit_sentiment` does), or the whole pipeline runs five times over the held-out reviews.
+    """
     metrics = {
         "test_auc_roc": BinaryClassificationEvaluator(labelCol="label", rawPredictionCol="rawPrediction",
                                                       metricName="areaUnderROC"),
@@ -162,9 +167,14 @@ def fit_sentiment(reviews: DataFrame, *, params: SentimentParams, mlflow_setting
                          params=run_params) as run:
             model = build_pipeline(params).fit(train)
             has_both_test_classes = min(counts["test_positive"], counts["test_negative"]) > 0
-            metrics = evaluate(model.transform(test)) if has_both_test_classes else {
-                name: math.nan for name in ("test_auc_roc", "test_f1_weighted", "test_f1_negative",
-                                            "test_f1_positive", "test_accuracy")}
+            if has_both_test_classes:
+                # Scored once and kept (the three columns the evaluators read), not once per evaluator.
+                scored = materialize(model.transform(test).select("label", "rawPrediction", "prediction"))
+                metrics = evaluate(scored)
+                del scored
+            else:
+                metrics = {name: math.nan for name in ("test_auc_roc", "test_f1_weighted", "test_f1_negative",
+                                                       "test_f1_positive", "test_accuracy")}
             mlflow.log_metrics(metrics)
             mlflow.log_metrics({f"n_{k}": float(v) for k, v in counts.items()})
             mlflow.log_dict({
