@@ -103,7 +103,13 @@ def subprocess_env() -> dict[str, str]:
 
 
 def _lowest_priority() -> None:
-    """In the child before it runs: CPU time only when the classic session's tests leave a core idle."""
+    """In the child before it runs: CPU time only when the classic session's tests leave a core idle.
+
+    The child gets a process group of its own but stays in the test run's session: Linux's scheduler
+    autogroups (on by default in many kernels) put each session in a group that gets an equal share of
+    the CPU whatever its processes' nice values, so a child in a new session (``setsid``) at nice 19
+    would still take half the cores from the tests (measured: README, "The run-all beside the tests").
+    """
     os.nice(19)
 
 
@@ -125,7 +131,7 @@ class RunAllInBackground:
         self._err = open(work / "run_all.stderr", "w+", encoding="utf-8")
         self.process = subprocess.Popen(self.args, cwd=work, env=subprocess_env(), stdout=self._out,
                                         stderr=self._err, text=True, preexec_fn=_lowest_priority,
-                                        start_new_session=True)  # its own group: stop() ends its JVM too
+                                        process_group=0)  # its own group: stop() ends its JVM too
         self._result: RunAll | None = None
         self._timed_out: subprocess.TimeoutExpired | None = None
 
