@@ -113,6 +113,11 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
+# How the run-all's process starts: at the lowest priority, in a process group of its own (``stop()`` ends
+# its JVM too) inside the test run's session.
+BACKGROUND = {"preexec_fn": _lowest_priority, "process_group": 0}
+
+
 class RunAllInBackground:
     """``inboxlift run-all`` on an empty local lake under ``work``, started now and awaited by :meth:`result`.
 
@@ -130,8 +135,7 @@ class RunAllInBackground:
         self._out = open(work / "run_all.stdout", "w+", encoding="utf-8")
         self._err = open(work / "run_all.stderr", "w+", encoding="utf-8")
         self.process = subprocess.Popen(self.args, cwd=work, env=subprocess_env(), stdout=self._out,
-                                        stderr=self._err, text=True, preexec_fn=_lowest_priority,
-                                        process_group=0)  # its own group: stop() ends its JVM too
+                                        stderr=self._err, text=True, **BACKGROUND)
         self._result: RunAll | None = None
         self._timed_out: subprocess.TimeoutExpired | None = None
 
