@@ -100,9 +100,10 @@ def ctx(spark, spark_info, base_settings, tmp_path, clock) -> RunContext:
 
 
 # Modules whose tests read the run-all's result, or start a local Spark Connect server of their own: they
-# run last. A local Connect server listens on pyspark's fixed port (15002), so test_connect_gc's server
-# must not start while the run-all's is up; it waits for the run (``after_run_all``), which by then is over.
-LAST_MODULES = ("test_connect.py", "test_pipeline.py", "test_connect_gc.py")
+# run last. A local Connect server listens on pyspark's fixed port (15002), so the servers of test_connect_gc
+# and test_connect_sentiment must not start while the run-all's is up; they wait for the run
+# (``after_run_all``), which by then is over.
+LAST_MODULES = ("test_connect.py", "test_pipeline.py", "test_connect_gc.py", "test_connect_sentiment.py")
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
