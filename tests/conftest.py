@@ -107,7 +107,7 @@ LAST_MODULES = ("test_connect.py", "test_pipeline.py", "test_connect_gc.py", "te
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:
-    """The run-all's readers and test_connect_gc last (whole modules, in that order), the rest as collected."""
+    """``LAST_MODULES`` last (whole modules, in that order), the rest as collected."""
     def rank(item) -> int:
         name = item.path.name
         return LAST_MODULES.index(name) + 1 if name in LAST_MODULES else 0

@@ -118,6 +118,23 @@ def _lowest_priority() -> None:
 BACKGROUND = {"preexec_fn": _lowest_priority, "process_group": 0}
 
 
+def run_script(script: str, *args: str, cwd: Path, timeout: float, hung: str) -> subprocess.CompletedProcess:
+    """``python -c script args`` in a process group of its own (with a library-only environment), awaited.
+
+    For a test that starts its own local Connect server: past ``timeout`` the whole group is killed,
+    server included, and the test fails with ``hung`` and what the script had printed.
+    """
+    child = subprocess.Popen([sys.executable, "-c", script, *args], cwd=cwd, env=subprocess_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
+    try:
+        out, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        raise AssertionError(f"{hung}:\n{out}") from None
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
 class RunAllInBackground:
     """``inboxlift run-all`` on an empty local lake under ``work``, started now and awaited by :meth:`result`.
 

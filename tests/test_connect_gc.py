@@ -15,13 +15,9 @@ the test passed in 5 runs of 5 (about 22 s, most of it the Connect server's star
 from __future__ import annotations
 
 import gc
-import os
-import signal
-import subprocess
-import sys
 
 from inboxlift.session import collect_ml_garbage, ml_finalizers_at_safe_points
-from run_all_shop import subprocess_env
+from run_all_shop import run_script
 
 SCRIPT = r"""
 import gc, linecache, sys, weakref
@@ -83,17 +79,9 @@ spark.stop()
 
 
 def test_a_model_finalized_by_the_collector_never_runs_inside_another_rpc_on_connect(tmp_path, after_run_all):
-    # Its own process group, so that a hang ends with the Connect server it started.
-    child = subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = child.communicate(timeout=90)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        out, _ = child.communicate()
-        raise AssertionError(f"the script hung (a finalizer's RPC inside another RPC):\n{out}") from None
-    assert child.returncode == 0, err[-3000:]
-    lines = [line for line in out.splitlines() if ":" in line]
+    done = run_script(SCRIPT, cwd=tmp_path, timeout=90, hung="the script hung (a finalizer's RPC inside another RPC)")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if ":" in line]
     assert lines == [
         "rpcs done, models never dropped: 3",
         "in a cycle, before the safe point: True",

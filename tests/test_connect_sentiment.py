@@ -8,12 +8,8 @@ their own (in a subprocess, after the run-all, whose server holds the same port)
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
-from run_all_shop import subprocess_env
+from run_all_shop import run_script
 
 SCRIPT = r"""
 import datetime as dt, json, sys
@@ -51,17 +47,10 @@ spark.stop()
 
 
 def test_the_sentiment_model_trains_evaluates_and_scores_on_connect(tmp_path, after_run_all):
-    # Its own process group, so that a hang ends with the Connect server it started.
-    child = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=tmp_path, env=subprocess_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
-    try:
-        out, err = child.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
-        raise AssertionError("the sentiment script on Connect did not finish in 240 s") from None
-    assert child.returncode == 0, err[-3000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    done = run_script(SCRIPT, str(tmp_path), cwd=tmp_path, timeout=240,
+                      hung="the sentiment script on Connect did not finish in 240 s")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["connect"] is True and result["logged"] is True
     counts = result["counts"]
     # 4 copies of 8 five-star and 8 one-star reviews, split by a hash of the event id: every one counted once
