@@ -31,11 +31,11 @@ def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
             "spark.ui_enabled": False,
             "spark.checkpoint_dir": str(work / "checkpoints"),
             # The suite's jobs run on a few rows each: compiling Java for them costs more than running
-            # them interpreted (README, "What `make run` does", measured). The run-all on Connect keeps
+            # them interpreted (docs/testing.md, measured). The run-all on Connect keeps
             # Spark's defaults, so the product's own settings still run every stage.
             # pyspark's DataFrame query context is off as well: on a classic session it records the
             # Python call site of every Column made, with several JVM round trips each, which made
-            # three of the suite's files 13 % slower (README, "The suite's Python call sites").
+            # three of the suite's files 13 % slower (docs/testing.md, "No Python call-site capture").
             "spark.extra_conf": {"spark.sql.adaptive.enabled": "false",
                                  "spark.sql.codegen.wholeStage": "false",
                                  "spark.sql.codegen.factoryMode": "NO_CODEGEN",

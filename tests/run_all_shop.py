@@ -108,7 +108,7 @@ def _lowest_priority() -> None:
     The child gets a process group of its own but stays in the test run's session: Linux's scheduler
     autogroups (on by default in many kernels) put each session in a group that gets an equal share of
     the CPU whatever its processes' nice values, so a child in a new session (``setsid``) at nice 19
-    would still take half the cores from the tests (measured: README, "The run-all beside the tests").
+    would still take half the cores from the tests (measured: docs/testing.md, "The run-all beside the tests").
     """
     os.nice(19)
 
