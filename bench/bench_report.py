@@ -9,7 +9,8 @@ complaints, and ``--views`` product views that the report must read past. Then, 
 
 - Spark, as the stage runs it: :func:`inboxlift.transforms.attribution.recipient_outcomes`
   (recipients, delivery outcomes, human engagement, last-touch attribution, uplift windows; one
-  shuffle by message, one by user) persisted as the stage persists it (``--no-persist``: not), and
+  shuffle by message, one by user) kept as a local checkpoint as the stage keeps it
+  (``--no-keep-outcomes``: not kept), and
   :func:`inboxlift.transforms.campaign_results.aggregate_results` (counts, rates, Wilson intervals)
   over ``spark.read.parquet`` of the files, materialised (``noop`` sink): the per-recipient work of
   ``inboxlift run report``, everything but the Delta write, the driver statistics and the plots;
@@ -19,11 +20,11 @@ complaints, and ``--views`` product views that the report must read past. Then, 
 The best time of each counts; the CPU seconds of each run (this process and the JVM, from /proc)
 are printed beside it. Every count column is summed over all rows in both results and compared.
 The Poisson bootstrap of the revenue uplift (Spark) is timed once, as information, over the
-outcomes persisted first, as the stage reads them. ``--explain``
+outcomes kept first, as the stage reads them. ``--explain``
 prints Spark's plan; ``--breakdown`` times the plan's parts after the timed runs.
 
     .venv/bin/python bench/bench_report.py [--messages 1000000] [--views 5000000] [--repeat 2] [--keep]
-                                           [--no-persist] [--explain] [--breakdown]
+                                           [--no-keep-outcomes] [--explain] [--breakdown]
     .venv/bin/python bench/bench_report.py --example var/report-example --messages 40000 --users 40000 --views 40000
 """
 
@@ -271,8 +272,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=1_000_000, help="distinct users (default 1M)")
     parser.add_argument("--views", type=int, default=5_000_000, help="product views among the events (default 5M)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine; the best counts (default 2)")
-    parser.add_argument("--persist", action=argparse.BooleanOptionalAction, default=True,
-                        help="persist the outcomes before aggregating them, as the stage does (default: yes)")
+    parser.add_argument("--keep-outcomes", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep the outcomes (a local checkpoint) before aggregating them, as the stage does "
+                        "(default: yes)")
     parser.add_argument("--explain", action="store_true", help="print the Spark plan (explain('formatted'))")
     parser.add_argument("--breakdown", action="store_true",
                         help="before the timed runs, time the Spark plan's steps one prefix at a time")
@@ -338,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     import duckdb
 
-    from inboxlift.session import build_session
+    from inboxlift.session import build_session, materialize
     from inboxlift.settings import load_settings
-    from pyspark import StorageLevel
 
     from inboxlift.transforms.attribution import recipient_outcomes
     from inboxlift.transforms.campaign_results import (
@@ -393,17 +394,13 @@ def main(argv: list[str] | None = None) -> int:
                                       uplift_window_days=r.uplift_window_days)
 
         def spark_run() -> None:
-            # As the stage does: the outcomes persisted (the stage reads them again for the bootstrap),
-            # aggregated from the cache; --no-persist aggregates them straight.
+            # As the stage does: the outcomes kept as a local checkpoint (the stage reads them again for
+            # the bootstrap), aggregated from it; --no-keep-outcomes aggregates them straight.
             outcomes = outcomes_of()
-            if args.persist:
-                outcomes = outcomes.persist(StorageLevel.MEMORY_AND_DISK)
-            try:
-                result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed))
-                result.select(*RESULT_COLUMNS).write.format("noop").mode("overwrite").save()
-            finally:
-                if args.persist:
-                    outcomes.unpersist()
+            if args.keep_outcomes:
+                outcomes = materialize(outcomes)
+            result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed))
+            result.select(*RESULT_COLUMNS).write.format("noop").mode("overwrite").save()
 
         outcomes = outcomes_of()
         spark_result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed)).select(
@@ -430,15 +427,12 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         if args.breakdown:
             breakdown(spark, read, r)
-        # As the stage runs it: over the persisted outcomes (persisting them is part of the timed runs).
-        cached = outcomes_of().persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            cached.write.format("noop").mode("overwrite").save()
-            boot_seconds, boot_cpu = timed_cpu(lambda: bootstrap_revenue_sums(
-                cached, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).write.format("noop")
-                .mode("overwrite").save())
-        finally:
-            cached.unpersist()
+        # As the stage runs it: over the kept outcomes (keeping them is part of the timed runs).
+        kept = materialize(outcomes_of())
+        boot_seconds, boot_cpu = timed_cpu(lambda: bootstrap_revenue_sums(
+            kept, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).write.format("noop")
+            .mode("overwrite").save())
+        del kept
 
         spark_sums = spark_result.agg(F.count("*").alias("rows"),
                                       *[F.sum(c).alias(c) for c in COUNT_COLUMNS]).first().asDict()
@@ -458,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{duck_cpu[duck_times.index(best_duck)]:.2f} (ratio by CPU "
               f"{spark_cpu[spark_times.index(best_spark)] / max(duck_cpu[duck_times.index(best_duck)], 1e-9):.2f}x); "
               f"load average now {os.getloadavg()[0]:.1f}")
-        print(f"Spark Poisson bootstrap sums ({r.bootstrap_replicates} replicates) from the persisted outcomes, "
+        print(f"Spark Poisson bootstrap sums ({r.bootstrap_replicates} replicates) from the kept outcomes, "
               f"for information: {boot_seconds:.2f} s (CPU {boot_cpu:.2f} s)")
         print("column sums: " + ("the same in both" if agree else "DIFFERENT"))
         for key in spark_sums:
