@@ -29,11 +29,13 @@ JIT warm-up):
    item per user).
 
 Beside wall time each Spark fit prints the JVM's CPU seconds (``/proc``, Linux): on a shared machine
-that is the steadier measure of the work done.
+that is the steadier measure of the work done. ``--stages`` also prints each fit's task seconds by
+what ALS does in its stages (the solves, shipping factors between blocks, the rest: reading the
+ratings and building the blocks), from Spark's status API (the session's UI on 127.0.0.1).
 
     .venv/bin/python bench/bench_recommend.py [--users N] [--items N] [--interactions N] [--rank N]
         [--iterations N] [--reg-param X] [--alpha X] [--k N] [--block-size N] [--chunk-size N]
-        [--repeat N] [--cores N] [--keep]
+        [--repeat N] [--cores N] [--stages] [--keep]
 
 Goals (issue 18): inboxlift's fit (preparation included) <= 0.7x the plain fit's time with recall@k
 within 2 % of it; top-k for all users with seen items removed <= 1.5x ``implicit``'s time. The script
@@ -43,10 +45,12 @@ exits 1 when a goal is missed. Data is removed at the end unless ``--keep``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,6 +155,62 @@ class Timings:
         return f"runs {runs} s{cpu}"
 
 
+# What ALS.train does in a stage, by the RDD operation the stage ends in (ALS.scala's call sites):
+# each half-iteration's normal equations are solved in the stage that ends in `aggregate` (the
+# implicit YtY of the new factors), factors go to the other side's blocks in the one ending in `flatMap`.
+ALS_STAGE_GROUPS = (("solves", "aggregate at ALS.scala"), ("shipping factors", "flatMap at ALS.scala"))
+
+
+class StageTasks:
+    """Task seconds of the stages each run of a step ran, from Spark's status API (its REST API).
+
+    Only for a local classic session with its UI on; the runs are kept in order beside a
+    :class:`Timings`' so the best wall run's split can be printed.
+    """
+
+    def __init__(self, ui_url: str) -> None:
+        self.base = ui_url.rstrip("/") + "/api/v1/applications"
+        self.app = self._get(self.base)[0]["id"]
+        self.runs: list[dict[str, float]] = []
+
+    @staticmethod
+    def _get(url: str):
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.load(response)
+
+    def _stages(self) -> list[dict]:
+        return self._get(f"{self.base}/{self.app}/stages?status=complete")
+
+    def _settled(self) -> list[dict]:
+        # The status store is fed by Spark's listener bus after a job returns: read until it stops growing.
+        stages = self._stages()
+        while True:
+            time.sleep(0.5)
+            again = self._stages()
+            if len(again) == len(stages):
+                return again
+            stages = again
+
+    def measure(self, step):
+        before = {stage["stageId"] for stage in self._settled()}
+        result = step()
+        split = {"all": 0.0, "rest": 0.0, **{name: 0.0 for name, _ in ALS_STAGE_GROUPS}}
+        for stage in self._settled():
+            if stage["stageId"] in before:
+                continue
+            seconds = stage["executorRunTime"] / 1000
+            group = next((name for name, prefix in ALS_STAGE_GROUPS if stage["name"].startswith(prefix)), "rest")
+            split[group] += seconds
+            split["all"] += seconds
+        self.runs.append(split)
+        return result
+
+    def describe(self, timings: "Timings") -> str:
+        best = self.runs[timings.wall.index(timings.best)]
+        parts = ", ".join(f"{name} {best[name]:.1f} s" for name in [*(n for n, _ in ALS_STAGE_GROUPS), "rest"])
+        return f"{best['all']:.1f} s of task time: {parts}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=200_000)
@@ -170,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a recommend.* setting for inboxlift's fit, e.g. --set recommend.num_user_blocks=4")
+    parser.add_argument("--stages", action="store_true",
+                        help="print each fit's task seconds by ALS stage (turns the session's UI on)")
     parser.add_argument("--keep", action="store_true", help="leave .bench/recommend in place")
     args = parser.parse_args(argv)
 
@@ -190,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     shutil.rmtree(WORK_DIR, ignore_errors=True)
     overrides = {"spark.master": f"local[{args.cores}]", "spark.driver_memory": args.driver_memory,
-                 "spark.checkpoint_dir": str(WORK_DIR / "checkpoints"), "spark.ui_enabled": False}
+                 "spark.checkpoint_dir": str(WORK_DIR / "checkpoints"), "spark.ui_enabled": args.stages}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
+    if args.stages:  # the UI (and the status API read from it) on loopback only
+        overrides["spark.extra_conf"] = {**(overrides.get("spark.extra_conf") or {}),
+                                         "spark.driver.bindAddress": "127.0.0.1", "spark.driver.host": "127.0.0.1"}
     settings = load_settings("local", conf_dir="conf", overrides=overrides)
     # The project's session builder: the same Python for workers (the blocked scorer runs there), the
     # checkpoint directory in the session conf, shuffle partitions and default parallelism as locally.
@@ -235,6 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds = time.perf_counter() - started
 
         plain_t, ours_t, grid_t, peer_fit_t = Timings(), Timings(), Timings(), Timings()
+        stage_tasks = None
+        if args.stages:
+            # A classic local session (this script builds one): its UI's address is the SparkContext's.
+            stage_tasks = {name: StageTasks(spark.sparkContext.uiWebUrl) for name in ("plain", "ours", "grid")}
+
+        def timed(name: str, timings: Timings, step):
+            if stage_tasks is None:
+                return timings.measure(step)
+            return stage_tasks[name].measure(lambda: timings.measure(step))
         models = {}
         fit = None
 
@@ -242,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             estimator = ALS(implicitPrefs=True, rank=args.rank, maxIter=args.iterations, regParam=args.reg_param,
                             alpha=args.alpha, seed=args.seed, userCol="user_idx", itemCol="item_idx",
                             ratingCol="confidence")
-            models["plain"] = plain_t.measure(lambda: estimator.fit(train))
+            models["plain"] = timed("plain", plain_t, lambda: estimator.fit(train))
 
         def fit_ours():
             cache = RatingsCache(decayed, storage_level=settings.recommend.intermediate_storage_level)
@@ -254,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                 return fit_als(ratings, params, fit)
 
             try:
-                models["ours"] = ours_t.measure(prepare_and_fit)
+                models["ours"] = timed("ours", ours_t, prepare_and_fit)
                 # A further fit of the tuning search: the ratings are prepared already
-                grid_t.measure(lambda: fit_als(cache.ratings(params.weights), params, fit))
+                timed("grid", grid_t, lambda: fit_als(cache.ratings(params.weights), params, fit))
             finally:
                 cache.release()
 
@@ -369,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
                           (f"top-{k} for all users: recommendForAllUsers (information)", spark_all_t),
                           (f"top-{k} for all users: blocked top-k (information)", blocked_t)]:
         print(f"{name:<58}{timings.best:>8.1f}  {timings.describe()}")
+    if stage_tasks is not None:
+        print("task seconds by ALS stage, best run of each fit (Spark's status API):")
+        for name, timings in [("plain", plain_t), ("ours", ours_t), ("grid", grid_t)]:
+            label = {"plain": "plain fit", "ours": "inboxlift, prepared + fit", "grid": "inboxlift, further fit"}[name]
+            print(f"  {label:<28}{stage_tasks[name].describe(timings)}")
     print(f"same (user, item) pairs in both unfiltered top-{k} lists: {both / total:.4%} of {total:,}")
     print(f"(implicit's CSR built from the Parquet in {load_seconds:.1f} s, not in its fit time.)")
     print()
