@@ -120,6 +120,7 @@ def test_ratings_are_prepared_once_per_weight_set(spark):
         assert cache.ratings([1, 3, 8]) is first          # the same cached frame for the same weights
         # The all-zero pair and the pair without a user are left out; 1 * 1 + 8 * 0.5 = 5
         assert first.is_cached and cache.count((1, 3, 8)) == 1
+        assert first.storageLevel.deserialized is True  # Spark's MEMORY_AND_DISK, the setting's default
         assert dict(first.dtypes) == {"user_idx": "int", "item_idx": "int", "confidence": "float"}
         assert [tuple(r) for r in first.collect()] == [(1, 2, 5.0)]
     finally:

@@ -7,7 +7,10 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
-from inboxlift.session import build_session, find_delta_jars, local_conf, materialize
+import pytest
+from pyspark import StorageLevel
+
+from inboxlift.session import KEEP, build_session, find_delta_jars, local_conf, materialize, spark_storage_level
 from inboxlift.settings import SparkSettings
 
 
@@ -112,3 +115,28 @@ def test_a_materialized_frame_keeps_its_rows_and_drops_its_plan(spark):
         assert "Aggregate" not in logical and "(n#" not in logical and "LogicalRDD" in logical
     finally:
         spark.catalog.dropTempView("kept_frame")
+
+
+def test_storage_levels_mean_what_spark_means_by_their_names():
+    """PySpark's StorageLevel.MEMORY_AND_DISK is serialised; Spark's MEMORY_AND_DISK, which settings name, is not."""
+    assert StorageLevel.MEMORY_AND_DISK.deserialized is False  # the trap: PySpark's constant
+    level = spark_storage_level("MEMORY_AND_DISK")
+    assert (level.useDisk, level.useMemory, level.useOffHeap, level.deserialized) == (True, True, False, True)
+    assert spark_storage_level("MEMORY_AND_DISK_SER").deserialized is False
+    assert spark_storage_level("MEMORY_AND_DISK_SER").useDisk is True
+    only = spark_storage_level("MEMORY_ONLY")
+    assert (only.useDisk, only.useMemory, only.deserialized) == (False, True, True)
+    assert spark_storage_level("DISK_ONLY") == StorageLevel.DISK_ONLY
+    assert KEEP == spark_storage_level("MEMORY_AND_DISK")
+    with pytest.raises(ValueError, match="unknown storage level 'OFF_HEAP'"):
+        spark_storage_level("OFF_HEAP")
+
+
+def test_kept_frames_are_stored_deserialised_in_the_jvm(spark):
+    frame = spark.range(5).persist(KEEP)
+    try:
+        stored = frame.storageLevel  # read back from the JVM's cache manager
+        assert (stored.useDisk, stored.useMemory, stored.deserialized) == (True, True, True)
+        assert frame.count() == 5
+    finally:
+        frame.unpersist()

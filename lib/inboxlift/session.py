@@ -98,6 +98,32 @@ def collect_ml_garbage() -> None:
         gc.collect()
 
 
+# Spark's storage levels by the names Spark (Scala) gives them. PySpark's constants of the same names
+# are the serialised levels (Python objects are always pickled), so ``StorageLevel.MEMORY_AND_DISK``
+# in Python is Scala's MEMORY_AND_DISK_SER. For DataFrames the JVM keeps the rows, and Spark's own
+# defaults (``DataFrame.persist()``, ``localCheckpoint()``) are the deserialised levels.
+SPARK_STORAGE_LEVELS: dict[str, StorageLevel] = {
+    "MEMORY_AND_DISK": StorageLevel.MEMORY_AND_DISK_DESER,
+    "MEMORY_AND_DISK_SER": StorageLevel(True, True, False, False),
+    "MEMORY_ONLY": StorageLevel(False, True, False, True),
+    "MEMORY_ONLY_SER": StorageLevel(False, True, False, False),
+    "DISK_ONLY": StorageLevel.DISK_ONLY,
+}
+
+# What a stage keeps for reuse: memory, spilling to disk, rows kept as the JVM's objects. The
+# serialised form cost 7-10 % more time and CPU in the report stage's outcomes (measured in the
+# README, "Kept frames: Spark's deserialised storage").
+KEEP = SPARK_STORAGE_LEVELS["MEMORY_AND_DISK"]
+
+
+def spark_storage_level(name: str) -> StorageLevel:
+    """The storage level Spark means by ``name`` ("MEMORY_AND_DISK" is deserialised, as in Scala)."""
+    try:
+        return SPARK_STORAGE_LEVELS[name]
+    except KeyError:
+        raise ValueError(f"unknown storage level {name!r}: one of {', '.join(SPARK_STORAGE_LEVELS)}") from None
+
+
 def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> DataFrame:
     """``frame`` computed now and kept for reuse, its plan cut: a local checkpoint, on both kinds of session.
 
@@ -112,14 +138,15 @@ def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> 
       deep. On the suite's small data that analysis cost more than the jobs; measured in the
       README, "Kept frames cut their plans".
 
-    The rows stay in the executors' block managers (``storage_level``, memory and disk by default)
+    The rows stay in the executors' block managers (``storage_level``, by default :data:`KEEP`: memory
+    and disk, deserialised, Spark's own default for a local checkpoint)
     with no lineage to recompute them: an executor lost while a stage uses them fails the stage,
     which is then re-run. ``unpersist()`` does not free a local checkpoint (measured on a classic
     session): Spark's ``ContextCleaner`` frees the blocks once nothing refers to the frame (on
     Connect the client drops the server's reference when its Python frame is collected), and until
     then they spill to disk under memory pressure like any cached blocks.
     """
-    level = storage_level or StorageLevel.MEMORY_AND_DISK
+    level = storage_level or KEEP
     return frame.localCheckpoint(eager=True, storageLevel=level)
 
 

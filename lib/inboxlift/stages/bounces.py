@@ -22,7 +22,6 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
@@ -40,6 +39,7 @@ from inboxlift.consent import (
 from inboxlift.context import RunContext
 from inboxlift.delivery import bounces as B
 from inboxlift.delivery import states as S
+from inboxlift.session import KEEP
 
 QUARANTINE_TABLE = "bounce_quarantine"
 OUTBOX_TABLE = "outbox"
@@ -113,11 +113,11 @@ def run_import_bounces(ctx: RunContext, *, path: str | Path) -> BounceImportRepo
     """Import a Maildir or mbox of DSNs and ARF reports (see the module docstring)."""
     now = ctx.clock.now()
     folder = Path(path).absolute()
-    reports = _read_reports(ctx, folder).persist(StorageLevel.MEMORY_AND_DISK)
+    reports = _read_reports(ctx, folder).persist(KEEP)
     try:
         outbox = ctx.lake.read(OUTBOX_TABLE) if ctx.lake.exists(OUTBOX_TABLE) else None
         users = ctx.lake.read_required(USERS_TABLE, needed_by="import-bounces", hint="run ingest first")
-        matched = _matched(reports, outbox=outbox, users=users).persist(StorageLevel.MEMORY_AND_DISK)
+        matched = _matched(reports, outbox=outbox, users=users).persist(KEEP)
         try:
             # Small: one row per kind, per match, per reason.
             kinds = {r["kind"]: r["count"] for r in reports.groupBy("kind").count().collect()}
@@ -169,7 +169,7 @@ def _suppress(ctx: RunContext, matched: DataFrame, *, now) -> dict[str, int]:
     if ctx.lake.exists(SUPPRESSIONS_TABLE):
         in_force = ctx.lake.read(SUPPRESSIONS_TABLE).where(is_in_force(now)).select(*SUPPRESSION_KEY)
         rows = rows.join(in_force, SUPPRESSION_KEY, how="left_anti")
-    rows = rows.persist(StorageLevel.MEMORY_AND_DISK)
+    rows = rows.persist(KEEP)
     try:
         added = {r["reason"]: r["count"] for r in rows.groupBy("reason").count().collect()}  # two rows at most
         if added:
@@ -210,7 +210,7 @@ def _deliveries(ctx: RunContext, matched: DataFrame, *, now) -> int:
                 F.coalesce("reported_at", F.lit(now).cast("timestamp")).alias("attempted_at"),
                 F.lit(None).cast("timestamp").alias("next_attempt_at"), "campaign_id", "user_id", "email_hash",
                 F.lit(S.ORIGIN_DSN).alias("origin"), "report_id")
-            .persist(StorageLevel.MEMORY_AND_DISK))
+            .persist(KEEP))
     try:
         count = rows.count()
         if count:

@@ -69,7 +69,6 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, LongType, MapType, StringType, StructField, StructType, TimestampType
@@ -85,7 +84,7 @@ from inboxlift.consent import (
 )
 from inboxlift.context import RunContext
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
-from inboxlift.session import materialize
+from inboxlift.session import KEEP, materialize
 from inboxlift.settings import InvoiceLinesImport
 from inboxlift.stages.ingest_lease import ConcurrentIngestError, IngestLease, LeaseLostError, owner_name
 from inboxlift.stages.ingest_plan import (
@@ -742,7 +741,7 @@ def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
     took 14 s in the tiny shop's ``run-all`` (README, "Plan size on Spark Connect" and "Kept frames
     cut their plans").
     """
-    frame = materialize(frame, StorageLevel.MEMORY_AND_DISK)
+    frame = materialize(frame, KEEP)
     cached.append(frame)
     return frame
 

@@ -16,7 +16,6 @@ import datetime as dt
 import secrets
 from dataclasses import dataclass, field
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -26,6 +25,7 @@ from inboxlift.consent import SUPPRESSIONS_TABLE
 from inboxlift.context import RunContext
 from inboxlift.delivery.outbox import with_delivered_status
 from inboxlift.delivery.states import DELIVERIES_TABLE
+from inboxlift.session import KEEP
 from inboxlift.transforms.features_returns import net_of_returns
 
 PLAN_TABLE = "campaign_plan"
@@ -146,7 +146,7 @@ def run_plan(ctx: RunContext, *, campaign_id: str | None = None, all_campaigns: 
         later = [c.id for c in order[order.index(campaign) + 1:]]
         # Computed once for both tables: audience, joins, product choice.
         decisions = decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id,
-                                    planned_at=now, later_campaigns=later).persist(StorageLevel.MEMORY_AND_DISK)
+                                    planned_at=now, later_campaigns=later).persist(KEEP)
         try:
             plan, exclusions = split_decisions(decisions)
             where = f"campaign_id = '{campaign.id}' AND plan_date = DATE'{plan_date.isoformat()}'"

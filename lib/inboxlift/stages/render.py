@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
@@ -48,6 +47,7 @@ from inboxlift.render.frames import (
 from inboxlift.keys import signing_key
 from inboxlift.render.message import STATUS_RENDERED, RenderConfig
 from inboxlift.render.partition import OUTBOX_COLUMNS, RENDER_ERROR_COLUMNS
+from inboxlift.session import KEEP
 from inboxlift.storage import WriteResult
 
 PLAN_TABLE = "campaign_plan"
@@ -267,7 +267,7 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
     suppressions = _optional(ctx, SUPPRESSIONS_TABLE)
     # Plan rows with their permission, read by the rendering, the errors, the counts and the withdrawals.
     checked = filter_sendable(plan).transform(
-        with_mail_permission, users=users, suppressions=suppressions, now=now).persist(StorageLevel.MEMORY_AND_DISK)
+        with_mail_permission, users=users, suppressions=suppressions, now=now).persist(KEEP)
     config = RenderConfig.from_settings(ctx.settings.render, signing_key=key, rendered_at=now)
     try:
         # Rendered once: the counts, the merge (which reads its source more than once) and the errors reuse it.
@@ -275,7 +275,7 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
             checked.where(F.col("blocked_reason").isNull()).drop("blocked_reason"), users=users,
             products=ctx.lake.read(PRODUCTS_TABLE), config=config, partitions=render_partitions(ctx.spark),
             task_catalogue_max_items=ctx.settings.render.task_catalogue_max_items,
-        ).persist(StorageLevel.MEMORY_AND_DISK)
+        ).persist(KEEP)
         try:
             blocked = _blocked_rows(checked.where(F.col("blocked_reason").isNotNull()), now=now)
             counts, refused, holdout = _tallies(rendered, blocked=blocked, plan=plan)

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -40,6 +39,7 @@ from inboxlift.delivery.selection import (
 )
 from inboxlift.delivery.smtp import RelayConfig, RelayError, check_relay
 from inboxlift.render.frames import render_partitions
+from inboxlift.session import KEEP
 from inboxlift.settings import Settings, SettingsError, resolve_secret
 
 OUTBOX_TABLE = "outbox"
@@ -246,7 +246,7 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
     checked = statuses.transform(with_skip_reason, users=ctx.lake.read(USERS_TABLE), suppressions=suppressions,
                                  now=now, max_delay=max_delay)
     frame = checked.withColumn("skip_reason", F.when(F.col("send_status") == F.lit(DUE), F.col("skip_reason"))) \
-        .persist(StorageLevel.MEMORY_AND_DISK)
+        .persist(KEEP)
     # Small: one row per status and skip reason.
     counts = frame.groupBy("send_status", "skip_reason").count().collect()
     by_status: dict[str, int] = {}

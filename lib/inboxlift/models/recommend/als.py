@@ -21,7 +21,6 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
-from pyspark import StorageLevel
 from pyspark.ml.recommendation import ALS, ALSModel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -30,7 +29,7 @@ from inboxlift.models.recommend.data import CONFIDENCE, ITEM_IDX, USER_IDX, with
 from inboxlift.models.similar import top_k_blocked
 from inboxlift.settings import RecommendSettings
 from inboxlift.schemas import require_columns
-from inboxlift.session import is_connect_session, master_of
+from inboxlift.session import is_connect_session, master_of, spark_storage_level
 
 # Rows of the range whose partitions tell how many task slots the cluster has (see task_slots).
 _SLOT_PROBE_ROWS = 1 << 16
@@ -201,7 +200,7 @@ class RatingsCache:
 
     def __init__(self, pairs: DataFrame, *, storage_level: str = "MEMORY_AND_DISK") -> None:
         self.pairs = pairs
-        self.storage_level = getattr(StorageLevel, storage_level)
+        self.storage_level = spark_storage_level(storage_level)
         self._frames: dict[tuple[float, ...], DataFrame] = {}
         self._counts: dict[tuple[float, ...], int] = {}
 
