@@ -445,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<58}{timings.best:>8.1f}  {timings.describe()}")
     if stage_tasks is not None:
         print("task seconds by ALS stage, best run of each fit (Spark's status API):")
-        for name, timings in [("plain", plain_t), ("ours", ours_t), ("grid", grid_t)]:
-            label = {"plain": "plain fit", "ours": "inboxlift, prepared + fit", "grid": "inboxlift, further fit"}[name]
+        for name, label, timings in [("plain", "plain fit", plain_t), ("ours", "inboxlift, prepared + fit", ours_t),
+                                     ("grid", "inboxlift, further fit", grid_t)]:
             print(f"  {label:<28}{stage_tasks[name].describe(timings)}")
     print(f"same (user, item) pairs in both unfiltered top-{k} lists: {both / total:.4%} of {total:,}")
     print(f"(implicit's CSR built from the Parquet in {load_seconds:.1f} s, not in its fit time.)")

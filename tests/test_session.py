@@ -5,10 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pyspark.sql import functions as F
-
 import pytest
 from pyspark import StorageLevel
+from pyspark.sql import functions as F
 
 from inboxlift.session import KEEP, build_session, find_delta_jars, local_conf, materialize, spark_storage_level
 from inboxlift.settings import SparkSettings

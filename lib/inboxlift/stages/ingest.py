@@ -84,7 +84,7 @@ from inboxlift.consent import (
 )
 from inboxlift.context import RunContext
 from inboxlift.schemas import EVENT_TYPES, EVENTS_LANDING, PRODUCTS_LANDING, USERS_LANDING
-from inboxlift.session import KEEP, materialize
+from inboxlift.session import materialize
 from inboxlift.settings import InvoiceLinesImport
 from inboxlift.stages.ingest_lease import ConcurrentIngestError, IngestLease, LeaseLostError, owner_name
 from inboxlift.stages.ingest_plan import (
@@ -741,7 +741,7 @@ def _cache(frame: DataFrame, cached: list[DataFrame]) -> DataFrame:
     took 14 s in the tiny shop's ``run-all`` (README, "Plan size on Spark Connect" and "Kept frames
     cut their plans").
     """
-    frame = materialize(frame, KEEP)
+    frame = materialize(frame)
     cached.append(frame)
     return frame
 
