@@ -14,7 +14,7 @@ from pyspark.ml.linalg import Vectors
 from inboxlift.metrics_cluster import adjusted_rand_index
 from inboxlift.models.segments import SegmentSearch
 from inboxlift.models.segments.features import anchor_stages, hash_sample, preprocessing_stages, silhouette_sample
-from inboxlift.models.segments.estimator import REFIT_COST_TOLERANCE, refit_on_all_users
+from inboxlift.models.segments.estimator import REFIT_COST_TOLERANCE, refit_on_all_users, search_partitions
 from inboxlift.models.segments.features import FEATURES_COL
 from inboxlift.models.segments.scoring import assignment_cost, clusterer_stage, with_distance_to_centroid
 from inboxlift.models.segments.search import KCandidate, choose_candidate, clusterer, elbow_k, search_k, with_anchor
@@ -183,6 +183,38 @@ def test_each_candidate_is_the_lowest_cost_of_its_seeds(spark):
         assert candidate.cost == min(costs.values()) and costs[candidate.seed] == candidate.cost
 
 
+def test_fits_running_side_by_side_give_the_same_candidates_as_one_at_a_time(spark):
+    features, _ = planted_frame(spark, per_group=10)
+    params = dataclasses.replace(TEST_PARAMS, k_min=3, k_max=4, stability_seeds=[17])
+    prep = Pipeline(stages=preprocessing_stages(params)).fit(features)
+    points = with_anchor(prep.transform(features), algorithms=params.algorithms).repartition(2).persist()
+    try:
+        alone, alone_fits = search_k(dataclasses.replace(params, search_parallelism=1), points, points)
+        together, together_fits = search_k(dataclasses.replace(params, search_parallelism=3), points, points)
+    finally:
+        points.unpersist()
+    # Same (algorithm, k) order, same chosen seed, cost, clusters and silhouette: a fit depends on its
+    # own parameters and the data only.
+    strip = lambda cs: [dataclasses.replace(c, seconds=0.0) for c in cs]  # noqa: E731
+    assert strip(together) == strip(alone)
+    assert [(c.algorithm, c.k) for c in alone] == [("kmeans", 3), ("kmeans", 4), ("bisecting_kmeans", 3),
+                                                   ("bisecting_kmeans", 4)]
+    for key, fits in alone_fits.items():
+        assert list(together_fits[key]) == [5, 17]
+        for seed, model in fits.items():
+            np.testing.assert_allclose(np.array(together_fits[key][seed].clusterCenters()),
+                                       np.array(model.clusterCenters()))
+
+
+def test_the_sample_is_cached_in_partitions_of_search_partition_rows_users():
+    params = dataclasses.replace(TEST_PARAMS, search_sample_rows=200_000, search_partition_rows=50_000)
+    assert search_partitions(params, training_rows=1_000_000) == 4      # 200,000 sampled / 50,000
+    assert search_partitions(params, training_rows=120_000) == 3        # all 120,000 users: 2.4, rounded up
+    assert search_partitions(params, training_rows=2_000) == 1
+    assert search_partitions(params, training_rows=0) == 1
+    assert search_partitions(dataclasses.replace(params, search_partition_rows=1_000), training_rows=2_000) == 2
+
+
 def test_the_search_on_a_sample_picks_the_same_k_as_on_all_users(spark):
     features, truth = planted_frame(spark)
     params = dataclasses.replace(TEST_PARAMS, stability_seeds=[], k_min=3, k_max=5)
@@ -220,3 +252,7 @@ def test_search_refuses_missing_columns_empty_input_and_a_sample_too_small(spark
         SegmentSearch(dataclasses.replace(TEST_PARAMS, log_columns=["nope"]))
     with pytest.raises(ValueError, match="search_sample_rows must be at least k_max"):
         SegmentSearch(dataclasses.replace(TEST_PARAMS, search_sample_rows=4))
+    with pytest.raises(ValueError, match="search_parallelism must be at least 1, got 0"):
+        SegmentSearch(dataclasses.replace(TEST_PARAMS, search_parallelism=0))
+    with pytest.raises(ValueError, match="search_partition_rows must be at least 1, got 0"):
+        SegmentSearch(dataclasses.replace(TEST_PARAMS, search_partition_rows=0))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from pyspark import StorageLevel
 from pyspark.sql import functions as F
 
-from inboxlift.session import KEEP, build_session, find_delta_jars, local_conf, materialize, spark_storage_level
+from inboxlift.session import (
+    KEEP, build_session, concurrently, find_delta_jars, local_conf, materialize, spark_storage_level,
+)
 from inboxlift.settings import SparkSettings
 
 
@@ -139,3 +143,42 @@ def test_kept_frames_are_stored_deserialised_in_the_jvm(spark):
         assert frame.count() == 5
     finally:
         frame.unpersist()
+
+
+class _Overlap:
+    """A step that records how many steps run at the same moment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def __call__(self, item: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.05)
+        with self.lock:
+            self.running -= 1
+        if item < 0:
+            raise ValueError(f"step {item} failed")
+        return item * 10
+
+
+def test_concurrently_runs_up_to_parallelism_steps_at_once_and_keeps_the_order(spark):
+    step = _Overlap()
+    assert concurrently(step, [3, 1, 2, 5, 4, 0], parallelism=3, spark=spark) == [30, 10, 20, 50, 40, 0]
+    assert step.most == 3
+    one = _Overlap()
+    assert concurrently(one, [2, 1], parallelism=1, spark=spark) == [20, 10]
+    assert one.most == 1
+    assert concurrently(_Overlap(), [], parallelism=4, spark=spark) == []
+    with pytest.raises(ValueError, match="step -1 failed"):
+        concurrently(_Overlap(), [1, -1, 2], parallelism=2, spark=spark)
+
+
+def test_concurrent_steps_run_spark_jobs_on_the_session(spark):
+    # Each thread submits its own job; every answer comes back to its own item.
+    counts = concurrently(lambda n: spark.range(n).where(F.col("id") % 2 == 0).count(), [10, 7, 100, 1],
+                          parallelism=4, spark=spark)
+    assert counts == [5, 4, 50, 1]

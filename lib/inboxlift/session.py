@@ -21,12 +21,17 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from multiprocessing.pool import ThreadPool
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.util import inheritable_thread_target
 
 from inboxlift.settings import SparkSettings
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
@@ -148,6 +153,23 @@ def materialize(frame: DataFrame, storage_level: StorageLevel | None = None) -> 
     """
     level = storage_level or KEEP
     return frame.localCheckpoint(eager=True, storageLevel=level)
+
+
+def concurrently(step: Callable[[T], R], items: Iterable[T], *, parallelism: int, spark: SparkSession) -> list[R]:
+    """``[step(item) for item in items]`` with up to ``parallelism`` steps running at once; the results
+    keep the items' order.
+
+    Spark ML's own tuning does it this way (``CrossValidator(parallelism=n)``): threads of this driver
+    each submit their own jobs, which Spark's scheduler runs side by side, so small jobs that each
+    leave cores idle fill them together. Each thread gets the session's job tags and local properties
+    (``inheritable_thread_target``), on a classic session and on Spark Connect alike. A step's
+    exception is raised here once the running steps end.
+    """
+    items = list(items)
+    if parallelism <= 1 or len(items) <= 1:
+        return [step(item) for item in items]
+    with ThreadPool(processes=min(parallelism, len(items))) as pool:
+        return pool.map(inheritable_thread_target(spark)(step), items, chunksize=1)
 
 
 def master_of(spark: SparkSession) -> str:

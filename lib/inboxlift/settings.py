@@ -480,6 +480,12 @@ class SegmentSettings:
     # many users (all users when fewer; the same hash-picked users in every run); the chosen
     # (algorithm, k) is then fitted once on all users.
     search_sample_rows: int = 200000
+    # The cached sample gets one partition per this many users (at least one): each of a fit's ~35-65 small
+    # Spark jobs runs a task per partition, and on a small sample those tasks are the fit's cost.
+    search_partition_rows: int = 50000
+    # Fits of the search (every algorithm, k and seed) running at once, as Spark ML's tuning's
+    # ``parallelism``: one fit's jobs leave cores idle between them, several fill them (docs/segments.md).
+    search_parallelism: int = 4
     # Silhouette is measured on at most this many users of that sample (the same hash-picked users in every run).
     silhouette_sample_rows: int = 50000
     top_categories: int = 3

@@ -62,6 +62,9 @@ def check_params(params: SegmentSettings) -> None:
                          f"got {params.search_sample_rows}")
     if params.silhouette_sample_rows < 2:
         raise ValueError(f"segments.silhouette_sample_rows must be at least 2, got {params.silhouette_sample_rows}")
+    for name in ("search_partition_rows", "search_parallelism"):
+        if getattr(params, name) < 1:
+            raise ValueError(f"segments.{name} must be at least 1, got {getattr(params, name)}")
 
 
 def _sql_double(value: float) -> str:
@@ -115,8 +118,8 @@ def user_hash(seed: int) -> Column:
 def hash_sample(features: DataFrame, *, rows: int, total: int, seed: int) -> DataFrame:
     """About ``rows`` of the ``total`` users of ``features`` (all of them when ``total <= rows``).
 
-    A user is picked when its hash falls in the lowest ``rows / total`` of the hash range: a filter,
-    so the sample keeps the input's partitioning (and every core fits on it) and needs no sort. The
+    A user is picked when its hash falls in the lowest ``rows / total`` of the hash range: a filter
+    where the features are read, with no sort (the search then repartitions the sample). The
     count is ``rows`` give or take about its square root. The picked users have the smallest
     hashes, so :func:`silhouette_sample` of the sample is that of all users whenever the sample holds
     ``silhouette_sample_rows`` users or more.

@@ -23,6 +23,7 @@ from inboxlift.metrics_cluster import pairwise_adjusted_rand_index
 from inboxlift.models.segments.features import (
     ALGORITHMS, ANCHORED_COL, CLUSTER_COL, FEATURES_COL, USER_ID, anchor_stages,
 )
+from inboxlift.session import concurrently
 from inboxlift.settings import SegmentSettings
 
 # Metric names say what was measured: the silhouette uses squared Euclidean distance on a sample of
@@ -47,7 +48,7 @@ class KCandidate:
     clusters: int
     silhouette: float
     cost: float          # within-cluster sum of squares of the search sample, the best seed's
-    seconds: float       # all seeds' fits
+    seconds: float       # the wall time of its seeds' fits, added up (other fits may have run beside them)
     seed: int = 0        # the seed of the lowest cost
 
 
@@ -127,23 +128,41 @@ def search_k(params: SegmentSettings, points: DataFrame, silhouette_points: Data
     A candidate is its lowest-cost fit (the seeds are restarts, as scikit-learn's ``n_init``: one
     initialisation can land in a poor optimum); the silhouette is that fit's, measured on
     ``silhouette_points``. Both frames are scaled features (with the anchor where bisecting K-means
-    is searched), cached by the caller. Returns the candidates and every fit by (algorithm, k) and seed.
+    is searched), cached by the caller. Up to ``params.search_parallelism`` fits, then silhouettes,
+    run at once (:func:`~inboxlift.session.concurrently`); each fit's result depends only on its
+    (algorithm, k, seed) and the data, not on what runs beside it. Returns the candidates and every
+    fit by (algorithm, k) and seed.
     """
-    candidates, models = [], {}
-    for algorithm in params.algorithms:
-        for k in range(params.k_min, params.k_max + 1):
-            started = time.perf_counter()
-            fits = {seed: clusterer(params, algorithm=algorithm, k=k, seed=seed).fit(points)
-                    for seed in search_seeds(params)}
-            seconds = time.perf_counter() - started
-            # min() keeps the first of equal costs: the seeds' order breaks ties.
-            seed = min(fits, key=lambda s: float(fits[s].summary.trainingCost))
-            best = fits[seed]
-            clusters = len(best.clusterCenters())
-            score = silhouette(best.transform(silhouette_points)) if clusters > 1 else float("nan")
-            candidates.append(KCandidate(algorithm, k, clusters, score, float(best.summary.trainingCost), seconds,
-                                         seed))
-            models[(algorithm, k)] = fits
+    spark = points.sparkSession
+    keys = [(algorithm, k) for algorithm in params.algorithms for k in range(params.k_min, params.k_max + 1)]
+    seeds = search_seeds(params)
+
+    def fit(task: tuple[str, int, int]) -> tuple[ClusterModel, float]:
+        algorithm, k, seed = task
+        started = time.perf_counter()
+        model = clusterer(params, algorithm=algorithm, k=k, seed=seed).fit(points)
+        return model, time.perf_counter() - started
+
+    fitted = iter(concurrently(fit, [(a, k, seed) for a, k in keys for seed in seeds],
+                               parallelism=params.search_parallelism, spark=spark))
+    models, seconds = {}, {}
+    for key in keys:
+        runs = {seed: next(fitted) for seed in seeds}
+        models[key] = {seed: model for seed, (model, _) in runs.items()}
+        seconds[key] = sum(elapsed for _, elapsed in runs.values())
+
+    def best_of(key: tuple[str, int]) -> tuple[int, int, float, float]:
+        fits = models[key]
+        # min() keeps the first of equal costs: the seeds' order breaks ties.
+        seed = min(fits, key=lambda s: float(fits[s].summary.trainingCost))
+        best = fits[seed]
+        clusters = len(best.clusterCenters())
+        score = silhouette(best.transform(silhouette_points)) if clusters > 1 else float("nan")
+        return seed, clusters, score, float(best.summary.trainingCost)
+
+    scored = concurrently(best_of, keys, parallelism=params.search_parallelism, spark=spark)
+    candidates = [KCandidate(algorithm, k, clusters, score, cost, seconds[(algorithm, k)], seed)
+                  for (algorithm, k), (seed, clusters, score, cost) in zip(keys, scored)]
     return candidates, models
 
 
