@@ -146,18 +146,22 @@ def test_kept_frames_are_stored_deserialised_in_the_jvm(spark):
 
 
 class _Overlap:
-    """A step that records how many steps run at the same moment."""
+    """A step that records how many steps run at the same moment; with ``together`` steps, each waits
+    (10 s at most) until that many are running, so a pool that runs fewer at once fails, not races."""
 
-    def __init__(self) -> None:
+    def __init__(self, together: int = 1) -> None:
         self.lock = threading.Lock()
         self.running = 0
         self.most = 0
+        self.barrier = threading.Barrier(together, timeout=10) if together > 1 else None
 
     def __call__(self, item: int) -> int:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
-        time.sleep(0.05)
+        if self.barrier is not None:
+            self.barrier.wait()
+        time.sleep(0.02)
         with self.lock:
             self.running -= 1
         if item < 0:
@@ -166,11 +170,11 @@ class _Overlap:
 
 
 def test_concurrently_runs_up_to_parallelism_steps_at_once_and_keeps_the_order(spark):
-    step = _Overlap()
+    step = _Overlap(together=3)
     assert concurrently(step, [3, 1, 2, 5, 4, 0], parallelism=3, spark=spark) == [30, 10, 20, 50, 40, 0]
     assert step.most == 3
     one = _Overlap()
-    assert concurrently(one, [2, 1], parallelism=1, spark=spark) == [20, 10]
+    assert concurrently(one, [2, 1, 4], parallelism=1, spark=spark) == [20, 10, 40]
     assert one.most == 1
     assert concurrently(_Overlap(), [], parallelism=4, spark=spark) == []
     with pytest.raises(ValueError, match="step -1 failed"):
