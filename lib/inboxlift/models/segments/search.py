@@ -143,13 +143,10 @@ def search_k(params: SegmentSettings, points: DataFrame, silhouette_points: Data
         model = clusterer(params, algorithm=algorithm, k=k, seed=seed).fit(points)
         return model, time.perf_counter() - started
 
-    fitted = iter(concurrently(fit, [(a, k, seed) for a, k in keys for seed in seeds],
-                               parallelism=params.search_parallelism, spark=spark))
-    models, seconds = {}, {}
-    for key in keys:
-        runs = {seed: next(fitted) for seed in seeds}
-        models[key] = {seed: model for seed, (model, _) in runs.items()}
-        seconds[key] = sum(elapsed for _, elapsed in runs.values())
+    tasks = [(algorithm, k, seed) for algorithm, k in keys for seed in seeds]
+    runs = dict(zip(tasks, concurrently(fit, tasks, parallelism=params.search_parallelism, spark=spark)))
+    models = {key: {seed: runs[(*key, seed)][0] for seed in seeds} for key in keys}
+    seconds = {key: sum(runs[(*key, seed)][1] for seed in seeds) for key in keys}
 
     def best_of(key: tuple[str, int]) -> tuple[int, int, float, float]:
         fits = models[key]
