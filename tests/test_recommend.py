@@ -67,6 +67,7 @@ def test_settings_are_checked_on_load():
                           ({"recommend.hybrid_weights": [0.5, 1.0]}, "hybrid_weights"),
                           ({"recommend.hybrid_weights": []}, "hybrid_weights"),
                           ({"recommend.tuning_budget": 0}, "tuning_budget"),
+                          ({"recommend.tuning_parallelism": 0}, "tuning_parallelism"),
                           ({"recommend.num_user_blocks": -1}, "num_user_blocks"),
                           ({"recommend.intermediate_storage_level": "OFF_HEAP"}, "intermediate_storage_level")]:
         with pytest.raises(SettingsError, match=f"recommend.{key}"):
@@ -222,6 +223,37 @@ def planted_events(rng: np.random.Generator) -> list[tuple]:
     for u in range(6):
         rows.append(event(f"b-extra{u}", "b1", "view", at(-3)))
     return rows
+
+
+def test_the_search_chooses_the_same_whether_its_fits_run_one_or_three_at_a_time(spark):
+    events = spark.createDataFrame(planted_events(np.random.default_rng(11)), EVENT_SCHEMA).persist()
+    categories = spark.createDataFrame([(f"{g}{i}", GROUPS[g][0].split(" > ")[0]) for g in "ab" for i in range(1, 7)],
+                                       "item_id string, category string")
+    user_map = new_id_rows(events, existing=None, id_col="user_id", idx_col="user_idx").persist()
+    item_map = new_id_rows(categories.select("item_id"), existing=None, id_col="item_id", idx_col="item_idx").persist()
+    # 2 ranks x 2 alphas: 4 candidates with 4 iterations, the best 2 of them with 6 (schedule(4, 6))
+    base = RecommendSettings(k=3, test_days=6, validation_days=6, ranks=[2, 4], reg_params=[0.05], reference_rank=4,
+                             alphas=[1.0, 5.0], max_iter=6, tuning_budget=100, recommenders=["als"],
+                             popularity_days=45)
+
+    def search(parallelism: int):
+        settings = dataclasses.replace(base, tuning_parallelism=parallelism)
+        training = RecommenderTraining(events=events, item_categories=categories, user_map=user_map,
+                                       item_map=item_map, settings=settings, cutoff=CUTOFF,
+                                       default_weights=(1, 3, 8), half_life_days=30.0)
+        choice, points, _ = training.validate(param_grid(settings, default_weights=(1, 3, 8)))
+        return choice.als, points
+
+    try:
+        (one_choice, one), (three_choice, three) = search(1), search(3)
+    finally:
+        for frame in (events, user_map, item_map):
+            frame.unpersist()
+    assert [(p.round, p.params.max_iter) for p in one] == [(0, 4)] * 4 + [(1, 6)] * 2
+    # Each fit's result depends on its parameters and the data only, not on what ran beside it
+    assert [(p.round, p.params) for p in three] == [(p.round, p.params) for p in one]
+    assert [p.ndcg for p in three] == pytest.approx([p.ndcg for p in one], abs=1e-9)
+    assert three_choice == one_choice and one_choice.max_iter == 6
 
 
 def write_planted_shop(ctx, spark) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import weakref
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,38 @@ def test_successive_halving_schedule_budget_and_survivors():
     assert (winner.rank, winner.alpha, winner.max_iter) == (16, 10.0, 10) and model == winner
     assert [(p.round, p.params.max_iter) for p in points] == [(0, 4)] * 9 + [(1, 10)] * 3
     assert {(p.params.rank, p.params.alpha) for p in points if p.round == 1} == {(16, 1.0), (16, 10.0), (16, 40.0)}
+
+
+def test_successive_halving_chooses_the_same_whatever_order_its_fits_end_in_and_drops_losers():
+    grid = [AlsParams(rank=r, reg_param=0.1, alpha=a, weights=(1.0, 1.0, 1.0), max_iter=10)
+            for r in (8, 16, 32) for a in (1.0, 10.0, 40.0)]
+
+    class Fitted:   # a model whose lifetime the test can watch
+        def __init__(self, params):
+            self.params = params
+
+    alive = weakref.WeakSet()
+    most_alive = []
+
+    def score(params):
+        most_alive.append(len(alive))
+        model = Fitted(params)
+        alive.add(model)
+        # Rank 16 wins; its three alphas tie at 10 iterations, so the first listed (alpha 1) must be chosen
+        value = 1.0 - abs(params.rank - 16) / 100 + (0.0 if params.max_iter == 10 else params.alpha / 1000)
+        return value, 0.0, model
+
+    def backwards(step, items):   # the last candidate's fit ends first, the results in the candidates' order
+        return [step(item) for item in reversed(items)][::-1]
+
+    winner, model, points = successive_halving(grid, schedule(9, 10), score)
+    # One model at a time and the best so far: a loser is gone before the next fit starts
+    assert max(most_alive) <= 1 and len(alive) == 1 and model.params == winner
+    assert (winner.rank, winner.alpha, winner.max_iter) == (16, 1.0, 10)
+
+    del model
+    assert len(alive) == 0   # nothing else kept a model
+    most_alive.clear()
+    again, again_model, again_points = successive_halving(grid, schedule(9, 10), score, run_round=backwards)
+    assert again == winner and again_model.params == winner and again_points == points
+    assert max(most_alive) <= 1

@@ -519,6 +519,9 @@ class RecommendSettings:
     # Confidence weights [view, cart, purchase] to try; empty means the features' weights only.
     confidence_weights: list[list[float]] = field(default_factory=list)
     tuning_budget: int = 130
+    # Fits of one halving round running at once, as Spark ML's tuning's ``parallelism`` (whose default is 1
+    # too): each holds its own rating blocks and factors while it runs (docs/recommend.md#tuning).
+    tuning_parallelism: int = 1
     max_iter: int = 10
     seed: int = 42
     # Recommenders chosen between on validation (ALS is always trained: it is the registered model). The hybrid
@@ -597,7 +600,7 @@ class RecommendSettings:
                       f"not all 0; got {self.content_weights}")
         if self.checkpoint_interval < 1:
             raise bad("checkpoint_interval", f"must be >= 1, got {self.checkpoint_interval}")
-        for key in ("reference_rank", "tuning_budget", "itemcf_basket_items", "itemcf_neighbours",
+        for key in ("reference_rank", "tuning_budget", "tuning_parallelism", "itemcf_basket_items", "itemcf_neighbours",
                     "itemcf_min_support", "als_min_pairs_per_block"):
             if getattr(self, key) <= 0:
                 raise bad(key, f"must be positive, got {getattr(self, key)}")

@@ -55,7 +55,7 @@ from inboxlift.models.recommend.itemcf import (
     recent_baskets,
 )
 from inboxlift.models.recommend.tuning import TuningPoint, plan, successive_halving
-from inboxlift.session import collect_ml_garbage, materialize
+from inboxlift.session import collect_ml_garbage, concurrently, materialize
 from inboxlift.settings import RecommendSettings
 
 ALS_KIND, ITEMCF_KIND, HYBRID_KIND = "als", "itemcf", "hybrid"
@@ -309,13 +309,19 @@ class RecommenderTraining:
         data = self.split("validation", train_cutoff=self.validation_start, end=self.test_start)
         try:
             def fit_and_score(params: AlsParams) -> tuple[float, float, ALSModel]:
-                collect_ml_garbage()   # the models of dropped candidates, released before the next fit
                 started = time.perf_counter()
                 model = self.fit(data, params)
                 ndcg = self.score(self.als_ranking(model, data, k=s.k), data, metrics=("ndcg",)).ndcg
                 return ndcg, time.perf_counter() - started, model
 
-            winner, model, points = successive_halving(candidates, rounds, fit_and_score)
+            def run_round(step, items):  # noqa: ANN001, ANN202 - tuning.RoundRunner
+                collect_ml_garbage()   # the models of dropped candidates, released before the round's fits
+                return concurrently(step, items, parallelism=s.tuning_parallelism, spark=self.events.sparkSession)
+
+            # Each weight set's ratings cached, and the task slots asked, once before fits share them.
+            for weights in dict.fromkeys(c.weights for c in candidates):
+                self.fit_settings_for(data.ratings.count(weights))
+            winner, model, points = successive_halving(candidates, rounds, fit_and_score, run_round=run_round)
             use_itemcf = bool(kinds & {ITEMCF_KIND, HYBRID_KIND})
             weights = list(s.hybrid_weights) if HYBRID_KIND in kinds else []
             ranked = self.rankings(data, model=model, itemcf=self.itemcf_params if use_itemcf else None,

@@ -18,8 +18,9 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import threading
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 from inboxlift.models.recommend.als import AlsParams
 from inboxlift.settings import RecommendSettings
@@ -31,6 +32,8 @@ ETA = 3
 # of the best third), after 4 closely (0.97; the best at 10 was first): docs/recommend.md#tuning.
 MIN_ROUND_ITER = 4
 Model = TypeVar("Model")
+# How a round's fits are run: (step, items) -> the step's results in the items' order.
+RoundRunner = Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
 
 
 @dataclass(frozen=True)
@@ -114,34 +117,46 @@ def plan(grid: Sequence[AlsParams], *, budget: int, seed: int) -> tuple[list[Als
 
 
 def successive_halving(candidates: Sequence[AlsParams], rounds: Sequence[Round],
-                       score: Callable[[AlsParams], tuple[float, float, Model]],
+                       score: Callable[[AlsParams], tuple[float, float, Model]], *,
+                       run_round: RoundRunner | None = None,
                        ) -> tuple[AlsParams, Model, list[TuningPoint]]:
     """Run the rounds; return the chosen candidate (at the last round's iterations), its model and every fit.
 
     ``score(params)`` fits ``params`` on the validation training data and returns (NDCG@k, seconds,
-    the model). Only the best model of the last round is kept (for the hybrid and item-CF against
-    it). Ties go to the candidate listed first.
+    the model). ``run_round(step, candidates)`` applies ``step`` to each of a round's candidates and
+    returns the results in their order: by default one after the other; the training runs several
+    at once (:func:`inboxlift.session.concurrently`). A round's fits do not depend on each other, and
+    the best is the highest NDCG, the first listed on a tie, whatever order the fits end in. Models
+    are dropped as soon as they lose: an earlier round's at once, the last round's when a better one
+    is scored, so at most one more than the fits running at once is held.
     """
+    run = run_round or (lambda step, items: [step(item) for item in items])
     alive = list(candidates)
     points: list[TuningPoint] = []
-    best: tuple[float, int, AlsParams, Model] | None = None
+    best: list[tuple[float, int, AlsParams, Model]] = []   # the last round's best so far, under `lock`
+    lock = threading.Lock()
     for number, this_round in enumerate(rounds):
         last = number == len(rounds) - 1
-        scored = []
-        for position, params in enumerate(alive):
-            fitted = replace(params, max_iter=this_round.iterations)
-            ndcg, seconds, model = score(fitted)
-            points.append(TuningPoint(params=fitted, round=number, ndcg=ndcg, seconds=seconds))
-            scored.append((ndcg, params))
-            if last and (best is None or _finite(ndcg) > best[0]):
-                best = (_finite(ndcg), position, fitted, model)
-            del model
+        fitted = list(enumerate(replace(params, max_iter=this_round.iterations) for params in alive))
+
+        def step(item: tuple[int, AlsParams], last: bool = last) -> tuple[float, float]:
+            position, params = item
+            ndcg, seconds, model = score(params)
+            if last:
+                with lock:
+                    if not best or (_finite(ndcg), -position) > (best[0][0], -best[0][1]):
+                        best[:] = [(_finite(ndcg), position, params, model)]
+            return ndcg, seconds
+
+        scored = run(step, fitted)
+        points.extend(TuningPoint(params=params, round=number, ndcg=ndcg, seconds=seconds)
+                      for (_, params), (ndcg, seconds) in zip(fitted, scored))
         if not last:
             keep = rounds[number + 1].candidates
-            order = sorted(range(len(scored)), key=lambda i: (-_finite(scored[i][0]), i))
-            alive = [scored[i][1] for i in sorted(order[:keep])]
-    assert best is not None
-    return best[2], best[3], points
+            order = sorted(range(len(alive)), key=lambda i: (-_finite(scored[i][0]), i))
+            alive = [alive[i] for i in sorted(order[:keep])]
+    _, _, winner, model = best[0]
+    return winner, model, points
 
 
 def _finite(value: float) -> float:
