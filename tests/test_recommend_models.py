@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import threading
 import weakref
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from inboxlift.models.recommend.training import (
     hybrid_label,
 )
 from inboxlift.models.recommend.tuning import Round, cost, plan, schedule, successive_halving
+from inboxlift.session import concurrently
 from inboxlift.settings import RecommendSettings
 
 PAIRS = "user_idx int, item_idx int, view_w double, cart_w double, purchase_w double"
@@ -128,6 +130,25 @@ def test_ratings_are_prepared_once_per_weight_set(spark):
         cache.release()
     assert not first.is_cached
 
+
+
+def test_fits_running_at_once_share_one_cached_ratings_frame(spark):
+    pairs = spark.createDataFrame([(1, 2, 1.0, 0.0, 0.5), (2, 3, 2.0, 0.0, 0.0)], PAIRS)
+    cache = RatingsCache(pairs)
+    together = threading.Barrier(3)
+
+    def ask(_):
+        together.wait(timeout=60)   # all three ask for the same weight set at the same moment
+        return cache.ratings((1.0, 3.0, 8.0))
+
+    try:
+        frames = concurrently(ask, range(3), parallelism=3, spark=spark)
+        # One frame built and cached, the same one for every fit: 1 + 8 * 0.5 = 5 and 2 * 1 = 2
+        assert frames[1] is frames[0] and frames[2] is frames[0] and frames[0].is_cached
+        assert cache.count((1, 3, 8)) == 2
+        assert sorted(tuple(r) for r in frames[0].collect()) == [(1, 2, 5.0), (2, 3, 2.0)]
+    finally:
+        cache.release()
 
 # ---- item-based CF by hand -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
@@ -203,14 +204,18 @@ class RatingsCache:
         self.storage_level = spark_storage_level(storage_level)
         self._frames: dict[tuple[float, ...], DataFrame] = {}
         self._counts: dict[tuple[float, ...], int] = {}
+        # Fits running at once (the tuning's rounds) share the cache: the first builds a weight set's
+        # ratings, the others wait for it rather than build and cache their own copy.
+        self._lock = threading.Lock()
 
     def ratings(self, weights: Sequence[float]) -> DataFrame:
         key = tuple(float(w) for w in weights)
-        if key not in self._frames:
-            frame = ratings_frame(self.pairs, weights=key).persist(self.storage_level)
-            self._counts[key] = frame.count()   # materialised once, here, not inside the first fit
-            self._frames[key] = frame
-        return self._frames[key]
+        with self._lock:
+            if key not in self._frames:
+                frame = ratings_frame(self.pairs, weights=key).persist(self.storage_level)
+                self._counts[key] = frame.count()   # materialised once, here, not inside the first fit
+                self._frames[key] = frame
+            return self._frames[key]
 
     def count(self, weights: Sequence[float]) -> int:
         self.ratings(weights)

@@ -318,9 +318,6 @@ class RecommenderTraining:
                 collect_ml_garbage()   # the models of dropped candidates, released before the round's fits
                 return concurrently(step, items, parallelism=s.tuning_parallelism, spark=self.events.sparkSession)
 
-            # Each weight set's ratings cached, and the task slots asked, once before fits share them.
-            for weights in dict.fromkeys(c.weights for c in candidates):
-                self.fit_settings_for(data.ratings.count(weights))
             winner, model, points = successive_halving(candidates, rounds, fit_and_score, run_round=run_round)
             use_itemcf = bool(kinds & {ITEMCF_KIND, HYBRID_KIND})
             weights = list(s.hybrid_weights) if HYBRID_KIND in kinds else []

@@ -133,19 +133,20 @@ def successive_halving(candidates: Sequence[AlsParams], rounds: Sequence[Round],
     run = run_round or (lambda step, items: [step(item) for item in items])
     alive = list(candidates)
     points: list[TuningPoint] = []
-    best: list[tuple[float, int, AlsParams, Model]] = []   # the last round's best so far, under `lock`
+    best: tuple[float, int, AlsParams, Model] | None = None   # the last round's best so far, under `lock`
     lock = threading.Lock()
     for number, this_round in enumerate(rounds):
         last = number == len(rounds) - 1
         fitted = list(enumerate(replace(params, max_iter=this_round.iterations) for params in alive))
 
-        def step(item: tuple[int, AlsParams], last: bool = last) -> tuple[float, float]:
+        def step(item: tuple[int, AlsParams]) -> tuple[float, float]:
+            nonlocal best
             position, params = item
             ndcg, seconds, model = score(params)
             if last:
                 with lock:
-                    if not best or (_finite(ndcg), -position) > (best[0][0], -best[0][1]):
-                        best[:] = [(_finite(ndcg), position, params, model)]
+                    if best is None or (_finite(ndcg), -position) > (best[0], -best[1]):
+                        best = (_finite(ndcg), position, params, model)
             return ndcg, seconds
 
         scored = run(step, fitted)
@@ -155,8 +156,8 @@ def successive_halving(candidates: Sequence[AlsParams], rounds: Sequence[Round],
             keep = rounds[number + 1].candidates
             order = sorted(range(len(alive)), key=lambda i: (-_finite(scored[i][0]), i))
             alive = [alive[i] for i in sorted(order[:keep])]
-    _, _, winner, model = best[0]
-    return winner, model, points
+    assert best is not None
+    return best[2], best[3], points
 
 
 def _finite(value: float) -> float:
