@@ -9,8 +9,9 @@ complaints, and ``--views`` product views that the report must read past. Then, 
 
 - Spark, as the stage runs it: :func:`inboxlift.transforms.attribution.recipient_outcomes`
   (recipients, delivery outcomes, human engagement, last-touch attribution, uplift windows; one
-  shuffle by message, one by user) kept as a local checkpoint as the stage keeps it
-  (``--no-keep-outcomes``: not kept), and
+  shuffle by message, one by user), their summary
+  (:func:`inboxlift.transforms.campaign_results.summarise_outcomes`) kept as a local checkpoint as
+  the stage keeps it (``--no-keep-outcomes``: not kept), and
   :func:`inboxlift.transforms.campaign_results.aggregate_results` (counts, rates, Wilson intervals)
   over ``spark.read.parquet`` of the files, materialised (``noop`` sink): the per-recipient work of
   ``inboxlift run report``, everything but the Delta write, the driver statistics and the plots;
@@ -20,7 +21,7 @@ complaints, and ``--views`` product views that the report must read past. Then, 
 The best time of each counts; the CPU seconds of each run (this process and the JVM, from /proc)
 are printed beside it. Every count column is summed over all rows in both results and compared.
 The Poisson bootstrap of the revenue uplift (Spark) is timed once, as information, over the
-outcomes kept first, as the stage reads them. ``--explain``
+summary kept first, as the stage reads it. ``--explain``
 prints Spark's plan; ``--breakdown`` times the plan's parts after the timed runs.
 
     .venv/bin/python bench/bench_report.py [--messages 1000000] [--views 5000000] [--repeat 2] [--keep]
@@ -273,7 +274,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--views", type=int, default=5_000_000, help="product views among the events (default 5M)")
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine; the best counts (default 2)")
     parser.add_argument("--keep-outcomes", action=argparse.BooleanOptionalAction, default=True,
-                        help="keep the outcomes (a local checkpoint) before aggregating them, as the stage does "
+                        help="keep the outcomes' summary (a local checkpoint) before aggregating it, as the stage does "
                         "(default: yes)")
     parser.add_argument("--explain", action="store_true", help="print the Spark plan (explain('formatted'))")
     parser.add_argument("--breakdown", action="store_true",
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         RESULT_COLUMNS,
         aggregate_results,
         bootstrap_revenue_sums,
+        summarise_outcomes,
         z_value,
     )
 
@@ -394,17 +396,17 @@ def main(argv: list[str] | None = None) -> int:
                                       uplift_window_days=r.uplift_window_days)
 
         def spark_run() -> None:
-            # As the stage does: the outcomes kept as a local checkpoint (the stage reads them again for
-            # the bootstrap), aggregated from it; --no-keep-outcomes aggregates them straight.
-            outcomes = outcomes_of()
+            # As the stage does: the outcomes' summary kept as a local checkpoint (the stage reads it
+            # again for the bootstrap), aggregated from it; --no-keep-outcomes aggregates it straight.
+            summary = summarise_outcomes(outcomes_of())
             if args.keep_outcomes:
-                outcomes = materialize(outcomes)
-            result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed))
+                summary = materialize(summary)
+            result = aggregate_results(summary, alpha=r.alpha, window_closed_before=F.lit(closed))
             result.select(*RESULT_COLUMNS).write.format("noop").mode("overwrite").save()
 
         outcomes = outcomes_of()
-        spark_result = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed)).select(
-            *RESULT_COLUMNS)
+        spark_result = aggregate_results(summarise_outcomes(outcomes), alpha=r.alpha,
+                                         window_closed_before=F.lit(closed)).select(*RESULT_COLUMNS)
         if args.explain:
             spark_result.explain("formatted")
         sql = duckdb_sql(data, click_days=r.click_through_days, view_days=r.view_through_days,
@@ -427,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         if args.breakdown:
             breakdown(spark, read, r)
-        # As the stage runs it: over the kept outcomes (keeping them is part of the timed runs).
-        kept = materialize(outcomes_of())
+        # As the stage runs it: over the kept summary (keeping it is part of the timed runs).
+        kept = materialize(summarise_outcomes(outcomes_of()))
         boot_seconds, boot_cpu = timed_cpu(lambda: bootstrap_revenue_sums(
             kept, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).write.format("noop")
             .mode("overwrite").save())
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{duck_cpu[duck_times.index(best_duck)]:.2f} (ratio by CPU "
               f"{spark_cpu[spark_times.index(best_spark)] / max(duck_cpu[duck_times.index(best_duck)], 1e-9):.2f}x); "
               f"load average now {os.getloadavg()[0]:.1f}")
-        print(f"Spark Poisson bootstrap sums ({r.bootstrap_replicates} replicates) from the kept outcomes, "
+        print(f"Spark Poisson bootstrap sums ({r.bootstrap_replicates} replicates) from the kept summary, "
               f"for information: {boot_seconds:.2f} s (CPU {boot_cpu:.2f} s)")
         print("column sums: " + ("the same in both" if agree else "DIFFERENT"))
         for key in spark_sums:

@@ -25,6 +25,7 @@ from inboxlift.transforms.attribution import (
     orders_of,
     recipient_outcomes,
 )
+from inboxlift.transforms.campaign_results import aggregate_results, bootstrap_revenue_sums, summarise_outcomes
 from report_data import CAMPAIGNS_YAML, D10, EXPECTED, ts, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,6 +291,47 @@ def test_each_flag_and_orders_at_one_instant_reach_their_recipient(spark):
     assert [got["u1"][c] for c in ("clicks", "attributed_orders", "window_orders")] == [0, 0, 0]
     assert [got["u2"][c] for c in ("clicks", "attributed_orders", "attributed_revenue", "window_orders",
                                    "window_revenue")] == [2, 2, 40.0, 2, 40.0]
+
+
+def test_the_kept_summary_has_a_row_per_spender_and_one_per_group_and_adds_up(spark):
+    """What the report keeps between the results and the bootstrap: the recipients with window revenue
+    one row each, the others of a campaign, variant and day summed into one; both readers get from
+    it what they got from one row per recipient (worked out by hand below)."""
+    d = D10
+    at = ts("2026-11-10T10:00:00")
+    # user, variant, delivered, clicks, attributed orders and revenue, window orders and revenue
+    recipients = [("u1", "A", True, 1, 1, 10.0, 1, 10.0), ("u2", "A", True, 2, 0, 0.0, 0, 0.0),
+                  ("u3", "A", False, 0, 0, 0.0, 0, 0.0), ("u4", "B", True, 1, 1, 5.0, 1, 5.0),
+                  ("u5", "holdout", False, 0, 0, 0.0, 1, 7.5), ("u6", "holdout", False, 0, 0, 0.0, 0, 0.0),
+                  ("u7", "holdout", False, 0, 0, 0.0, 1, -3.0)]   # u7's order was refunded
+    rows = [("c1", variant, d, user, at, variant != "holdout", variant != "holdout", delivered, False, clicks > 0,
+             clicks > 0, clicks, orders, revenue, False, user == "u2", window_orders, window_revenue)
+            for user, variant, delivered, clicks, orders, revenue, window_orders, window_revenue in recipients]
+    outcomes = spark.createDataFrame(rows, (
+        "campaign_id string, variant string, send_date date, user_id string, send_at timestamp, is_treated boolean, "
+        "is_sent boolean, is_delivered boolean, is_bounced boolean, is_opened boolean, is_clicked boolean, "
+        "clicks int, attributed_orders int, attributed_revenue double, is_unsubscribed boolean, "
+        "is_complained boolean, window_orders int, window_revenue double"))
+    summary = summarise_outcomes(outcomes)
+    got = {(r.variant, r.user_id): (r.recipients, r.delivered, r.clicks, r.window_revenue) for r in summary.collect()}
+    assert got == {("A", "u1"): (1, 1, 1, 10.0), ("A", None): (2, 1, 2, 0.0), ("B", "u4"): (1, 1, 1, 5.0),
+                   ("holdout", "u5"): (1, 0, 0, 7.5), ("holdout", None): (2, 0, 0, -3.0)}
+
+    results = {r.variant: r for r in aggregate_results(summary, alpha=0.05).collect()}
+    assert {v: (r.recipients, r.sent, r.delivered, r.opens, r.clicks, r.unique_clicks, r.conversions, r.revenue,
+                r.complaints, r.window_conversions, r.window_orders, r.window_revenue) for v, r in results.items()} == {
+        "A": (3, 3, 2, 2, 3, 2, 1, 10.0, 1, 1, 1, 10.0),
+        "B": (1, 1, 1, 1, 1, 1, 1, 5.0, 0, 1, 1, 5.0),
+        "holdout": (3, 0, 0, 0, 0, 0, 0, 0.0, 0, 2, 2, 4.5)}
+    assert results["A"].click_rate == pytest.approx(2 / 2) and results["holdout"].window_conversion_rate == \
+        pytest.approx(2 / 3)
+
+    # The bootstrap: treated 4 recipients, 2 without revenue; held out 3, 2 without (0.0 and -3.0).
+    from_summary = bootstrap_revenue_sums(summary, replicates=20, seed=3).orderBy("is_treated", "replicate")
+    one_per_recipient = bootstrap_revenue_sums(outcomes, replicates=20, seed=3).orderBy("is_treated", "replicate")
+    arms = {(r.is_treated, r.n, r.n_zero) for r in from_summary.collect()}
+    assert arms == {(True, 4, 2), (False, 3, 2)}
+    assert from_summary.collect() == one_per_recipient.collect()
 
 
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):

@@ -34,7 +34,12 @@ from inboxlift.reporting.page import report_page
 from inboxlift.reporting.plots import png_bytes, report_figures
 from inboxlift.session import materialize
 from inboxlift.transforms.attribution import recipient_outcomes
-from inboxlift.transforms.campaign_results import RESULT_COLUMNS, aggregate_results, bootstrap_revenue_sums
+from inboxlift.transforms.campaign_results import (
+    RESULT_COLUMNS,
+    aggregate_results,
+    bootstrap_revenue_sums,
+    summarise_outcomes,
+)
 
 RESULTS_TABLE = "campaign_results"
 EXPERIMENTS_TABLE = "campaign_experiments"
@@ -100,9 +105,9 @@ def closed_before(ctx: RunContext) -> dt.datetime:
     return ctx.clock.now() - dt.timedelta(days=longest)
 
 
-def experiments_of(ctx: RunContext, results: pd.DataFrame, outcomes: DataFrame) -> pd.DataFrame:
+def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -> pd.DataFrame:
     """The ``campaign_experiments`` rows from the aggregated ``results`` (pandas) and, for the revenue
-    bootstrap, the per-recipient ``outcomes`` (Spark)."""
+    bootstrap, the outcomes' ``summary`` (Spark, :func:`summarise_outcomes`)."""
     r = ctx.settings.report
     campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
     rows = ab_tests(results, campaigns, today=ctx.clock.today(), alpha=r.alpha, power=r.power,
@@ -119,7 +124,7 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, outcomes: DataFrame) 
                    .rename(columns={"min": "first_send_date", "max": "last_send_date"}))
         days = ctx.spark.createDataFrame(closed[["campaign_id", "send_date"]].drop_duplicates(),
                                          "campaign_id string, send_date date")
-        sample = outcomes.join(F.broadcast(days), ["campaign_id", "send_date"], how="left_semi")
+        sample = summary.join(F.broadcast(days), ["campaign_id", "send_date"], how="left_semi")
         # One row per campaign, arm and replicate: grows with campaigns, not users.
         bootstrap = bootstrap_revenue_sums(sample, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).toPandas()
         rows += holdout_tests(totals, bootstrap, alpha=r.alpha, power=r.power, min_per_arm=r.min_recipients_per_arm,
@@ -130,17 +135,17 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, outcomes: DataFrame) 
 def run_report(ctx: RunContext) -> ReportRun:
     """Recompute both tables, the figures and the page; log them to MLflow (module docstring)."""
     r = ctx.settings.report
-    # Read twice: by the results and by the revenue bootstrap. Kept as a local checkpoint, not a
-    # persisted frame: building the columnar cache cost more than it saved (bench/README.md, "The
-    # outcomes kept as a local checkpoint"), and the results and the bootstrap start from the computed
-    # rows instead of the attribution's plan.
-    outcomes = materialize(campaign_outcomes(ctx))
-    results = aggregate_results(outcomes, alpha=r.alpha, window_closed_before=F.lit(closed_before(ctx)))
+    # Read twice: by the results and by the revenue bootstrap, so kept, as the outcomes' summary:
+    # the recipients with revenue one row each, the others summed per campaign, variant and day
+    # (bench/README.md, "Keeping the outcomes' summary"). Kept as a local checkpoint: the results
+    # and the bootstrap start from the computed rows instead of the attribution's plan.
+    summary = materialize(summarise_outcomes(campaign_outcomes(ctx)))
+    results = aggregate_results(summary, alpha=r.alpha, window_closed_before=F.lit(closed_before(ctx)))
     _replace(ctx, RESULTS_TABLE, results.select(*RESULT_COLUMNS))
     # Per campaign, variant and day: small.
     results_pd = ctx.lake.read(RESULTS_TABLE).toPandas()
-    experiments = experiments_of(ctx, results_pd, outcomes)
-    del outcomes, results  # the checkpoint's blocks are freed once nothing refers to it
+    experiments = experiments_of(ctx, results_pd, summary)
+    del summary, results  # the checkpoint's blocks are freed once nothing refers to it
     frame = ctx.spark.createDataFrame(experiments.astype(object).where(experiments.notna(), None)[EXPERIMENT_COLUMNS],
                                       EXPERIMENTS_SCHEMA)
     _replace(ctx, EXPERIMENTS_TABLE, frame)

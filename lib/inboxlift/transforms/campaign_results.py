@@ -52,19 +52,25 @@ def wilson_bounds(successes: Column, trials: Column, *, z: float) -> tuple[Colum
             F.when(valid, F.least(centre + half, F.lit(1.0))))
 
 
-def aggregate_results(outcomes: DataFrame, *, alpha: float, window_closed_before: Column | None = None) -> DataFrame:
-    """Per-recipient outcomes (:func:`inboxlift.transforms.attribution.recipient_outcomes`) -> the
-    ``campaign_results`` rows (``RESULT_COLUMNS``).
+def summarise_outcomes(outcomes: DataFrame) -> DataFrame:
+    """Per-recipient outcomes (:func:`inboxlift.transforms.attribution.recipient_outcomes`) -> what
+    both readers of them need, a small fraction of their rows: ``GROUP`` (campaign, variant, send
+    day), ``is_treated``, ``user_id`` and ``window_revenue``, ``recipients``, every count of
+    ``COUNTS`` and ``last_send_at``.
 
-    ``window_closed_before``: a timestamp Column; a day's ``is_window_closed`` says whether every
-    recipient's attribution and uplift windows had ended before it (its counts are final).
+    The recipients with window revenue (the only ones the revenue bootstrap draws weights for) keep
+    a row each, with their ``user_id``; all the others of a campaign, variant and day are summed into
+    one row whose ``user_id`` is null. :func:`aggregate_results` sums the rows per group and
+    :func:`bootstrap_revenue_sums` reads the recipients with revenue and the counts, so the report
+    keeps these rows between the two, not one row per recipient.
     """
-    require_columns(outcomes, ["campaign_id", "variant", "send_date", "send_at", "is_sent", "is_delivered",
-                               "is_bounced", "is_opened", "is_clicked", "clicks", "attributed_orders",
-                               "attributed_revenue", "is_unsubscribed", "is_complained", "window_orders",
-                               "window_revenue"], step="aggregate_results")
+    require_columns(outcomes, ["campaign_id", "variant", "send_date", "send_at", "user_id", "is_treated",
+                               "is_sent", "is_delivered", "is_bounced", "is_opened", "is_clicked", "clicks",
+                               "attributed_orders", "attributed_revenue", "is_unsubscribed", "is_complained",
+                               "window_orders", "window_revenue"], step="summarise_outcomes")
     count = lambda condition: F.count_if(condition).cast("long")  # noqa: E731
-    grouped = outcomes.groupBy(*GROUP).agg(
+    spender = F.when(F.col("window_revenue") > 0, F.col("user_id")).alias("user_id")
+    return outcomes.groupBy(*GROUP, "is_treated", spender).agg(
         F.count("*").cast("long").alias("recipients"),
         count(F.col("is_sent")).alias("sent"),
         count(F.col("is_delivered")).alias("delivered"),
@@ -74,14 +80,28 @@ def aggregate_results(outcomes: DataFrame, *, alpha: float, window_closed_before
         count(F.col("is_clicked")).alias("unique_clicks"),
         count(F.col("attributed_orders") > 0).alias("conversions"),
         F.sum("attributed_orders").cast("long").alias("orders"),
-        F.round(F.sum("attributed_revenue"), 2).alias("revenue"),
+        F.sum("attributed_revenue").cast("double").alias("revenue"),
         count(F.col("is_unsubscribed")).alias("unsubscribes"),
         count(F.col("is_complained")).alias("complaints"),
         count(F.col("window_orders") > 0).alias("window_conversions"),
         F.sum("window_orders").cast("long").alias("window_orders"),
-        F.round(F.sum("window_revenue"), 2).alias("window_revenue"),
-        F.max("send_at").alias("_last_send_at"),
+        F.sum("window_revenue").cast("double").alias("window_revenue"),
+        F.max("send_at").alias("last_send_at"),
     )
+
+
+def aggregate_results(summary: DataFrame, *, alpha: float, window_closed_before: Column | None = None) -> DataFrame:
+    """The outcomes' summary (:func:`summarise_outcomes`) -> the ``campaign_results`` rows
+    (``RESULT_COLUMNS``).
+
+    ``window_closed_before``: a timestamp Column; a day's ``is_window_closed`` says whether every
+    recipient's attribution and uplift windows had ended before it (its counts are final).
+    """
+    require_columns(summary, [*GROUP, *COUNTS, "last_send_at"], step="aggregate_results")
+    money = {"revenue", "window_revenue"}
+    grouped = summary.groupBy(*GROUP).agg(
+        *[(F.round(F.sum(c), 2) if c in money else F.sum(c).cast("long")).alias(c) for c in COUNTS],
+        F.max("last_send_at").alias("_last_send_at"))
     z = z_value(alpha)
     rates = []
     for rate, (num, den) in RATES.items():
@@ -98,6 +118,8 @@ def aggregate_results(outcomes: DataFrame, *, alpha: float, window_closed_before
 def bootstrap_revenue_sums(outcomes: DataFrame, *, replicates: int, seed: int) -> DataFrame:
     """Poisson bootstrap sums of window revenue per campaign, arm (treated / holdout) and replicate.
 
+    ``outcomes``: the outcomes' summary (:func:`summarise_outcomes`), or one row per recipient (a
+    summary whose every row counts one recipient: without a ``recipients`` column each row is one).
     Each recipient gets a Poisson(1) weight per replicate, drawn from a hash of (seed, campaign,
     day, user, replicate) by the inverse CDF, so a rerun draws the same weights. Only recipients
     with revenue are expanded: the weights of the others sum, per arm, to a Poisson(n) number
@@ -107,16 +129,21 @@ def bootstrap_revenue_sums(outcomes: DataFrame, *, replicates: int, seed: int) -
     """
     require_columns(outcomes, ["campaign_id", "send_date", "user_id", "is_treated", "window_revenue"],
                     step="bootstrap_revenue_sums")
+    recipients = F.col("recipients") if "recipients" in outcomes.columns else F.lit(1)
     arms = outcomes.groupBy("campaign_id", "is_treated").agg(
-        F.count("*").alias("n"), F.count_if(F.col("window_revenue") <= 0).alias("n_zero"))
-    spenders = outcomes.where(F.col("window_revenue") > 0)
-    expanded = spenders.select("campaign_id", "send_date", "user_id", "is_treated", "window_revenue",
-                               F.explode(F.sequence(F.lit(0), F.lit(replicates - 1))).alias("replicate"))
+        F.sum(recipients).cast("long").alias("n"),
+        F.sum(F.when(F.col("window_revenue") <= 0, recipients).otherwise(F.lit(0))).cast("long").alias("n_zero"))
+    # A row with revenue is one recipient, or several sharing a (campaign, day, user) key, which
+    # draw one weight: it counts once per recipient.
+    spenders = outcomes.where(F.col("window_revenue") > 0).select(
+        "campaign_id", "send_date", "user_id", "is_treated", "window_revenue", recipients.alias("_recipients"))
+    expanded = spenders.select("*", F.explode(F.sequence(F.lit(0), F.lit(replicates - 1))).alias("replicate"))
     u = F.pmod(F.xxhash64(F.lit(seed), "campaign_id", "send_date", "user_id", "replicate"),
                F.lit(1 << 30)) / F.lit(float(1 << 30))
     weight = poisson_one(u)
     sums = expanded.groupBy("campaign_id", "is_treated", "replicate").agg(
-        F.sum(weight).cast("long").alias("weight"), F.sum(weight * F.col("window_revenue")).alias("weighted_revenue"))
+        F.sum(weight * F.col("_recipients")).cast("long").alias("weight"),
+        F.sum(weight * F.col("window_revenue")).alias("weighted_revenue"))
     return arms.join(sums, ["campaign_id", "is_treated"], how="left")
 
 
