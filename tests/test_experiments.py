@@ -170,7 +170,9 @@ def test_holdout_uplift_intervals_cover_the_planted_uplift(spark):
     totals = (outcomes.groupBy("campaign_id", "is_treated")
               .agg(F.count("*").alias("recipients"), F.sum("converted").alias("window_conversions"),
                    F.sum("window_revenue").alias("window_revenue")).toPandas())
-    bootstrap = bootstrap_revenue_sums(outcomes, replicates=400, seed=7).toPandas()
+    # One recipient per row: a summary (summarise_outcomes) of recipients who each keep their row.
+    bootstrap = bootstrap_revenue_sums(outcomes.withColumn("recipients", F.lit(1)), replicates=400,
+                                       seed=7).toPandas()
     windows = pd.DataFrame({"campaign_id": ["c"], "first_send_date": [DAY], "last_send_date": [DAY]})
     rows = holdout_tests(totals, bootstrap, alpha=0.05, power=0.8, min_per_arm=100, replicates=400, seed=7,
                          windows=windows)

@@ -328,7 +328,8 @@ def test_the_kept_summary_has_a_row_per_spender_and_one_per_group_and_adds_up(sp
 
     # The bootstrap: treated 4 recipients, 2 without revenue; held out 3, 2 without (0.0 and -3.0).
     from_summary = bootstrap_revenue_sums(summary, replicates=20, seed=3).orderBy("is_treated", "replicate")
-    one_per_recipient = bootstrap_revenue_sums(outcomes, replicates=20, seed=3).orderBy("is_treated", "replicate")
+    one_per_recipient = bootstrap_revenue_sums(outcomes.withColumn("recipients", F.lit(1)), replicates=20,
+                                               seed=3).orderBy("is_treated", "replicate")
     arms = {(r.is_treated, r.n, r.n_zero) for r in from_summary.collect()}
     assert arms == {(True, 4, 2), (False, 3, 2)}
     assert from_summary.collect() == one_per_recipient.collect()

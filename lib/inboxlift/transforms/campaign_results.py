@@ -115,11 +115,10 @@ def aggregate_results(summary: DataFrame, *, alpha: float, window_closed_before:
     return grouped.select(*GROUP, *COUNTS, *rates, F.coalesce(closed, F.lit(False)).alias("is_window_closed"))
 
 
-def bootstrap_revenue_sums(outcomes: DataFrame, *, replicates: int, seed: int) -> DataFrame:
+def bootstrap_revenue_sums(summary: DataFrame, *, replicates: int, seed: int) -> DataFrame:
     """Poisson bootstrap sums of window revenue per campaign, arm (treated / holdout) and replicate.
 
-    ``outcomes``: the outcomes' summary (:func:`summarise_outcomes`), or one row per recipient (a
-    summary whose every row counts one recipient: without a ``recipients`` column each row is one).
+    ``summary``: the outcomes' summary (:func:`summarise_outcomes`); each row counts ``recipients``.
     Each recipient gets a Poisson(1) weight per replicate, drawn from a hash of (seed, campaign,
     day, user, replicate) by the inverse CDF, so a rerun draws the same weights. Only recipients
     with revenue are expanded: the weights of the others sum, per arm, to a Poisson(n) number
@@ -127,15 +126,15 @@ def bootstrap_revenue_sums(outcomes: DataFrame, *, replicates: int, seed: int) -
     ``campaign_id, is_treated, replicate, weight, weighted_revenue`` and, per campaign and arm, the
     recipient count ``n`` and the count of recipients without revenue ``n_zero`` (repeated per row).
     """
-    require_columns(outcomes, ["campaign_id", "send_date", "user_id", "is_treated", "window_revenue"],
+    require_columns(summary, ["campaign_id", "send_date", "user_id", "is_treated", "window_revenue", "recipients"],
                     step="bootstrap_revenue_sums")
-    recipients = F.col("recipients") if "recipients" in outcomes.columns else F.lit(1)
-    arms = outcomes.groupBy("campaign_id", "is_treated").agg(
+    recipients = F.col("recipients")
+    arms = summary.groupBy("campaign_id", "is_treated").agg(
         F.sum(recipients).cast("long").alias("n"),
         F.sum(F.when(F.col("window_revenue") <= 0, recipients).otherwise(F.lit(0))).cast("long").alias("n_zero"))
     # A row with revenue is one recipient, or several sharing a (campaign, day, user) key, which
     # draw one weight: it counts once per recipient.
-    spenders = outcomes.where(F.col("window_revenue") > 0).select(
+    spenders = summary.where(F.col("window_revenue") > 0).select(
         "campaign_id", "send_date", "user_id", "is_treated", "window_revenue", recipients.alias("_recipients"))
     expanded = spenders.select("*", F.explode(F.sequence(F.lit(0), F.lit(replicates - 1))).alias("replicate"))
     u = F.pmod(F.xxhash64(F.lit(seed), "campaign_id", "send_date", "user_id", "replicate"),
