@@ -472,13 +472,14 @@ class SegmentSettings:
     seed: int = 42
     # Every (algorithm, k) of the search is also fitted with these seeds (restarts: the lowest cost is kept);
     # their agreement (adjusted Rand index) on the chosen one is reported as its stability. Five fits in all:
-    # on a 1M-user shop three all landed in a worse optimum at one k (docs/segments.md).
+    # with fewer, all of them landed in a worse optimum at one k on a 1M-user shop (docs/segments.md).
     stability_seeds: list[int] = field(default_factory=lambda: [7, 11, 1, 2])
     # Below this mean agreement between seeds, the run is tagged stability_ok=false.
     min_stability_ari: float = 0.8
     # The k search (every algorithm and k, and the stability seeds) fits on a cached sample of about this
     # many users (all users when fewer; the same hash-picked users in every run); the chosen
-    # (algorithm, k) is then fitted once on all users.
+    # (algorithm, k) is then fitted on all users (models.segments.estimator.refit_on_all_users: seed by seed
+    # until a fit costs no more than the sample's own fit, else the sample's fit is kept).
     search_sample_rows: int = 200000
     # The cached sample gets one partition per this many users (at least one): each of a fit's ~35-65 small
     # Spark jobs runs a task per partition, and on a small sample those tasks are the fit's cost.
@@ -638,8 +639,8 @@ class RenderSettings:
     # Product cards shown per email at most (the plan may hold more items).
     max_products: int = 10
     # While a plan names at most this many distinct items, their catalogue rows travel with the render
-    # function to every task and are joined there (a map-side join, ~20% less CPU per message); beyond
-    # it, or at 0, Spark joins and regroups them. 100,000 rows are some 30 MB per Python worker.
+    # function to every task and are joined there (a map-side join, cheaper per message: bench/README.md);
+    # beyond it, or at 0, Spark joins and regroups them. 100,000 rows are some 30 MB per Python worker.
     task_catalogue_max_items: int = 100_000
 
     def __post_init__(self) -> None:
