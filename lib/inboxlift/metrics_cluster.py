@@ -17,6 +17,8 @@ from typing import Hashable, Mapping, Sequence
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from inboxlift.schemas import require_columns
+
 
 def ari_from_contingency(counts: Mapping[tuple[Hashable, Hashable], int]) -> float:
     """The adjusted Rand index of a contingency table ``{(left_label, right_label): rows}``.
@@ -46,9 +48,7 @@ def ari_from_contingency(counts: Mapping[tuple[Hashable, Hashable], int]) -> flo
 
 def contingency_counts(df: DataFrame, *, columns: Sequence[str]) -> dict[tuple, int]:
     """``{(label_1, ..., label_m): rows}`` over rows where no label is null (one Spark aggregation)."""
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"contingency_counts: input lacks columns {missing}; it has {sorted(df.columns)}")
+    require_columns(df, columns, step="contingency_counts")
     # One row per distinct label combination: bounded by the product of the cluster counts.
     rows = df.dropna(subset=list(columns)).groupBy(*columns).agg(F.count(F.lit(1)).alias("_rows")).collect()
     return {tuple(r[c] for c in columns): int(r["_rows"]) for r in rows}

@@ -116,8 +116,8 @@ SPARK_STORAGE_LEVELS: dict[str, StorageLevel] = {
 }
 
 # What a stage keeps for reuse: memory, spilling to disk, rows kept as the JVM's objects. The
-# serialised form cost 7-10 % more time and CPU in the report stage's outcomes (measured in the
-# README, "Kept frames: Spark's deserialised storage").
+# serialised form cost more time and CPU (measured in the README, "Kept frames: Spark's
+# deserialised storage").
 KEEP = SPARK_STORAGE_LEVELS["MEMORY_AND_DISK"]
 
 

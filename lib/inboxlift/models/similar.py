@@ -17,8 +17,8 @@ total order — ties in score go to the smaller candidate id — and the same in
 the partitioning. Keys are built only for the few scores that can enter a row's top k: in each pass
 the maxima of 512 disjoint groups of candidates give a lower bound on every row's k-th best score
 (the k-th largest maximum), one comparison with it finds about k entries per row (eight at a time,
-as 64-bit words of the boolean mask), and only those are keyed and sorted. On 2,048 users x 20,000
-items of rank 10 that is ~0.06 s of one core per block (in the Spark job). Excluded pairs (items a
+as 64-bit words of the boolean mask), and only those are keyed and sorted (bench/README.md times
+it). Excluded pairs (items a
 user bought, an item itself) score -inf and never appear in the output, so a query may get fewer
 than k rows. Exclusions given as pairs (``exclusions``: one row per query and excluded candidate,
 millions of rows for "items already seen") are hashed to the same blocks as their queries, packed into one long per pair and gathered
@@ -50,6 +50,8 @@ from pyspark.ml.feature import IDF, HashingTF, Normalizer, RegexTokenizer, StopW
 from pyspark.ml.functions import vector_to_array
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
+
+from inboxlift.schemas import require_columns
 
 ID, IDS, FEATURES, EXCLUDE, GROUP = "id", "ids", "features", "exclude", "group"
 TOP_K_SCHEMA = "query_id int, rank int, item_id int, score float"
@@ -274,13 +276,9 @@ def top_k_blocked(queries: DataFrame, candidates: DataFrame, *, k: int, block_si
     """
     for name, frame, needed in (("queries", queries, [ID, FEATURES, *[c for c in (exclude_col, group_col) if c]]),
                                 ("candidates", candidates, [ID, FEATURES, *[c for c in (group_col,) if c]])):
-        missing = [c for c in needed if c not in frame.columns]
-        if missing:
-            raise ValueError(f"top_k_blocked: {name} lack columns {missing}; they have {sorted(frame.columns)}")
+        require_columns(frame, needed, step=f"top_k_blocked ({name})")
     if exclusions is not None:
-        missing = [c for c in (ID, "excluded_id") if c not in exclusions.columns]
-        if missing:
-            raise ValueError(f"top_k_blocked: exclusions lack columns {missing}; they have {sorted(exclusions.columns)}")
+        require_columns(exclusions, [ID, "excluded_id"], step="top_k_blocked (exclusions)")
         if group_col:
             raise ValueError("top_k_blocked: exclusions as pairs cannot be combined with group_col")
     if k <= 0 or block_size <= 0 or chunk_size <= 0:
@@ -405,10 +403,8 @@ def content_vectors(products: DataFrame, *, weights: Mapping[str, float], text_f
     Returns ``item_id, group, features`` (array<float>): ``group`` is the top-level category (lower
     case, "" when unknown); the dot product of two vectors is the weighted sum of the parts' cosines.
     """
-    needed = ["item_id", "name", "description", "category_path", "brand", "price"]
-    missing = [c for c in needed if c not in products.columns]
-    if missing:
-        raise ValueError(f"content_vectors: products lack columns {missing}; they have {sorted(products.columns)}")
+    require_columns(products, ["item_id", "name", "description", "category_path", "brand", "price"],
+                    step="content_vectors (products)")
     share = normalised_weights(weights)
     prepared = products.select(
         "item_id",

@@ -7,6 +7,7 @@
 - :mod:`.baselines`: popularity baselines and the fallback chain;
 - :mod:`.evaluate`: ranking metrics (Spark ML's ``RankingEvaluator``);
 - :mod:`.training`: validation, test and final fit, the choice of recommender;
+- :mod:`.serving`: each user's list: the served recommender, new arrivals, fallbacks, exclusions;
 - :mod:`.tracking`: MLflow logging.
 
 The stages that read and write tables are in :mod:`inboxlift.stages.recommend`.

@@ -27,9 +27,8 @@ from inboxlift.settings import RecommendSettings
 
 # Survivors per round: one in ETA goes on, with ETA times the iterations (Hyperband's usual 3).
 ETA = 3
-# Fewest iterations a round fits with. On the generated shop the ranking of 16 candidates after 2
-# iterations agreed poorly with their ranking after 10 (Spearman 0.74; the best at 10 was 7th at 2, out
-# of the best third), after 4 closely (0.97; the best at 10 was first): docs/recommend.md#tuning.
+# Fewest iterations a round fits with: the fewest after which the candidates' ranking agreed with
+# their ranking after 10 on the generated shop (docs/recommend.md#tuning has the measurement).
 MIN_ROUND_ITER = 4
 Model = TypeVar("Model")
 # How a round's fits are run: (step, items) -> the step's results in the items' order.

@@ -26,6 +26,7 @@ from inboxlift.models.segments.scoring import assign_segments, assignment_cost
 from inboxlift.models.segments.search import (
     Choice, KCandidate, Stability, choose_candidate, clusterer, k_search_frame, search_k, seed_stability, with_anchor,
 )
+from inboxlift.schemas import require_columns
 from inboxlift.settings import SegmentSettings
 
 
@@ -58,7 +59,7 @@ class SegmentModel:
 
 # A refit is kept when its cost on all users is at most this much above the sample fit's there: a
 # refit in the sample fit's optimum has the lower cost (it is fitted on all users), one in a worse
-# optimum a higher one (0.9 % higher at k=5 on the 1M-user shop, docs/segments.md).
+# optimum a higher one (docs/segments.md has the measured gap).
 REFIT_COST_TOLERANCE = 1e-3
 
 
@@ -98,8 +99,8 @@ def search_partitions(params: SegmentSettings, *, training_rows: int) -> int:
     """Partitions of the cached search sample: one per ``search_partition_rows`` of its expected
     size (``search_sample_rows``, or all users when fewer), at least one.
 
-    Each K-means fit runs 35-65 Spark jobs, each a task per partition. On 2,000 users the search's
-    60 fits took 93 s in 4 partitions and 78 s in one, one fit at a time (docs/segments.md). A
+    Each K-means fit runs dozens of small Spark jobs, each a task per partition, so on a small
+    sample fewer partitions are faster (measured in docs/segments.md). A
     repartition, not a coalesce: a coalesce would also narrow the scan of ``user_features`` that
     the sample is filtered from.
     """
@@ -120,9 +121,7 @@ class SegmentSearch:
 
     def fit(self, features: DataFrame) -> SegmentModel:
         params = self.params
-        missing = [c for c in required_columns(params) if c not in features.columns]
-        if missing:
-            raise ValueError(f"segments: user_features lacks columns {missing}; it has {sorted(features.columns)}")
+        require_columns(features, required_columns(params), step="segments (user_features)")
         # Checked before anything is fitted: the scaler cannot fit on no rows.
         enough = features.limit(params.k_min).count()
         if enough < params.k_min:

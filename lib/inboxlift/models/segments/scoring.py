@@ -13,6 +13,7 @@ from pyspark.sql import functions as F
 
 from inboxlift.models.segments.features import DISTANCE, FEATURES_COL, SEGMENT_ID, SEGMENT_NAME, USER_ID
 from inboxlift.models.segments.search import silhouette
+from inboxlift.schemas import require_columns
 
 ASSIGNMENT_COLUMNS = [USER_ID, SEGMENT_ID, SEGMENT_NAME, DISTANCE]
 
@@ -52,8 +53,7 @@ def assignment_cost(model: KMeansModel | BisectingKMeansModel, points: DataFrame
 
 def assign_segments(features: DataFrame, *, pipeline: PipelineModel) -> DataFrame:
     """``user_id, segment_id, segment_name, distance`` for every user of ``features`` (no retraining)."""
-    if USER_ID not in features.columns:
-        raise ValueError(f"assign_segments: input lacks columns ['{USER_ID}']; it has {sorted(features.columns)}")
+    require_columns(features, [USER_ID], step="assign_segments")
     model = clusterer_stage(pipeline)
     return (pipeline.transform(features)
             .transform(with_distance_to_centroid, features_col=model.getFeaturesCol(),
