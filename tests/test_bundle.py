@@ -295,7 +295,8 @@ def test_notebook_tasks_run_source_notebooks_with_their_widgets(bundle):
     target, resolved = bundle
     pipeline = _jobs(resolved)["inboxlift_pipeline"]
     notebooks = {t.task_key: t for t in pipeline.tasks if t.notebook_task is not None}
-    assert set(notebooks) == {"notebook-features", "notebook-segments", "notebook-recommendations"}
+    assert set(notebooks) == {"notebook-features", "notebook-segments", "notebook-recommendations",
+                              "notebook-campaign-results"}
     for key, task in notebooks.items():
         path = (BUNDLE.parent / task.notebook_task.notebook_path).resolve()
         assert path.is_file(), path

@@ -26,7 +26,9 @@ from inboxlift.campaigns.experiments import (
     ab_tests,
     ab_verdict,
     compare_proportions,
+    experiments_frame,
     holdout_tests,
+    keep_first_final_readings,
     wilson,
 )
 from inboxlift.transforms.campaign_results import bootstrap_revenue_sums, poisson_one, wilson_bounds
@@ -144,6 +146,32 @@ def test_peeking_before_the_horizon_says_not_enough_data_yet():
     # Too few recipients: not enough data, horizon or not.
     small = _ab(_results((50, 60), (5, 9), (1, 1)))
     assert small["clicks"]["status"] == "insufficient" and small["clicks"]["verdict"].startswith(NOT_ENOUGH)
+
+
+def test_a_final_reading_is_kept_when_late_clicks_arrive_and_only_for_the_same_test():
+    # 11-02..11-08 read on 11-12: 20,000 delivered per arm, 600 against 900 clicks -> B wins.
+    first = experiments_frame(_ab(_results((20_000, 20_000), (600, 900), (100, 160))).values())
+    assert set(first["status"]) == {"final"} and first.loc[first["metric"] == "clicks", "winner"].item() == "B"
+    # A later report: late clicks moved A to 905, so this run alone would name A the winner.
+    later = experiments_frame(_ab(_results((20_000, 20_000), (905, 900), (100, 160))).values())
+    assert later.loc[later["metric"] == "clicks", "winner"].item() is None
+    kept = keep_first_final_readings(later, first)
+    clicks = kept[kept["metric"] == "clicks"].iloc[0]
+    assert (clicks["successes_control"], clicks["successes_variant"], clicks["winner"]) == (600, 900, "B")
+    # An interim earlier reading is not kept: the final one is this run's.
+    interim = experiments_frame(_ab(_results((20_000, 20_000), (600, 900), (100, 160)),
+                                    today=DAY + dt.timedelta(days=2)).values())
+    assert set(interim["status"]) == {"interim"}
+    again = keep_first_final_readings(later, interim)
+    assert again.loc[again["metric"] == "clicks", "successes_control"].item() == 905
+    # A test with another span (a new start) is a new test: not replaced by the old reading.
+    moved = first.assign(first_send_date=DAY - dt.timedelta(days=7))
+    assert keep_first_final_readings(later, moved).equals(later)
+    # Holdout rows are recomputed every run: an earlier holdout row never replaces one.
+    holdout_before = later.assign(test="holdout", successes_control=1)
+    holdout_now = later.assign(test="holdout")
+    assert keep_first_final_readings(holdout_now, holdout_before).equals(holdout_now)
+    assert keep_first_final_readings(later, None).equals(later)
 
 
 def test_poisson_weights_have_mean_and_variance_one(spark):

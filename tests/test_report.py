@@ -4,11 +4,13 @@ tables, idempotence, the figures, the page and the MLflow run; the notebook exec
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import runpy
 import sys
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -16,6 +18,7 @@ from conftest import settings_in
 from inboxlift.clock import FixedClock
 from inboxlift.context import RunContext
 from inboxlift.models.tracking import tracking_client
+from inboxlift.reporting.plots import cumulative_figure, rates_figure
 from inboxlift.storage import Lake
 from inboxlift.stages.report import EXPERIMENTS_TABLE, RESULTS_TABLE, run_report
 from inboxlift.transforms.attribution import (
@@ -350,3 +353,23 @@ def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):
     assert "wb" in out and "holdout" in out
     assert sorted(namespace["figures"]) == ["cumulative_by_day", "rates_by_variant", "uplift_by_campaign"]
     assert len(namespace["experiments"]) == 6
+
+
+def test_conversion_panels_leave_out_send_days_whose_windows_are_still_open():
+    # Day 1 closed: A 10 of 100 recipients converted in the window, holdout 2 of 50. Day 2 still open:
+    # nobody has had time to convert yet. Over closed days: A 10%, holdout 4% (not 5% and 2%).
+    rows = []
+    for day, closed, (a, h) in ((dt.date(2026, 11, 2), True, (10, 2)), (dt.date(2026, 11, 3), False, (0, 0))):
+        for variant, recipients, conversions in (("A", 100, a), ("holdout", 50, h)):
+            rows.append(dict(campaign_id="c", variant=variant, send_date=day, recipients=recipients,
+                             delivered=recipients if variant == "A" else 0, unique_clicks=5 if variant == "A" else 0,
+                             window_conversions=conversions, is_window_closed=closed))
+    results = pd.DataFrame(rows)
+    rates = rates_figure(results, alpha=0.05)
+    clicks_ax, window_ax = rates.axes[0], rates.axes[1]
+    assert [p.get_height() for p in window_ax.patches] == [pytest.approx(10.0), pytest.approx(4.0)]
+    # The click rate still counts every send day: 10 of 200 delivered.
+    assert [p.get_height() for p in clicks_ax.patches] == [pytest.approx(5.0)]
+    cumulative = cumulative_figure(results)
+    lines = {line.get_label(): list(line.get_ydata()) for line in cumulative.axes[1].get_lines()}
+    assert lines == {"A": [pytest.approx(10.0)], "holdout": [pytest.approx(4.0)]}

@@ -283,7 +283,7 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
             method="window conversions, treated vs holdout: two-proportion z-test, Newcombe interval",
             verdict=(f"{words}: {_signed(c.difference * 100, 2)} per 100 recipients ({level} CI "
                      f"{_signed(c.difference_low * 100, 2)} to {_signed(c.difference_high * 100, 2)}), about "
-                     f"{_signed(c.difference * n_t, 0)} orders over {n_t} recipients")))
+                     f"{_signed(c.difference * n_t, 0)} converting recipients of {n_t}")))
         mine_boot = bootstrap[bootstrap["campaign_id"] == campaign_id].merge(
             mine[["window_revenue"]].rename(columns={"window_revenue": "total"}), left_on="is_treated",
             right_index=True)
@@ -310,3 +310,34 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
 def experiments_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """The rows in ``EXPERIMENT_COLUMNS`` order (an empty frame with those columns when there are none)."""
     return pd.DataFrame(list(rows), columns=EXPERIMENT_COLUMNS)
+
+
+# What makes two A/B readings the same test: the campaign, the comparison, and the test's span.
+READING_KEY = ["campaign_id", "test", "metric", "variant", "control", "first_send_date", "last_send_date",
+               "reads_on", "alpha"]
+
+
+def keep_first_final_readings(current: pd.DataFrame, previous: pd.DataFrame | None) -> pd.DataFrame:
+    """``current`` with each A/B test's first final reading kept: a row the last report already read
+    as ``final`` for the same test (:data:`READING_KEY`) replaces this run's row for it.
+
+    A fixed-horizon test is read once, on its ``reads_on`` day. Clicks, and the orders they lead to,
+    can still arrive after it (a click days after delivery opens its own click-through window), and
+    a verdict that changed from one report to the next would be a second look at the data. Holdout
+    rows and interim rows are this run's as computed; a test whose span or alpha changed is a new test.
+    """
+    if previous is None or previous.empty or current.empty:
+        return current
+    earlier = previous[(previous["test"] == AB) & (previous["status"] == FINAL)]
+    if earlier.empty:
+        return current
+
+    def keys(frame: pd.DataFrame) -> pd.Series:
+        return frame[READING_KEY].astype(str).agg("\x1f".join, axis=1)
+
+    by_key = {key: row for key, row in zip(keys(earlier), earlier[EXPERIMENT_COLUMNS].to_dict("records"))}
+    rows = []
+    for key, row in zip(keys(current), current[EXPERIMENT_COLUMNS].to_dict("records")):
+        kept = by_key.get(key) if row["test"] == AB and row["status"] == FINAL else None
+        rows.append(kept if kept is not None else row)
+    return experiments_frame(rows)

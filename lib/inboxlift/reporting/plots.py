@@ -44,8 +44,15 @@ def _empty(figure: "Figure", text: str) -> "Figure":
     return figure
 
 
+def _closed(results: pd.DataFrame) -> pd.DataFrame:
+    """The send days whose uplift windows have all ended (``is_window_closed``): a day still open
+    has not counted all its window conversions, and would pull its variant's rate down."""
+    return results[results["is_window_closed"].fillna(False).astype(bool)]
+
+
 def rates_figure(results: pd.DataFrame, *, alpha: float) -> "Figure":
-    """Per campaign: click rate (per delivered) and window conversion rate (per recipient) of each variant."""
+    """Per campaign: click rate (per delivered, every send day) and window conversion rate (per
+    recipient, the days whose windows have closed) of each variant."""
     campaigns = sorted(results["campaign_id"].unique())
     figure = _figure(10, 2.6 * max(1, len(campaigns)))
     if not campaigns:
@@ -53,10 +60,13 @@ def rates_figure(results: pd.DataFrame, *, alpha: float) -> "Figure":
     axes = figure.subplots(len(campaigns), 2, squeeze=False)
     level = f"{(1 - alpha) * 100:.4g}%"
     panels = [("click rate (unique clicks / delivered)", "unique_clicks", "delivered"),
-              ("conversion rate within the uplift window", "window_conversions", "recipients")]
+              ("conversion rate within the uplift window (closed days)", "window_conversions", "recipients")]
+    closed = _closed(results)
     for row, campaign_id in enumerate(campaigns):
-        totals = results[results["campaign_id"] == campaign_id].groupby("variant")[
-            ["unique_clicks", "delivered", "window_conversions", "recipients"]].sum()
+        totals = pd.concat([
+            results[results["campaign_id"] == campaign_id].groupby("variant")[["unique_clicks", "delivered"]].sum(),
+            closed[closed["campaign_id"] == campaign_id].groupby("variant")[["window_conversions", "recipients"]].sum(),
+        ], axis=1).fillna(0)
         order = _variants(results[results["campaign_id"] == campaign_id])
         for col, (title, num, den) in enumerate(panels):
             ax = axes[row][col]
@@ -103,7 +113,8 @@ def uplift_figure(experiments: pd.DataFrame) -> "Figure":
 
 
 def cumulative_figure(results: pd.DataFrame) -> "Figure":
-    """Per campaign: cumulative click rate and window conversion rate of each variant over send days."""
+    """Per campaign: cumulative click rate of each variant over send days, and window conversion rate
+    over the days whose windows have closed."""
     campaigns = sorted(results["campaign_id"].unique())
     figure = _figure(10, 2.6 * max(1, len(campaigns)))
     if not campaigns:
@@ -114,12 +125,13 @@ def cumulative_figure(results: pd.DataFrame) -> "Figure":
         order = _variants(mine)
         for col, (num, den, title) in enumerate((("unique_clicks", "delivered", "cumulative click rate"),
                                                  ("window_conversions", "recipients",
-                                                  "cumulative window conversion rate"))):
+                                                  "cumulative window conversion rate (closed days)"))):
             ax = axes[row][col]
             for v in order:
                 if v == HOLDOUT and num == "unique_clicks":
                     continue
-                days = mine[mine["variant"] == v].sort_values("send_date")
+                days = (mine if num == "unique_clicks" else _closed(mine))
+                days = days[days["variant"] == v].sort_values("send_date")
                 cum_n = days[den].cumsum()
                 rate = (days[num].cumsum() / cum_n.where(cum_n > 0)) * 100
                 ax.plot(pd.to_datetime(days["send_date"]), rate, marker="o", label=v, color=_colour(v, order))

@@ -25,7 +25,14 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT, load_campaigns
-from inboxlift.campaigns.experiments import EXPERIMENT_COLUMNS, FINAL, ab_tests, experiments_frame, holdout_tests
+from inboxlift.campaigns.experiments import (
+    EXPERIMENT_COLUMNS,
+    FINAL,
+    ab_tests,
+    experiments_frame,
+    holdout_tests,
+    keep_first_final_readings,
+)
 from inboxlift.context import RunContext
 from inboxlift.delivery.outbox import with_delivered_status
 from inboxlift.delivery.states import DELIVERIES_SCHEMA, DELIVERIES_TABLE
@@ -144,7 +151,9 @@ def run_report(ctx: RunContext) -> ReportRun:
     _replace(ctx, RESULTS_TABLE, results.select(*RESULT_COLUMNS))
     # Per campaign, variant and day: small.
     results_pd = ctx.lake.read(RESULTS_TABLE).toPandas()
-    experiments = experiments_of(ctx, results_pd, summary)
+    # A/B tests already read as final keep that reading (keep_first_final_readings).
+    previous = ctx.lake.read(EXPERIMENTS_TABLE).toPandas() if ctx.lake.exists(EXPERIMENTS_TABLE) else None
+    experiments = keep_first_final_readings(experiments_of(ctx, results_pd, summary), previous)
     del summary, results  # the checkpoint's blocks are freed once nothing refers to it
     frame = ctx.spark.createDataFrame(experiments.astype(object).where(experiments.notna(), None)[EXPERIMENT_COLUMNS],
                                       EXPERIMENTS_SCHEMA)
