@@ -61,11 +61,16 @@ def shop_settings(work: Path) -> dict[str, object]:
         "generate.items": ITEMS,
         "generate.days": 28,
         "generate.dirty_rate": 0.0,
-        # One k, both algorithms, one stability seed: every segment-train step, the fewest fits.
+        # One k, both algorithms, one stability seed: every segment-train step, the fewest fits. The k search
+        # runs on a sample of about half the users, then the choice is refitted on all of them, as on a
+        # shop larger than search_sample_rows.
         "segments.k_max": 3,
         "segments.stability_seeds": "[7]",
-        # One candidate per recommender (the search is tested in test_recommend*.py): every stage still runs.
-        "recommend.ranks": "[8]",
+        "segments.search_sample_rows": USERS // 2,
+        # Two ALS candidates, fitted side by side in the first halving round (the search's quality is
+        # tested in test_recommend*.py), one candidate for the other recommenders: every stage still runs.
+        "recommend.ranks": "[4, 8]",
+        "recommend.tuning_parallelism": 2,
         "recommend.reg_params": "[0.1]",
         "recommend.alphas": "[1.0]",
         "recommend.hybrid_weights": "[0.5]",

@@ -59,6 +59,19 @@ def test_run_all_tables_hold_every_user_once(run_all):
     assert rows["events"] > 0 and rows["interactions"] > 0
 
 
+def test_the_searches_sample_refit_and_halving_ran_on_connect(run_all):
+    """segment-train searched on a sample and refitted on all users; recommend-train's first halving round
+    fitted both ALS candidates (side by side) and its second round the survivor."""
+    stdout = run_all.stdout
+    searched = re.search(r"k searched on (\d+) of (\d+) users", stdout)
+    assert searched, stdout[-3000:]
+    assert 0 < int(searched.group(1)) < int(searched.group(2)) == USERS
+    assert re.search(r"segment: %d users assigned" % USERS, stdout)
+    rounds = re.findall(r"^\s+(\d)\s+rank=(\d+) ", stdout, re.M)
+    assert sorted(rank for number, rank in rounds if number == "1") == ["4", "8"]
+    assert [number for number, _ in rounds if number == "2"] == ["2"]
+
+
 def test_run_all_delivers_mail_into_the_embedded_relay(run_all):
     """The loop ends with mail sent: the embedded relay stored what the send stage reports as sent."""
     import mailbox
