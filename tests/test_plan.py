@@ -406,3 +406,78 @@ def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorit
     unchanged_since_first_run()
     run_plan(ctx, campaign_id="picks", plan_date=DAY)
     unchanged_since_first_run()
+
+
+OUTBOX_ROW = "message_id string, campaign_id string, user_id string, variant string, plan_date date, status string"
+
+
+def test_a_holdout_row_counts_as_a_send_for_the_caps_and_the_cool_down_as_a_mailed_one_does(spark, ctx, tmp_path):
+    """Intent to treat: held out of cart today, a user may not get picks today, as a mailed user may not."""
+    from inboxlift.stages.plan import run_plan
+
+    campaigns = tmp_path / "campaigns.yml"
+    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
+             "    cooldown_days: 6\n    frequency_cap: {max_emails: 2, days: 7, max_per_day: 1}"
+    campaigns.write_text(
+        "campaigns:\n"
+        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n"
+        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n")
+    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
+                                                                           campaigns_file=str(campaigns)))
+    ctx = dataclasses.replace(ctx, settings=settings)
+    people = ("held_today", "mailed_today", "held_before", "mailed_before", "held_capped", "mailed_capped",
+              "mailed_once", "replaced", "withdrawn", "fresh")
+    ctx.lake.append("users", spark.createDataFrame([user(u) for u in people], USERS))
+    ctx.lake.append("user_features", spark.createDataFrame([features(u) for u in people], FEATURES))
+    ctx.lake.append("item_features", spark.createDataFrame([item("i1")], ITEMS))
+    ctx.lake.append("events", spark.createDataFrame([], "event_id string, user_id string, item_id string, "
+                                                        "event_type string, quantity int, event_ts timestamp"))
+    ctx.lake.append("recommendations", spark.createDataFrame(
+        [(u, 1, "i1", "als") for u in people], "user_id string, rank int, item_id string, source string"))
+
+    def ago(days):
+        return DAY - dt.timedelta(days=days)
+
+    def plan_row(campaign_id, user_id, variant, day):
+        kind = "abandoned_cart" if campaign_id == "cart" else "weekly_picks"
+        at = dt.datetime.combine(day, dt.time(10))
+        return (campaign_id, kind, day, user_id, variant, kind, "en", None if variant == "holdout" else "hi", at,
+                "r", ["i1"], ["cart"], {}, "plan-0", at - dt.timedelta(hours=4))
+
+    ctx.lake.append("campaign_plan", spark.createDataFrame([
+        plan_row("cart", "held_today", "holdout", DAY), plan_row("cart", "mailed_today", "A", DAY),
+        plan_row("picks", "held_before", "holdout", ago(2)), plan_row("picks", "mailed_before", "A", ago(2)),
+        plan_row("cart", "held_capped", "holdout", ago(3)), plan_row("cart", "held_capped", "holdout", ago(5)),
+        plan_row("cart", "mailed_capped", "A", ago(3)), plan_row("cart", "mailed_capped", "A", ago(5)),
+        plan_row("cart", "mailed_once", "A", ago(3)),
+        plan_row("cart", "replaced", "A", ago(5)),
+        plan_row("cart", "withdrawn", "A", ago(5)),
+    ], PLAN_ROW))
+    ctx.lake.append("outbox", spark.createDataFrame([
+        ("m-today", "cart", "mailed_today", "A", DAY, "sent"),
+        # Sent per deliveries (the row still says rendered): one email with its plan row, not two.
+        ("m-once", "cart", "mailed_once", "A", ago(3), "rendered"),
+        # Sent, then its plan row was replaced: the message alone counts.
+        ("m-replaced", "cart", "replaced", "A", ago(4), "sent"),
+        # Withdrawn before it left and its plan row replaced: no email.
+        ("m-withdrawn", "cart", "withdrawn", "A", ago(4), "withdrawn"),
+    ], OUTBOX_ROW))
+    ctx.lake.append("deliveries", spark.createDataFrame(
+        [("m-once", 1, "sent", dt.datetime.combine(ago(3), dt.time(10, 5)))],
+        "message_id string, attempt int, state string, attempted_at timestamp"))
+
+    run_plan(ctx, campaign_id="picks", plan_date=DAY)
+
+    planned = ctx.lake.read("campaign_plan").where(F.col("plan_date") == DAY).where(F.col("campaign_id") == "picks")
+    assert sorted(r.user_id for r in planned.collect()) == ["fresh", "mailed_once", "withdrawn"]
+    exclusions = ctx.lake.read("campaign_exclusions").select("campaign_id", "plan_date", "user_id", "reason")
+    assert_df_equality(exclusions, spark.createDataFrame([
+        ("picks", DAY, "held_today", "daily_cap"),           # held out of cart today, as...
+        ("picks", DAY, "mailed_today", "daily_cap"),         # ... mailed cart today
+        ("picks", DAY, "held_before", "already_received"),   # held out of picks two days ago, as...
+        ("picks", DAY, "mailed_before", "already_received"),
+        ("picks", DAY, "held_capped", "frequency_cap"),      # two holdout rows in the week, as...
+        ("picks", DAY, "mailed_capped", "frequency_cap"),    # ... two emails
+        ("picks", DAY, "replaced", "frequency_cap"),         # a sent message and another day's plan: two
+    ], "campaign_id string, plan_date date, user_id string, reason string"),
+        ignore_row_order=True, ignore_nullable=True)

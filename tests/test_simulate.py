@@ -246,7 +246,12 @@ def test_delays_are_within_their_bounds(shop):
     assert len(bought) > 50
     assert ((bought.purchase_at - bought.click_at) / sec).between(60, 48 * 3600 - 1).all()
     organic = truth[truth.is_organic_purchase]
-    assert ((organic.organic_at - organic.sent_at) / sec).between(0, 3 * 86400 - 1).all()
+    # Organic purchases count from the planned send time (the plan's send_at), not from when the mail left.
+    assert ((organic.organic_at - organic.planned_at) / sec).between(0, 3 * 86400 - 1).all()
+    planned = {"win-back": pd.Timestamp(WIN_BACK_AT), "weekly-picks": pd.Timestamp(PICKS_AT)}
+    assert (truth.planned_at == truth.campaign_id.map(planned)).all()
+    deferred = truth[(truth.campaign_id == "win-back") & (truth.user_id == uid(0))].iloc[0]
+    assert (deferred.sent_at, deferred.planned_at) == (pd.Timestamp("2026-11-19 09:10:00"), pd.Timestamp(WIN_BACK_AT))
     # Opens within the active hour come sooner (mean wait 20 minutes against 4 hours).
     waits = (opened.open_at - opened.delivered_at) / sec
     assert waits[opened.is_active_hour].median() < 3600 < waits[~opened.is_active_hour].median()
@@ -378,3 +383,81 @@ def test_simulate_settings_are_checked_on_load():
                                  "simulate.variant_click_lift.win-back.B' must be 0 or more")):
         with pytest.raises(SettingsError, match=message):
             load_settings("local", conf_dir=conf, overrides={key: value}, environ={})
+
+
+# ---- organic purchases are timed alike in both arms -------------------------------------------------
+
+UTC = dt.timezone.utc
+SLOT = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)        # the planned send time
+LEFT = SLOT + dt.timedelta(hours=10)                     # when the mail actually left
+
+
+def test_message_units_take_the_planned_send_time_from_the_plan_else_the_outbox(spark):
+    from inboxlift.stages.simulate import message_units
+
+    sent = spark.createDataFrame(
+        [("m1", "u1", int(LEFT.timestamp()), 0), ("m2", "u2", int(LEFT.timestamp()), 0)],
+        "message_id string, user_id string, sent_s long, recent_emails int")
+    outbox = spark.createDataFrame([
+        ("m1", "win-back", "win_back", "u1", "A", PLAN_DAY, SLOT - dt.timedelta(hours=2), SLOT),
+        # Its plan row was replaced after it left: the outbox keeps the send time render copied.
+        ("m2", "win-back", "win_back", "u2", "A", PLAN_DAY, SLOT - dt.timedelta(hours=2), SLOT - dt.timedelta(hours=1)),
+    ], "message_id string, campaign_id string, campaign_type string, user_id string, variant string, plan_date date, "
+       "rendered_at timestamp, send_at timestamp")
+    plan = spark.createDataFrame([("win-back", "u1", PLAN_DAY, ["i1"], SLOT)],
+                                 "campaign_id string, user_id string, plan_date date, item_ids array<string>, "
+                                 "send_at timestamp")
+
+    def planned(plan_table):
+        units = message_units(sent, outbox=outbox, plan=plan_table)
+        return {r.user_id: (r.sent_s, r.planned_s) for r in units.collect()}
+
+    left, slot = int(LEFT.timestamp()), int(SLOT.timestamp())
+    assert planned(plan) == {"u1": (left, slot), "u2": (left, slot - 3600)}
+    assert planned(None) == {"u1": (left, slot), "u2": (left, slot - 3600)}
+
+
+def test_organic_purchases_are_timed_from_the_planned_send_in_both_arms(spark, base_settings):
+    """The same units mailed 10 hours after their slot and held out: the same organic purchases at the
+    same times, all inside [planned, planned + organic window), the report's uplift window."""
+    from inboxlift.generate import responses as R
+
+    n = 400
+    params = dataclasses.replace(base_settings.simulate, organic_purchase_base=0.9)
+    slot, left = int(SLOT.timestamp()), int(LEFT.timestamp())
+    ids = spark.range(n).withColumn("user_id", F.format_string("u%05d", F.col("id")))
+    # Every third user lapsed between the slot and the actual send: organic buying must not see it.
+    users_truth = ids.select(
+        "user_id", F.lit(0.5).alias("engagement"), F.lit(0).alias("taste_group"),
+        F.lit(9).alias("active_hour_local"), F.lit("UTC").alias("timezone"), (F.col("id") % 3 == 0).alias("is_lapsed"),
+        F.lit(SLOT + dt.timedelta(hours=5)).alias("lapsed_at"), F.lit(False).alias("is_bad_address"))
+    traits = R.user_traits(users_truth, seed=params.seed, params=params)
+    categories = spark.createDataFrame(ITEMS, "item_id string, category_path string")
+    catalogue = spark.createDataFrame(
+        [(rank, item, path, Decimal("10.00"), "EUR") for rank, (item, path) in enumerate(ITEMS)],
+        "rank int, item_id string, category_path string, price decimal(12,2), currency string")
+
+    def units(*, is_holdout: bool):
+        return ids.select(
+            F.lit("win-back").alias("campaign_id"), "user_id", F.lit(PLAN_DAY).alias("plan_date"),
+            F.lit("win_back").alias("campaign_type"), F.lit("holdout" if is_holdout else "A").alias("variant"),
+            (F.lit(None).cast("string") if is_holdout else F.concat(F.lit("m-"), "user_id")).alias("message_id"),
+            F.lit(is_holdout).alias("is_holdout"), F.lit(slot if is_holdout else left).cast("long").alias("sent_s"),
+            F.lit(slot).cast("long").alias("planned_s"),
+            F.lit(None if is_holdout else slot - 7200).cast("long").alias("issued_s"),
+            F.array(F.lit("i1")).alias("item_ids"), F.lit(0).alias("recent_emails"))
+
+    def organic(*, is_holdout: bool) -> pd.DataFrame:
+        outcomes = R.planted_outcomes(units(is_holdout=is_holdout), traits=traits, categories=categories,
+                                      catalogue=catalogue, catalogue_size=len(ITEMS), seed=params.seed, params=params)
+        return (outcomes.select("user_id", "p_organic_purchase", "is_organic_purchase", "organic_s",
+                                "organic_item_id").toPandas().set_index("user_id").sort_index())
+
+    mailed, held = organic(is_holdout=False), organic(is_holdout=True)
+    bought = mailed[mailed.is_organic_purchase]
+    assert len(bought) > 300
+    window = params.organic_window_days * 86_400
+    assert bought.organic_s.between(slot, slot + window - 1).all()
+    # The organic draw of a unit is the same whether it was mailed or held out: probability, outcome,
+    # time and item.
+    pd.testing.assert_frame_equal(mailed, held)

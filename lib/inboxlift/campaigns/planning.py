@@ -13,7 +13,10 @@ priority``, lower priority first). :func:`plan_campaign` then applies, in order:
    ``frequency_cap`` (``frequency_cap.max_emails`` emails of any campaign in the last
    ``frequency_cap.days`` days: the plans of earlier days, and of that day those of the campaigns
    before this one in priority order, see :func:`decide_campaign`),
-   ``too_few_products`` (fewer than ``min_products`` products left after the product filters);
+   ``too_few_products`` (fewer than ``min_products`` products left after the product filters).
+   A holdout plan row counts in all three checks as the email it stands for (intent to treat): a
+   held-out user is kept from later emails exactly as a mailed user is, so both arms face the same
+   later eligibility; a plan row and its sent message are one email;
 2. **product filters**: in stock, not bought before (cart items excepted), not reviewed negatively,
    each item once (its best priority), at most ``max_products`` in priority order;
 3. **assignment**: a user is held out when ``u_h < holdout`` and otherwise gets the variant whose
@@ -59,7 +62,7 @@ class PlanInputs:
     users: DataFrame                 # users: user_id, email, locale, timezone, birthday, email_consent
     user_features: DataFrame         # user_features
     item_features: DataFrame         # item_features: item_id, category, is_in_stock, is_new_arrival, ...
-    history: DataFrame               # campaign_id, user_id, plan_date of plans (non-holdout) and sent messages
+    history: DataFrame               # campaign_id, user_id, plan_date of plans (holdout too) and sent messages
     purchases: DataFrame             # user_id, item_id, event_ts of purchase events before the cut-off
     recommendations: DataFrame | None = None   # user_id, rank, item_id, source
     similar_items: DataFrame | None = None     # item_id, rank, similar_item_id
@@ -314,14 +317,19 @@ def _exclusion(campaign: Campaign) -> Column:
 
 def _history_counts(inputs: PlanInputs, campaign: Campaign, plan_date: dt.date,
                     later_campaigns: Collection[str]) -> DataFrame:
-    """Per user: emails of any campaign in the cap window and of this campaign in its cool-down."""
+    """Per user: emails of any campaign in the cap window and of this campaign in its cool-down.
+
+    An email is a (campaign, user, day) of the history, counted once however many rows name it: a
+    plan row and the outbox message sent for it are one email, not two.
+    """
     cap_from = plan_date - dt.timedelta(days=campaign.frequency_cap.days - 1)
     cool_from = plan_date - dt.timedelta(days=campaign.cooldown_days)
     # This campaign's own plan for the day is being replaced, and the campaigns after it in priority
     # order are planned after it: their plans of the day do not count, whichever run wrote them.
     not_before = [campaign.id, *sorted(set(later_campaigns) - {campaign.id})]
     history = inputs.history.where(~(F.col("campaign_id").isin(*not_before) & (F.col("plan_date") == F.lit(plan_date))))
-    history = history.where(F.col("plan_date") <= F.lit(plan_date))
+    history = (history.where(F.col("plan_date") <= F.lit(plan_date))
+               .select("campaign_id", "user_id", "plan_date").distinct())
     return history.groupBy("user_id").agg(
         F.count_if(F.col("plan_date") >= F.lit(cap_from)).alias("_recent_emails"),
         F.count_if(F.col("plan_date") == F.lit(plan_date)).alias("_today_emails"),

@@ -13,7 +13,10 @@ Planted structure (rates in ``settings.simulate``, README "Simulated responses")
   taste group, times the campaign's planted variant lift;
 - a click leads to a purchase at the campaign's rate (its incremental effect), more often when the
   clicked product is in the user's taste group; every unit, holdout included, also buys on its own
-  at the organic rate (no campaign id);
+  at the organic rate (no campaign id), within ``organic_window_days`` of its *planned* send time
+  (the plan's ``send_at``), not of the actual send: the email does not move what the user would buy
+  anyway, so the organic purchases of a mailed unit and of a held-out one fall alike in the window
+  the report measures both arms over (from the planned send time);
 - unsubscribes (after an open) and complaints grow with the emails sent in the days before;
 - bad addresses bounce; machines open (Apple's proxy) or open and click (security scanners) the mail
   of a fixed share of users, flagged with the user agent class as the tracking service flags them.
@@ -33,8 +36,8 @@ from inboxlift.settings import SimulateSettings
 from inboxlift.schemas import require_columns
 
 UNIT_KEY = ["campaign_id", "user_id", "plan_date"]
-UNIT_COLUMNS = [*UNIT_KEY, "campaign_type", "variant", "message_id", "is_holdout", "sent_s", "issued_s", "item_ids",
-                "recent_emails"]
+UNIT_COLUMNS = [*UNIT_KEY, "campaign_type", "variant", "message_id", "is_holdout", "sent_s", "planned_s", "issued_s",
+                "item_ids", "recent_emails"]
 TRAIT_COLUMNS = ["user_id", "engagement", "taste_group", "active_hour_local", "timezone", "is_lapsed", "lapsed_at",
                  "is_bad_address"]
 CATALOGUE_COLUMNS = ["rank", "item_id", "category_path", "price", "currency"]
@@ -145,8 +148,9 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
 
     Args:
         units: ``UNIT_COLUMNS``: ``sent_s`` is when the message left (a holdout: its planned send
-            time), ``issued_s`` when its tracking links were issued (render), ``recent_emails`` the
-            user's sent emails in the ``fatigue_days`` before.
+            time), ``planned_s`` its planned send time (the plan's ``send_at``; organic purchases are
+            timed from it, for both arms alike), ``issued_s`` when its tracking links were issued
+            (render), ``recent_emails`` the user's sent emails in the ``fatigue_days`` before.
         traits: :func:`user_traits`; units of users without traits are dropped (inner join).
         categories: ``item_id, category_path``.
         catalogue: ``CATALOGUE_COLUMNS``, ``rank`` 0..catalogue_size-1 by popularity: what a
@@ -155,8 +159,12 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
     """
     require_columns(units, UNIT_COLUMNS, step="planted_outcomes")
     require_columns(catalogue, CATALOGUE_COLUMNS, step="planted_outcomes (catalogue)")
-    lapsed_at_send = F.col("is_lapsed") & (F.col("sent_s") > F.unix_seconds(F.col("lapsed_at")))
-    engagement = F.col("engagement") * F.when(lapsed_at_send, F.lit(LAPSED_ENGAGEMENT)).otherwise(F.lit(1.0))
+
+    def engagement_at(s: Column) -> Column:
+        is_lapsed = F.col("is_lapsed") & (s > F.unix_seconds(F.col("lapsed_at")))
+        return F.col("engagement") * F.when(is_lapsed, F.lit(LAPSED_ENGAGEMENT)).otherwise(F.lit(1.0))
+
+    engagement = engagement_at(F.col("sent_s"))
     delivered_s = F.col("sent_s") + 1 + draws.below(30, _u("delivered_ts"))
     local_hour = F.floor(F.pmod(local_seconds(F.col("delivered_s"), F.col("timezone")), SECONDS_PER_DAY) / 3600)
     gap = F.abs(local_hour - F.col("active_hour_local"))
@@ -175,8 +183,10 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
     p_buy_click = _cap(F.col("click_purchase_rate") * F.when(
         F.coalesce(F.col("clicked.is_relevant"), F.lit(False)), F.lit(params.relevance_purchase_lift))
         .otherwise(F.lit(1.0)))
+    # Organic buying does not depend on the arm: its engagement is the user's at the planned send time,
+    # as its time is counted from it (a lapse between the planned and the actual send changes nothing).
     p_organic = _cap(params.organic_purchase_base
-                     + params.organic_purchase_per_engagement * F.col("engagement_at_send"))
+                     + params.organic_purchase_per_engagement * engagement_at(F.col("planned_s")))
 
     def when_delivered(p: Column) -> Column:
         return F.when(F.col("is_delivered"), p).otherwise(F.lit(0.0))
@@ -234,7 +244,7 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
     click_s = F.col("open_s") + 5 + draws.below(300, _u("click_ts"))
     purchase_s = F.col("click_s") + 60 + _truncated_exponential(_u("purchase_ts"), mean=PURCHASE_MEAN,
                                                                  bound=purchase_bound)
-    organic_s = F.col("sent_s") + draws.below(params.organic_window_days * SECONDS_PER_DAY, _u("organic_ts"))
+    organic_s = F.col("planned_s") + draws.below(params.organic_window_days * SECONDS_PER_DAY, _u("organic_ts"))
     scanner_open_s = F.col("delivered_s") + 1 + draws.below(20, _u("scanner_ts"))
     p_click = F.col("p_open") * F.col("p_click_given_open")
     p_click_purchase = p_click * F.col("p_purchase_given_click")
@@ -246,7 +256,7 @@ def planted_outcomes(units: DataFrame, *, traits: DataFrame, categories: DataFra
         .withColumns({"is_click_purchase": is_click_purchase, "purchase_s": purchase_s})
         .select(
             F.date_from_unix_date(F.floor(F.col("sent_s") / SECONDS_PER_DAY).cast("int")).alias("send_date"),
-            *UNIT_KEY, "campaign_type", "variant", "is_holdout", "message_id", "sent_s", "issued_s",
+            *UNIT_KEY, "campaign_type", "variant", "is_holdout", "message_id", "sent_s", "planned_s", "issued_s",
             "engagement_at_send", "taste_group", "human_agent", "is_active_hour", F.size("items").alias("n_items"),
             "relevant_share", "recent_emails", "variant_click_lift", "click_purchase_rate",
             "p_open", "p_click_given_open", p_click.alias("p_click"), "p_purchase_given_click",

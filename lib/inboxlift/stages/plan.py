@@ -4,10 +4,13 @@ Campaigns are planned one at a time in ``priority`` order (then id), so a campai
 counts against the frequency cap of the ones after it. Each campaign's plan for the day replaces its
 earlier plan for the same day (``overwrite where campaign_id = .. and plan_date = ..``), and
 ``campaign_plan`` keeps every day's plans: the history the cap and the cool-down count, with the
-``outbox``'s sent messages. Of the day being planned, a campaign counts only the plans of the
-campaigns before it in priority order (:func:`inboxlift.campaigns.planning.decide_campaign`), never
-the earlier plans of itself or of the campaigns after it, which the run replaces: re-planning a day,
-every campaign or one, gives the same rows.
+``outbox``'s sent messages. A holdout row counts as a send (intent to treat): the held-out user is
+kept from later emails exactly as a mailed one is, so the holdout and the treated users face the
+same later eligibility and the holdout uplift compares like with like. Of the day being planned, a
+campaign counts only the plans of the campaigns before it in priority order
+(:func:`inboxlift.campaigns.planning.decide_campaign`), never the earlier plans of itself or of the
+campaigns after it, which the run replaces: re-planning a day, every campaign or one, gives the
+same rows.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
             table = with_delivered_status(table, deliveries=_optional(ctx, DELIVERIES_TABLE))
         if table is None or "plan_date" not in table.columns:
             continue
-        rows = table.where(F.col("variant") != HOLDOUT) if "variant" in table.columns else table
+        # Every plan row counts, holdout included: a held-out user got a virtual send (module docstring).
+        rows = table
         if name == OUTBOX_TABLE:
             # A rendered message of a plan that has since been replaced is no send.
             rows = rows.where(F.col("status") == SENT)
@@ -108,7 +112,9 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
         users=_required(ctx, "users"),
         user_features=_required(ctx, "user_features"),
         item_features=_required(ctx, "item_features"),
-        history=history.distinct(),
+        # A mailed plan row and its sent outbox message are one send: _history_counts counts each
+        # (campaign, user, day) once.
+        history=history,
         purchases=purchases,
         recommendations=_optional(ctx, "recommendations"),
         similar_items=_optional(ctx, "similar_items"),

@@ -13,7 +13,8 @@ Written:
   bytes change, so a re-run at the same clock leaves them untouched (ingest reads a file once) and
   a later one replaces them with a superset (ingest drops the events it has as duplicates);
 - planted truth under ``<generate.truth_dir>/responses/``: ``units/`` (one row per unit:
-  probabilities, outcomes, times) and ``rates/`` (per send day, campaign and variant), Parquet
+  probabilities, outcomes, times, among them ``sent_at`` and ``planned_at``, the plan's send time
+  that organic purchases are timed from) and ``rates/`` (per send day, campaign and variant), Parquet
   partitioned by ``send_date``, each run replacing the days it simulated. No stage reads it.
 """
 
@@ -104,19 +105,28 @@ def with_recent_emails(sent: DataFrame, *, fatigue_s: int) -> DataFrame:
 
 
 def message_units(sent: DataFrame, *, outbox: DataFrame, plan: DataFrame | None) -> DataFrame:
-    """``UNIT_COLUMNS`` of the sent messages: campaign, variant and plan day from the outbox, items from the plan."""
+    """``UNIT_COLUMNS`` of the sent messages: campaign, variant and plan day from the outbox, items and
+    planned send time from the plan.
+
+    ``planned_s`` is the plan row's ``send_at``; a message whose plan row is gone (replaced after it
+    left) or that has no plan table takes the outbox's ``send_at`` (render copies the plan's), as the
+    report does for its uplift window; with neither, the time it left.
+    """
     mail = outbox.select("message_id", "campaign_id", "campaign_type", F.col("user_id").alias("_outbox_user"),
-                         "variant", "plan_date", F.unix_seconds("rendered_at").alias("issued_s"))
+                         "variant", "plan_date", F.unix_seconds("rendered_at").alias("issued_s"),
+                         F.unix_seconds("send_at").alias("_outbox_planned_s"))
     # The outbox is keyed by message_id: the join keeps one row per message.
     units = sent.join(mail, "message_id", "inner").drop("user_id").withColumnRenamed("_outbox_user", "user_id")
     if plan is not None:
         # One plan row per campaign, user and day (a re-plan of the day replaces its rows).
-        items = plan.select(*R.UNIT_KEY, "item_ids")
-        units = units.join(items, R.UNIT_KEY, "left")
+        planned = plan.select(*R.UNIT_KEY, "item_ids", F.unix_seconds("send_at").alias("_plan_planned_s"))
+        units = units.join(planned, R.UNIT_KEY, "left")
     else:
-        units = units.withColumn("item_ids", F.lit(None).cast("array<string>"))
+        units = units.withColumns({"item_ids": F.lit(None).cast("array<string>"),
+                                   "_plan_planned_s": F.lit(None).cast("long")})
     return units.select(*R.UNIT_KEY, "campaign_type", "variant", "message_id", F.lit(False).alias("is_holdout"),
-                        "sent_s", F.coalesce("issued_s", "sent_s").alias("issued_s"),
+                        "sent_s", F.coalesce("_plan_planned_s", "_outbox_planned_s", "sent_s").alias("planned_s"),
+                        F.coalesce("issued_s", "sent_s").alias("issued_s"),
                         F.coalesce("item_ids", F.array().cast("array<string>")).alias("item_ids"), "recent_emails")
 
 
@@ -125,7 +135,8 @@ def holdout_units(plan: DataFrame, *, from_s: int, until_s: int) -> DataFrame:
     send_s = F.unix_seconds("send_at")
     return plan.where((F.col("variant") == HOLDOUT) & send_s.between(from_s, until_s)).select(
         *R.UNIT_KEY, "campaign_type", "variant", F.lit(None).cast("string").alias("message_id"),
-        F.lit(True).alias("is_holdout"), send_s.alias("sent_s"), F.lit(None).cast("long").alias("issued_s"),
+        F.lit(True).alias("is_holdout"), send_s.alias("sent_s"), send_s.alias("planned_s"),
+        F.lit(None).cast("long").alias("issued_s"),
         F.coalesce("item_ids", F.array().cast("array<string>")).alias("item_ids"), F.lit(0).alias("recent_emails"))
 
 
