@@ -96,6 +96,35 @@ def test_permission_keeps_the_recipients_columns_and_rows_and_an_empty_input_sta
     assert empty.isEmpty() and empty.columns == [*recipients.columns, "blocked_reason"]
 
 
+MESSAGES = "message_id string, campaign_type string, user_id string, to_email string"
+
+
+def test_a_message_is_checked_for_the_address_it_goes_to_and_that_address_must_still_be_current(spark):
+    users = spark.createDataFrame([("u1", "new@mail.example", True), ("u2", "old@mail.example", True),
+                                   ("u3", "b@mail.example", True), ("u4", None, True),
+                                   ("u5", "Five@Mail.example", True)], USERS)
+    # u2 complained from old@, the address u1 had when u1's message was rendered.
+    suppressions = spark.createDataFrame([row("u2", "complained", email_hash=sha("old@mail.example"))],
+                                         SUPPRESSIONS_SCHEMA)
+    messages = spark.createDataFrame([
+        ("m1", "weekly_picks", "u1", "old@mail.example"),     # rendered before u1's address changed
+        ("m2", "weekly_picks", "u1", "new@mail.example"),
+        ("m3", "weekly_picks", "u2", "old@mail.example"),
+        ("m4", "weekly_picks", "u3", "a@mail.example"),       # an abandoned address, suppressed nowhere
+        ("m5", "weekly_picks", "u4", "d@mail.example"),       # the user has no address now
+        ("m6", "weekly_picks", "u3", None),
+        ("m7", "weekly_picks", "u5", " five@MAIL.example"),   # the same address, written otherwise
+    ], MESSAGES)
+    out = with_mail_permission(messages, users=users, suppressions=suppressions, now=NOW, address="to_email")
+    assert out.columns == [*messages.columns, "blocked_reason"]
+    assert {r.message_id: r.blocked_reason for r in out.collect()} == {
+        "m1": "complained", "m2": None, "m3": "complained", "m4": "address_changed", "m5": "address_changed",
+        "m6": "address_changed", "m7": None}
+    # Without a suppressions table the address must still be current.
+    out = with_mail_permission(messages, users=users, suppressions=None, now=NOW, address="to_email")
+    assert {r.message_id: r.blocked_reason for r in out.collect()}["m1"] == "address_changed"
+
+
 # ---- the table's rows ------------------------------------------------------------------------------
 
 def updates(spark, events, current=(), users=(("u", "U@Mail.example "),)):

@@ -186,6 +186,48 @@ def test_consent_withdrawn_after_render_is_caught_at_export_then_withdrawn_by_th
     assert outbox_state(ctx)["u1"] == ("rendered", None)
 
 
+def test_export_skips_a_message_whose_address_is_no_longer_the_users_and_checks_the_address_it_goes_to(
+        ctx, spark, tmp_path):
+    ctx.lake.append("users", users(spark, {u: True for u in ("u1", "u2", "u3", "u4")}))
+    ctx.lake.append("products", catalogue(spark))
+    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", u) for u in ("u1", "u2", "u3", "u4")]))
+    assert run_render(ctx).messages == 4
+
+    # After render: u1 moves to a new address and u2 now holds u1's old one, from which u2 complained;
+    # u3 moves too, nothing suppressed; u4 keeps its address.
+    moved = {"u1": "u1.new@mail.example", "u2": "u1@mail.example", "u3": "u3.new@mail.example",
+             "u4": "u4@mail.example"}
+    ctx.lake.overwrite("users", spark.createDataFrame(
+        [(u, e, u.upper(), "en", "UTC", "GB", None, True) for u, e in moved.items()], USERS))
+    ctx.lake.append("suppressions", spark.createDataFrame(
+        [("u2", sha("u1@mail.example"), "all", "complained", "test", dt.datetime(2026, 11, 20, 11), None, NOW)],
+        SUPPRESSION_COLUMNS))
+    report = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
+    # u1's message still goes to u1@: the complaint about that mailbox holds (u2's too: u2's address now).
+    assert (report.written, report.skipped) == (1, {"complained": 2, "address_changed": 1})
+    assert eml_users(ctx, tmp_path / "eml") == {"u4"}
+
+
+def test_render_withdraws_a_message_of_another_campaign_still_addressed_to_a_users_old_address(ctx, spark):
+    ctx.lake.append("users", users(spark, {"u1": True, "u2": True}))
+    ctx.lake.append("products", catalogue(spark))
+    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", "u1"), ("c2", "win_back", "u1"),
+                                                  ("c2", "win_back", "u2")]))
+    assert run_render(ctx).messages == 3
+    # u1 moves after render. Rendering c1 again writes u1's c1 message to the new address; u1's c2
+    # message, not rendered this run, still names the old one: withdrawn. u2 is untouched.
+    ctx.lake.overwrite("users", spark.createDataFrame(
+        [(u, e, u.upper(), "en", "UTC", "GB", None, True)
+         for u, e in {"u1": "u1.new@mail.example", "u2": "u2@mail.example"}.items()], USERS))
+    report = run_render(ctx, campaign_id="c1")
+    assert report.withdrawn == (("c2", "address_changed", 1),)
+    rows = {(r.campaign_id, r.user_id): (r.status, r.status_reason, r.to_email)
+            for r in ctx.lake.read("outbox").collect()}
+    assert rows == {("c1", "u1"): ("rendered", None, "u1.new@mail.example"),
+                    ("c2", "u1"): ("withdrawn", "address_changed", "u1@mail.example"),
+                    ("c2", "u2"): ("rendered", None, "u2@mail.example")}
+
+
 def test_render_withdraws_what_the_latest_plan_no_longer_holds_and_never_touches_a_sent_message(ctx, spark):
     ctx.lake.append("users", users(spark, {u: True for u in ("u1", "u2", "u3", "u4", "u9")}))
     ctx.lake.append("products", catalogue(spark))

@@ -576,6 +576,43 @@ def test_user_upserts_apply_changes_and_never_restore_a_withdrawn_consent(spark)
     assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)
 
 
+def test_a_withdrawal_without_consent_ts_counts_at_its_updated_at_and_beats_an_older_grant(spark):
+    at = ts("2026-11-20 12:00:00")
+    current = spark.createDataFrame([
+        ("u1", "a@x.com", None, None, None, None, None, None, True, ts("2026-01-05 00:00:00"),
+         ts("2026-01-05 00:00:00"), "old.csv", ts("2026-01-06 00:00:00")),
+        # Written before consent times were kept: a grant of unknown time, updated since by other fields.
+        ("u2", "b@x.com", None, None, None, None, None, None, True, None,
+         ts("2026-10-01 00:00:00"), "old.csv", ts("2026-10-02 00:00:00")),
+        ("u3", "c@x.com", None, None, None, None, None, None, False, ts("2026-06-01 00:00:00"),
+         ts("2026-06-01 00:00:00"), "old.csv", ts("2026-06-02 00:00:00")),
+    ], USERS_TABLE)
+    incoming = spark.createDataFrame([
+        # A shop's opt-out: opt_in_date emptied. Newer than the dated grant: the withdrawal wins.
+        ("u1", None, None, None, None, None, None, None, False, None, ts("2026-11-20 00:00:00"), "new.csv", 1),
+        # A dated withdrawal arriving late still beats the table's grant of unknown time.
+        ("u2", None, None, None, None, None, None, None, False, ts("2026-09-01 00:00:00"),
+         ts("2026-09-01 00:00:00"), "new.csv", 2),
+        # An undated grant older than the withdrawal does not restore consent...
+        ("u3", None, None, None, None, None, None, None, True, None, ts("2026-05-01 00:00:00"), "new.csv", 3),
+        # ...and an undated re-consent newer than it does; a shop without consent dates still works.
+        ("u4", "d@x.com", None, None, None, None, None, None, False, None, ts("2026-03-01 00:00:00"), "new.csv", 4),
+        ("u4", None, None, None, None, None, None, None, True, None, ts("2026-04-01 00:00:00"), "new.csv", 5),
+    ], USER_INCOMING)
+    expected = spark.createDataFrame([
+        ("u1", "a@x.com", None, None, None, None, None, None, False, ts("2026-11-20 00:00:00"),
+         ts("2026-11-20 00:00:00"), "new.csv", at),
+        ("u2", "b@x.com", None, None, None, None, None, None, False, ts("2026-09-01 00:00:00"),
+         ts("2026-10-01 00:00:00"), "old.csv", ts("2026-10-02 00:00:00")),
+        ("u3", "c@x.com", None, None, None, None, None, None, False, ts("2026-06-01 00:00:00"),
+         ts("2026-06-01 00:00:00"), "old.csv", ts("2026-06-02 00:00:00")),
+        ("u4", "d@x.com", None, None, None, None, None, None, True, ts("2026-04-01 00:00:00"),
+         ts("2026-04-01 00:00:00"), "new.csv", at),
+    ], USERS_TABLE)
+    out = resolve_user_upserts(incoming, current=current, ingested_at=NOW)
+    assert_df_equality(out, expected, ignore_row_order=True, ignore_nullable=True)
+
+
 def test_user_upserts_of_nothing_are_empty(spark):
     out = resolve_user_upserts(spark.createDataFrame([], USER_INCOMING),
                                current=spark.createDataFrame([], USERS_TABLE), ingested_at=NOW)

@@ -11,6 +11,13 @@ A user may be mailed when all of these hold:
   ``suppressed``). A suppression for a fact about the mailbox (:data:`ADDRESS_REASONS`) also applies
   to every other user whose address has the same hash.
 
+A message already rendered (send, export) names its ``address``, the ``to_email`` it goes to; then
+also:
+
+- a mailbox suppression for that address's hash holds, as for the user's current address;
+- the address is still the user's current one (else ``address_changed``): the old one may have been
+  abandoned, or recycled for somebody else.
+
 :func:`suppression_updates` turns a batch of events into rows for the ``suppressions`` table (ingest
 merges them once per batch); :func:`suppressions_from_facts` turns facts about addresses (a hard
 bounce at send time, a delivery status notification, a complaint report) into rows merged with
@@ -44,8 +51,10 @@ SUPPRESSIONS_SCHEMA = StructType([
 SCOPE_ALL = "all"
 UNSUBSCRIBED, BOUNCED, SOFT_BOUNCED, COMPLAINED = "unsubscribed", "bounced", "soft_bounced", "complained"
 NO_CONSENT, UNKNOWN_USER, SUPPRESSED = "no_consent", "unknown_user", "suppressed"
+ADDRESS_CHANGED = "address_changed"
 # Why a user may not be mailed, in the order they are reported (the first that applies).
-BLOCK_REASONS = (UNKNOWN_USER, NO_CONSENT, UNSUBSCRIBED, BOUNCED, COMPLAINED, SUPPRESSED)
+# address_changed comes last: a suppression of the old address says more about why it must not be used.
+BLOCK_REASONS = (UNKNOWN_USER, NO_CONSENT, UNSUBSCRIBED, BOUNCED, COMPLAINED, SUPPRESSED, ADDRESS_CHANGED)
 # Facts about the mailbox, not the person: they hold for every user with that address.
 ADDRESS_REASONS = (BOUNCED, SOFT_BOUNCED, COMPLAINED)
 
@@ -90,25 +99,36 @@ def _reason_rank(reason: Column) -> Column:
             .when(reason == COMPLAINED, F.lit(3)).otherwise(F.lit(4)))
 
 
-def _blocks(suppressions: DataFrame, people: DataFrame, now: dt.datetime) -> DataFrame:
+def _active(suppressions: DataFrame, now: dt.datetime) -> DataFrame:
+    """``user_id, scope, reason, _p_hash``: the suppressions in force."""
+    require_columns(suppressions, SUPPRESSIONS_SCHEMA.fieldNames(), step="with_mail_permission (suppressions)")
+    return suppressions.where(is_in_force(now)).select(
+        "user_id", "scope", "reason", F.col("email_hash").alias("_p_hash"))
+
+
+def _mailbox_blocks(active: DataFrame) -> DataFrame:
+    """``_p_hash, scope, _p_rank``: the strongest :data:`ADDRESS_REASONS` suppression in force per
+    address hash and scope (one row per key: a join on it cannot multiply rows)."""
+    return (active.where(F.col("reason").isin(*ADDRESS_REASONS) & F.col("_p_hash").isNotNull())
+            .groupBy("_p_hash", "scope").agg(F.min(_reason_rank(F.col("reason"))).alias("_p_rank")))
+
+
+def _blocks(active: DataFrame, people: DataFrame) -> DataFrame:
     """``user_id, scope, _p_rank``: the strongest suppression in force per user and scope, by user id
     and, for :data:`ADDRESS_REASONS`, by the hash of the user's current address."""
-    require_columns(suppressions, SUPPRESSIONS_SCHEMA.fieldNames(), step="with_mail_permission (suppressions)")
-    active = suppressions.where(is_in_force(now)).select(
-        "user_id", "scope", "reason", F.col("email_hash").alias("_p_hash"))
-    by_user = active.where(F.col("user_id").isNotNull()).select("user_id", "scope", "reason")
-    by_address = (active.where(F.col("reason").isin(*ADDRESS_REASONS) & F.col("_p_hash").isNotNull())
-                  .select("scope", "reason", "_p_hash")
+    by_user = active.where(F.col("user_id").isNotNull()).select(
+        "user_id", "scope", _reason_rank(F.col("reason")).alias("_p_rank"))
+    by_address = (_mailbox_blocks(active)
                   .join(people.select("user_id", "_p_hash").where(F.col("_p_hash").isNotNull()), "_p_hash",
                         how="inner")
-                  .select("user_id", "scope", "reason"))
+                  .select("user_id", "scope", "_p_rank"))
     # One row per user and scope: the joins below cannot multiply recipients.
-    return by_user.unionByName(by_address).groupBy("user_id", "scope").agg(
-        F.min(_reason_rank(F.col("reason"))).alias("_p_rank"))
+    return by_user.unionByName(by_address).groupBy("user_id", "scope").agg(F.min("_p_rank").alias("_p_rank"))
 
 
 def with_mail_permission(recipients: DataFrame, *, users: DataFrame, suppressions: DataFrame | None,
-                         now: dt.datetime, campaign_type: str | None = None) -> DataFrame:
+                         now: dt.datetime, campaign_type: str | None = None,
+                         address: str | None = None) -> DataFrame:
     """``recipients`` with ``blocked_reason``: null when the user may be mailed now, else one of
     :data:`BLOCK_REASONS` (the first that applies).
 
@@ -118,9 +138,12 @@ def with_mail_permission(recipients: DataFrame, *, users: DataFrame, suppression
         suppressions: the ``suppressions`` table, or None when it does not exist yet.
         now: suppressions lifted after this still hold.
         campaign_type: the campaign type of every row, when the rows do not carry it.
+        address: the column of ``recipients`` holding the address a rendered message goes to
+            (``to_email``): its mailbox suppressions hold too, and it must still be the user's
+            current address (else ``address_changed``). None before rendering.
     """
-    require_columns(recipients, ["user_id"] + ([] if campaign_type else ["campaign_type"]),
-                    step="with_mail_permission")
+    require_columns(recipients, ["user_id"] + ([] if campaign_type else ["campaign_type"])
+                    + ([address] if address else []), step="with_mail_permission")
     require_columns(users, ["user_id", "email", "email_consent"], step="with_mail_permission (users)")
     people = users.select("user_id", F.lit(True).alias("_p_has_user"),
                           F.coalesce(F.col("email_consent"), F.lit(False)).alias("_p_consent"),
@@ -128,14 +151,32 @@ def with_mail_permission(recipients: DataFrame, *, users: DataFrame, suppression
     kind = F.lit(campaign_type) if campaign_type else F.col("campaign_type")
     # users is keyed by user_id (ingest merges by it): one row per recipient.
     frame = (recipients.withColumn("_p_type", kind)
-             .join(people.drop("_p_hash"), "user_id", how="left"))
+             .join(people.withColumnRenamed("_p_hash", "_p_current"), "user_id", how="left"))
+    if address:
+        frame = frame.withColumn("_p_to", email_hash(F.col(address)))
+        # A null on either side is a difference too: no current address, or a message without one.
+        is_changed = ~F.col("_p_to").eqNullSafe(F.col("_p_current"))
+    else:
+        is_changed = F.lit(False)
     if suppressions is not None:
-        blocks = _blocks(suppressions, people, now)
+        active = _active(suppressions, now)
+        blocks = _blocks(active, people)
         everything = blocks.where(F.col("scope") == SCOPE_ALL).select("user_id", F.col("_p_rank").alias("_p_all"))
         typed = blocks.where(F.col("scope") != SCOPE_ALL).select(
             "user_id", F.col("scope").alias("_p_type"), F.col("_p_rank").alias("_p_typed"))
         frame = frame.join(everything, "user_id", how="left").join(typed, ["user_id", "_p_type"], how="left")
-        rank = F.least("_p_all", "_p_typed")
+        ranks = ["_p_all", "_p_typed"]
+        if address:
+            # The address the message goes to, whoever else holds (or held) it.
+            mailbox = _mailbox_blocks(active).withColumnRenamed("_p_hash", "_p_to")
+            frame = (frame
+                     .join(mailbox.where(F.col("scope") == SCOPE_ALL).select(
+                         "_p_to", F.col("_p_rank").alias("_p_to_all")), "_p_to", how="left")
+                     .join(mailbox.where(F.col("scope") != SCOPE_ALL).select(
+                         "_p_to", F.col("scope").alias("_p_type"), F.col("_p_rank").alias("_p_to_typed")),
+                         ["_p_to", "_p_type"], how="left"))
+            ranks += ["_p_to_all", "_p_to_typed"]
+        rank = F.least(*ranks)
     else:
         rank = F.lit(None).cast("int")
     # CASE, not element_at over a literal array: Spark 4.2 answers element_at(array, NULL) with the
@@ -144,7 +185,7 @@ def with_mail_permission(recipients: DataFrame, *, users: DataFrame, suppression
                .when(rank == 3, F.lit(COMPLAINED)).when(rank == 4, F.lit(SUPPRESSED)))
     reason = (F.when(~F.coalesce(F.col("_p_has_user"), F.lit(False)), F.lit(UNKNOWN_USER))
               .when(~F.col("_p_consent"), F.lit(NO_CONSENT))
-              .otherwise(by_rank))
+              .otherwise(F.coalesce(by_rank, F.when(is_changed, F.lit(ADDRESS_CHANGED)))))
     return frame.select(*[F.col(c) for c in recipients.columns], reason.alias("blocked_reason"))
 
 

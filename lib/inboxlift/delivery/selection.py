@@ -10,9 +10,10 @@
 - ``due``: the rest, with ``attempt`` (its last attempt + 1).
 
 :func:`with_skip_reason` then checks the due messages' mail permission at send time
-(:func:`inboxlift.consent.with_mail_permission`, the one rule plan, render and export use too) and
-their age: ``skip_reason`` is the permission's reason, else ``expired`` (first attempt more than
-``max_delay`` after ``send_at``), else null (send it).
+(:func:`inboxlift.consent.with_mail_permission`, the one rule plan, render and export use too) for
+the ``to_email`` each was rendered for, and their age: ``skip_reason`` is the permission's reason
+(``address_changed`` when ``to_email`` is no longer the user's current address), else ``expired``
+(first attempt more than ``max_delay`` after ``send_at``), else null (send it).
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def with_skip_reason(due: DataFrame, *, users: DataFrame, suppressions: DataFram
                      max_delay: dt.timedelta | None) -> DataFrame:
     """``due`` (from :func:`with_send_status`) with ``skip_reason``: the mail permission's reason now,
     else ``expired``, else null."""
-    require_columns(due, ["message_id", "user_id", "campaign_type", "send_at", "is_first_attempt"],
+    require_columns(due, ["message_id", "user_id", "campaign_type", "to_email", "send_at", "is_first_attempt"],
                     step="with_skip_reason")
-    checked = due.transform(with_mail_permission, users=users, suppressions=suppressions, now=now)
+    # The relay gets to_email: that address, not only the user's current one, must be mailable.
+    checked = due.transform(with_mail_permission, users=users, suppressions=suppressions, now=now,
+                            address="to_email")
     expired = F.lit(False) if max_delay is None else (
         F.col("is_first_attempt") & F.coalesce(F.col("send_at") < F.lit(now - max_delay), F.lit(False)))
     reason = F.coalesce(F.col("blocked_reason"), F.when(expired, F.lit(S.EXPIRED)))

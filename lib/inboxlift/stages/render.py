@@ -181,7 +181,9 @@ def _withdrawals(outbox: DataFrame, *, messages: DataFrame, failures: DataFrame,
     # Both keyed by (campaign_id, user_id): the latest plan holds each user once per campaign.
     failed = failures.select("campaign_id", "user_id", F.col("reason").alias("_failure"))
     current = messages.select("campaign_id", "user_id", F.lit(True).alias("_superseded"))
-    checked = (candidates.transform(with_mail_permission, users=users, suppressions=suppressions, now=now)
+    # A message names the address it goes to: still the user's, and not suppressed (consent.py).
+    checked = (candidates.transform(with_mail_permission, users=users, suppressions=suppressions, now=now,
+                                    address="to_email")
                .join(failed, ["campaign_id", "user_id"], how="left")
                .join(current, ["campaign_id", "user_id"], how="left"))
     rendered_campaign = F.col("campaign_id").isin(*campaigns) if campaigns else F.lit(False)
@@ -336,16 +338,18 @@ def export_eml(ctx: RunContext, *, campaign_id: str, to_dir: str | Path) -> Expo
 
     Only ``rendered`` messages whose user may be mailed *now* are written: the permission is
     checked again here (:func:`inboxlift.consent.with_mail_permission`), not trusted from the outbox,
-    since consent may have been withdrawn since rendering. The others are counted by reason, and a
-    file an earlier export wrote for one of them is removed. Messages stream to the driver a
-    partition at a time (``toLocalIterator``), never all at once. A file is written under a temporary
-    name and renamed, so a reader never sees half a message.
+    since consent may have been withdrawn, or the address changed (``address_changed``), since
+    rendering; a mailbox suppression of the message's ``to_email`` holds too. The others are
+    counted by reason, and a file an earlier export wrote for one of them is removed. Messages
+    stream to the driver a partition at a time (``toLocalIterator``), never all at once. A file is
+    written under a temporary name and renamed, so a reader never sees half a message.
     """
     folder = Path(to_dir)
     folder.mkdir(parents=True, exist_ok=True)
     outbox = read_outbox(ctx.lake).where(F.col("campaign_id") == F.lit(campaign_id))
     checked = outbox.transform(with_mail_permission, users=ctx.lake.read(USERS_TABLE),
-                               suppressions=_optional(ctx, SUPPRESSIONS_TABLE), now=ctx.clock.now())
+                               suppressions=_optional(ctx, SUPPRESSIONS_TABLE), now=ctx.clock.now(),
+                               address="to_email")
     skip = F.when(F.col("status") == F.lit(STATUS_RENDERED), F.col("blocked_reason")).otherwise(
         F.coalesce(F.col("status"), F.lit("no_status")))
     checked = checked.withColumn("_skip", skip)

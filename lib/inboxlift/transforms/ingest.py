@@ -763,6 +763,20 @@ def _stacked(incoming: DataFrame, current: DataFrame, *, key: str, fields: Struc
     return current_rows.unionByName(incoming_rows)
 
 
+def _consent_time() -> Column:
+    """When a record's consent decision was made: its ``consent_ts``, else its ``updated_at``.
+
+    A shop's opt-in date is typically empty after an opt-out (docs/byod.md), and a null would sort
+    below every dated grant: the withdrawal would lose to an older grant. A row of the ``users``
+    table written before this rule may lack ``consent_ts``; its ``updated_at`` is the latest of all
+    its records, no earlier than its consent, so it dates a withdrawal late (it stays withdrawn)
+    but could date a grant late too: a table grant of unknown time stays undated, below every
+    dated record, as before.
+    """
+    is_table_grant = (F.col("_is_incoming") == F.lit(0)) & F.coalesce(F.col("email_consent"), F.lit(False))
+    return F.coalesce(F.col("consent_ts"), F.when(~is_table_grant, F.col("updated_at")))
+
+
 def resolve_user_upserts(incoming: DataFrame, *, current: DataFrame, ingested_at: dt.datetime) -> DataFrame:
     """One row per incoming user: the user after applying every incoming record to the current row.
 
@@ -770,8 +784,10 @@ def resolve_user_upserts(incoming: DataFrame, *, current: DataFrame, ingested_at
       the table, a later file or line beats an earlier one) that has a value: a missing value
       never erases a known one.
     - Consent (``email_consent`` with ``consent_ts``) comes from the record with the latest
-      ``consent_ts``, then ``updated_at``; on a full tie a withdrawal wins. So a withdrawn
-      consent is never overwritten by an older record.
+      consent time (:func:`_consent_time`: ``consent_ts``, or ``updated_at`` when the record has
+      none), then ``updated_at``; on a full tie a withdrawal wins. So a withdrawn consent is never
+      overwritten by an older record. The row keeps that consent time as its ``consent_ts``, so
+      the next merge compares the same instants.
     - ``signup_ts`` is the earliest known, ``updated_at`` the latest.
 
     Args:
@@ -782,9 +798,10 @@ def resolve_user_upserts(incoming: DataFrame, *, current: DataFrame, ingested_at
     require_columns(current, USERS_TABLE.fieldNames(), step="resolve_user_upserts (current)")
     rows = _stacked(incoming, current, key="user_id", fields=USER_FIELDS, ingested_at=ingested_at)
     order = F.struct("updated_at", "_is_incoming", "source_file", "pos")
-    consent_order = F.struct("consent_ts", "updated_at", (~F.col("email_consent")).alias("_is_withdrawal"),
+    rows = rows.withColumn("_consent_at", _consent_time())
+    consent_order = F.struct("_consent_at", "updated_at", (~F.col("email_consent")).alias("_is_withdrawal"),
                              "_is_incoming", "source_file", "pos")
-    consent = F.max_by(F.struct("email_consent", "consent_ts"),
+    consent = F.max_by(F.struct("email_consent", F.col("_consent_at").alias("consent_ts")),
                        F.when(F.col("email_consent").isNotNull(), consent_order))
     attributes = ["email", "first_name", "locale", "timezone", "country", "birthday"]
     resolved = rows.groupBy("user_id").agg(
