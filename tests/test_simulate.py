@@ -1,12 +1,18 @@
 """simulate-responses on a hand-built delivered shop: planted rates computed by hand, the planted
 variant effect and holdout base rate visible in the drawn outcomes, delays within bounds, machine
-opens flagged, determinism, and the events through ingest (clean, exactly once across re-runs)."""
+opens flagged, determinism, the events through ingest (clean, exactly once across re-runs), and the
+report on them scored against the planted truth: the planted click lift inside the reported interval
+with B named the winner, the holdout uplift's interval covering the planted incremental conversions.
+
+The report adds one run of the stage to the shop fixture (simulate and ingest three times each): on the
+shared machine of 2026-12-07 (load 9-14) the report took 29 s of a fixture that took 136-279 s."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
 import json
+import math
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,7 +23,9 @@ from pyspark.sql import functions as F
 
 from inboxlift.clock import FixedClock
 from inboxlift.context import RunContext
+from inboxlift.generate import responses as R
 from inboxlift.stages.ingest import run_ingest
+from inboxlift.stages.report import EXPERIMENTS_TABLE, run_report
 from inboxlift.stages.simulate import NoGeneratedShopError, run_simulate
 from inboxlift.storage import Lake
 
@@ -29,6 +37,14 @@ WIN_BACK_AT = dt.datetime(2026, 11, 19, 9, 0)     # UTC: users with active hour 
 PICKS_AT = dt.datetime(2026, 11, 19, 7, 0)
 EARLY = "2026-11-19T12:00:00"                    # 3 hours after the win-back send
 LATE = "2026-11-25T12:00:00"                     # every response has come
+# Planted for these tests through the simulator's settings: subject B lifts win-back's clicks per open by
+# +60 %, and a win-back click buys at 0.2 (x1.5 for the campaign's products, all in the users' taste group).
+B_CLICK_LIFT = 1.6
+CLICK_PURCHASE_RATE = 0.2
+PLANTED = {"simulate.variant_click_lift": {"win-back": {"B": B_CLICK_LIFT}},
+           "simulate.campaign_click_purchase_rate": {"win-back": CLICK_PURCHASE_RATE}}
+ALPHA = 0.05
+CAMPAIGN = "win-back"
 RUNNING = ("Sports > Running > Shoes", "Sports > Running > Apparel")   # taste group 0 ("runners")
 AUDIO = "Electronics > Audio > Headphones"
 ITEMS = [("i1", RUNNING[0]), ("i2", RUNNING[1]), ("i3", RUNNING[0]), ("i4", AUDIO), ("i5", AUDIO)]
@@ -111,7 +127,19 @@ def at(ctx: RunContext, iso: str) -> RunContext:
 def shop(spark, spark_info, base_settings, tmp_path_factory):
     spark.conf.set("spark.sql.session.timeZone", "UTC")
     work = tmp_path_factory.mktemp("simulate")
-    settings = settings_in(base_settings, work)
+    campaigns = work / "campaigns.yml"
+    # The report's view of win-back: one send day of A/B test, which reads on 19 Nov + 1 + 3 (click-through)
+    # = 23 Nov, before LATE.
+    campaigns.write_text(
+        "campaigns:\n  win-back:\n    type: win_back\n    template: win_back\n"
+        "    subjects: {A: {en: a}, B: {en: b}}\n    split: {A: 0.5, B: 0.5}\n    holdout: 0.2\n"
+        "    experiment: {horizon_days: 1}\n", encoding="utf-8")
+    settings = settings_in(base_settings, work).with_overrides({
+        **PLANTED,
+        "paths.campaigns_file": str(campaigns),
+        # The revenue interval is not scored here: fewer bootstrap replicates than the default 400.
+        "report.bootstrap_replicates": 50,
+    })
     lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
     ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at(EARLY))
     write_shop(ctx)
@@ -126,9 +154,13 @@ def shop(spark, spark_info, base_settings, tmp_path_factory):
     late_ingest = run_ingest(at(ctx, LATE), echo=lambda text: None)
     again = run_simulate(at(ctx, LATE))
     again_ingest = run_ingest(at(ctx, LATE), echo=lambda text: None)
+    # The report on what the shop answered (every response has come, every window has closed).
+    run_report(at(ctx, LATE))
+    experiments = ctx.lake.read(EXPERIMENTS_TABLE).toPandas()
     truth = pd.read_parquet(work / "truth" / "responses" / "units")
     return dict(ctx=ctx, work=work, early=early, early_ingest=early_ingest, late=late,
-                late_files=late_files, late_ingest=late_ingest, again=again, again_ingest=again_ingest, truth=truth)
+                late_files=late_files, late_ingest=late_ingest, again=again, again_ingest=again_ingest, truth=truth,
+                experiments=experiments)
 
 
 def landed_events(work: Path) -> pd.DataFrame:
@@ -161,7 +193,7 @@ def test_planted_probabilities_are_the_hand_computed_ones(shop):
     cases = {
         # user: (campaign, p_open, p_click_given_open, p_unsubscribe_given_open)
         uid(2000): ("win-back", p_open_active, click_relevant * 1.5, 0.01),                 # A, even: active hour
-        uid(2003): ("win-back", p_open_other, click_relevant * 1.5 * 1.15, 0.01),           # B, odd
+        uid(2003): ("win-back", p_open_other, click_relevant * 1.5 * B_CLICK_LIFT, 0.01),   # B, odd
         uid(4): ("win-back", p_open_active, click_relevant * 1.5, 0.01 * 1.5),              # A, one email before
         uid(10): ("weekly-picks", p_open_other, click_relevant * 1.0, 0.01),                # audio items: no lift
     }
@@ -176,9 +208,9 @@ def test_planted_probabilities_are_the_hand_computed_ones(shop):
     assert bad.is_bounce and not bad.is_delivered and bad.p_open == 0 and not bad.is_open
     holdout = truth.loc[("win-back", uid(1))]
     assert holdout.is_holdout and holdout.p_open == 0 and holdout.p_any_purchase == pytest.approx(0.035)
-    # Clicked products from the taste group (all win-back items) buy at 0.12 * 1.5.
+    # Clicked products from the taste group (all win-back items) buy at 0.2 * 1.5.
     clicked = shop["truth"][(shop["truth"].campaign_id == "win-back") & shop["truth"].is_click]
-    assert np.allclose(clicked.p_purchase_given_click, 0.18) and clicked.is_clicked_relevant.all()
+    assert np.allclose(clicked.p_purchase_given_click, 0.3) and clicked.is_clicked_relevant.all()
 
 
 def _within(observed: float, expected: float, n: int, *, sigmas: float = 4.0) -> bool:
@@ -191,14 +223,16 @@ def test_the_planted_variant_effect_shows_in_the_drawn_clicks(shop):
     rates = {}
     for variant in ("A", "B"):
         arm_rows = mailed[mailed.variant == variant]
-        # Hand-computed: half the arm in its active hour (opens x1.3), clicks per open 0.3825 (x1.15 for B).
+        # Hand-computed: half the arm in its active hour (opens x1.3), clicks per open 0.3825 (x1.6 for B).
         share_active = (arm_rows.user_id.str[1:].astype(int) % 2 == 0).mean()
-        expected = (share_active * 0.442 + (1 - share_active) * 0.34) * 0.3825 * (1.15 if variant == "B" else 1.0)
+        expected = (share_active * 0.442 + (1 - share_active) * 0.34) * 0.3825 * (B_CLICK_LIFT if variant == "B" else 1.0)
         assert arm_rows.p_click.mean() == pytest.approx(expected)
         rates[variant] = arm_rows.is_click.mean()
         assert _within(rates[variant], expected, len(arm_rows))
     lift = rates["B"] / rates["A"] - 1
-    assert 0.03 < lift < 0.27, lift      # planted +15%; about 3 standard errors either side
+    # Planted +60 %: clicks per message about 0.150 (A) and 0.239 (B) of 4,800 each, so the log ratio's
+    # standard error is sqrt(1/711 - 1/4800 + 1/1137 - 1/4800) = 0.043; 3 of them either side of ln 1.6.
+    assert 0.40 < lift < 0.82, lift
     # Opens do not depend on the variant.
     opens = mailed.groupby("variant").is_open.mean()
     assert abs(opens["A"] - opens["B"]) < 0.03
@@ -320,8 +354,8 @@ def test_responses_arrive_over_time_and_ingest_takes_each_event_once(shop):
 
 
 def test_same_inputs_give_byte_identical_files_and_truth(shop, spark, spark_info, base_settings, tmp_path):
-    # A second lake from the same inputs, simulated once, straight at the late clock.
-    settings = settings_in(base_settings, tmp_path)
+    # A second lake from the same inputs and planted effects, simulated once, straight at the late clock.
+    settings = settings_in(base_settings, tmp_path).with_overrides(PLANTED)
     lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
     ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at(LATE))
     for table in ("campaign_plan", "outbox", "deliveries", "products"):
@@ -461,3 +495,151 @@ def test_organic_purchases_are_timed_from_the_planned_send_in_both_arms(spark, b
     # The organic draw of a unit is the same whether it was mailed or held out: probability, outcome,
     # time and item.
     pd.testing.assert_frame_equal(mailed, held)
+
+
+# ---- the report scored against the planted truth (issue 21, section 3) --------------------------
+#
+# The real report (run_report, at the end of the shop fixture) on what simulate-responses made the shop
+# answer, checked against the truth the simulator planted (truth/responses/units), never against the
+# report itself. Plan, render and send are not run here (the shop's plan, outbox and deliveries are
+# built by hand, build_tables): so neither plan's frequency caps nor send's timing are exercised.
+#
+# Sizing, from the planted traits (engagement 0.5 for all, half the users in their active hour, every
+# win-back product in the user's taste group):
+#   p(open) = 0.5 x (0.04 + 0.6 x 0.5) x 1.3 + 0.5 x (0.04 + 0.6 x 0.5) = 0.391;
+#   p(click | open) = (0.08 + 0.35 x 0.5) x 1.5 = 0.3825 for A, x 1.6 = 0.612 for B (below the 0.95 cap);
+#   so clicks per message with a good address 0.150 (A) and 0.239 (B): about 711 and 1,137 clicks
+#   of the 4,800 per arm. The report's log risk-ratio interval: se = 0.043, and ln 1.6 = 0.47 is
+#   10.9 se from 0: the power of the 5 % test is 1 - 2e-19 (at a quarter of the shop still z = 5.4),
+#   so "B wins" is no lucky seed.
+#   Holdout: incremental purchases per treated recipient about 0.195 x 0.3 x (1 - 0.035) = 0.056 over
+#   the holdout's 0.035; se of the difference sqrt(0.091 x 0.909 / 9600 + 0.035 x 0.965 / 2400) = 0.0048,
+#   z = 11.7. Coverage itself needs no power: a 95 % interval covers the planted value 95 % of the time
+#   whatever the size; the fixed seeds (simulate.seed 42) make this draw the same on every run.
+
+
+@pytest.fixture(scope="module")
+def scored(shop):
+    """(context at LATE, the planted units with naive UTC times, the campaign_experiments rows)."""
+    units = shop["truth"].copy()
+    for column in [c for c in units.columns if c.endswith("_at")]:
+        units[column] = _utc(units[column])
+    return at(shop["ctx"], LATE), units, shop["experiments"]
+
+
+def _utc(times: pd.Series) -> pd.Series:
+    """Timestamps as naive UTC, whether a reader gave them with their zone or without."""
+    times = pd.to_datetime(times)
+    return times.dt.tz_convert("UTC").dt.tz_localize(None) if times.dt.tz is not None else times
+
+
+def _test(experiments: pd.DataFrame, test: str, metric: str) -> pd.Series:
+    rows = experiments[(experiments.campaign_id == CAMPAIGN) & (experiments.test == test)
+                       & (experiments.metric == metric)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def test_the_planted_click_lift_is_inside_the_reported_interval_and_b_wins(scored):
+    ctx, units, experiments = scored
+    mailed = units[(units.campaign_id == CAMPAIGN) & ~units.is_holdout]
+    # The planted lift, from the truth: B's clicks per open times 1.6, A's times 1 ...
+    lifts = mailed.groupby("variant").variant_click_lift.unique()
+    assert [list(lifts["A"]), list(lifts["B"])] == [[1.0], [B_CLICK_LIFT]]
+    planted = lifts["B"][0] / lifts["A"][0] - 1
+    # ... and it is the lift of clicks per delivered message too: opens do not depend on the variant,
+    # and no unit's clicks per open reached the 0.95 cap (the planted law, recomputed from the truth's
+    # own engagement and relevance, times the lift, is what was drawn against).
+    p = ctx.settings.simulate
+    delivered = mailed[mailed.is_delivered]
+    law = ((p.click_base + p.click_per_engagement * delivered.engagement_at_send)
+           * (1 + p.relevance_click_lift * delivered.relevant_share) * delivered.variant_click_lift)
+    assert (law < R.PROBABILITY_CAP).all()
+    assert delivered.p_click_given_open.to_numpy() == pytest.approx(law.to_numpy())
+
+    clicks = _test(experiments, "ab", "clicks")
+    assert (clicks.variant, clicks.control, clicks.status) == ("B", "A", "final")
+    # Every message of each arm went out (deliveries say sent), good address or not.
+    arms = mailed.groupby("variant").size()
+    assert (clicks.n_variant, clicks.n_control) == (arms["B"], arms["A"])
+    assert clicks.relative_lift_low < planted < clicks.relative_lift_high, (
+        planted, clicks.relative_lift_low, clicks.relative_lift_high)
+    assert clicks.is_significant and clicks.winner == "B"
+    assert clicks.verdict.startswith("B beats A on clicks: +")
+
+
+def _exponential_sum_tail(t: float, mean_1: float, mean_2: float) -> float:
+    """P(E1 + E2 > t) for independent exponentials with these (different) means."""
+    return (mean_1 * math.exp(-t / mean_1) - mean_2 * math.exp(-t / mean_2)) / (mean_1 - mean_2)
+
+
+def test_the_holdout_uplift_interval_covers_the_planted_incremental_conversions(scored):
+    """Conversions per recipient, treated - holdout, over the report's window and population.
+
+    The report: per win-back recipient of 19 Nov (its plan rows: treated, bounced or not, and held
+    out), whether the user has any order in [planned send, planned send + 3 days); the holdout test
+    compares the treated arm's share with the holdout's. The planted counterpart, per treated user u:
+
+    - a: the planted probability that the email leads to a purchase (``p_click_purchase``), times w,
+      the chance that purchase falls in the window;
+    - o: the user's organic purchase (``p_organic_purchase``), made anyway, mailed or held out, within
+      the organic window (3 days) of the planned send (the simulator times it from the planned slot
+      in both arms): always inside the uplift window;
+    - r: the user's orders in the window from other units (the weekly picks at 07:00 for users below
+      600): its organic purchase with the chance 70/72 that it falls after 09:00, and its click
+      purchase with an unknown chance between 0 and 1 (so r is a range);
+
+    the email adds a conversion exactly when it leads to a purchase in the window and nothing else
+    did: a w (1 - o)(1 - r). The planted effect is its mean over the treated recipients (the arms are
+    a random split of the same users, so the holdout arm's mean without the email is the same).
+    """
+    ctx, units, experiments = scored
+    r = ctx.settings.report
+    window_s = r.uplift_window_days * 86_400
+    plan = ctx.lake.read("campaign_plan").where(
+        (F.col("campaign_id") == CAMPAIGN) & (F.col("plan_date") == F.lit(PLAN_DAY))).toPandas()
+    treated_plan = plan[plan.variant != "holdout"].set_index("user_id")
+    planned_at = _utc(plan.set_index("user_id").send_at)   # the win-back slot of every recipient
+
+    ours = units[units.campaign_id == CAMPAIGN]
+    treated = ours[~ours.is_holdout].set_index("user_id")
+    # The report's population is the plan's: every treated plan row has its unit in the truth.
+    assert sorted(treated.index) == sorted(treated_plan.index)
+    assert (ours.is_holdout.sum(), len(treated)) == ((plan.variant == "holdout").sum(), len(treated_plan))
+
+    # w: a click purchase comes at most 30 + 60 + 305 + 60 s plus two exponential waits (open, then
+    # purchase, each truncated, so stochastically below the untruncated ones; the open's mean at most
+    # 4 h, the longer of its two) after the message left, which was at most 10 minutes after its slot.
+    # Its chance to miss the window is at most:
+    late_s = (treated.sent_at - planned_at.reindex(treated.index)).dt.total_seconds()
+    assert late_s.between(0, 600).all()
+    miss = _exponential_sum_tail(window_s - late_s.max() - 455, float(R.OPEN_MEAN_OTHERWISE),
+                                 float(R.PURCHASE_MEAN))
+    assert miss < 1e-6
+
+    # r per user, from the other campaigns' units of the same users.
+    others = units[units.campaign_id != CAMPAIGN].set_index("user_id")
+    # Their organic purchases are timed from their own slot (planned_at; sent_at in a truth without it).
+    others_slot = others.planned_at if "planned_at" in others.columns else others.sent_at
+    start_s = (planned_at.reindex(others.index) - others_slot).dt.total_seconds()
+    organic_window_s = ctx.settings.simulate.organic_window_days * 86_400
+    in_window = ((organic_window_s - start_s) / organic_window_s).clip(0, 1)   # their slot is before 09:00
+    assert (start_s >= 0).all()
+    r_low = others.p_organic_purchase * in_window
+    r_high = 1 - (1 - r_low) * (1 - others.p_click_purchase)
+    r_low, r_high = (s.groupby(level=0).apply(lambda x: 1 - (1 - x).prod()).reindex(treated.index, fill_value=0.0)
+                     for s in (r_low, r_high))
+
+    added = treated.p_click_purchase * (1 - treated.p_organic_purchase)
+    n_treated = len(treated_plan)
+    planted_high = float((added * (1 - r_low)).sum()) / n_treated
+    planted_low = float((added * (1 - miss) * (1 - r_high)).sum()) / n_treated
+    assert 0 < planted_high - planted_low < 1e-3
+
+    uplift = _test(experiments, "holdout", "conversions")
+    n_holdout = int((plan.variant == "holdout").sum())
+    assert (uplift.status, uplift.n_variant, uplift.n_control) == ("final", n_treated, n_holdout)
+    assert uplift.alpha == ALPHA
+    assert uplift.difference_low <= planted_low and planted_high <= uplift.difference_high, (
+        (planted_low, planted_high), (uplift.difference_low, uplift.difference, uplift.difference_high))
+    assert uplift.is_significant and uplift.winner == "treated"
