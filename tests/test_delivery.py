@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
 import ssl
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +16,8 @@ import pytest
 
 from inboxlift.clock import FixedClock
 from inboxlift.delivery import states as S
-from inboxlift.delivery.journal import RunLock, SendLockedError, TaskJournal
+from inboxlift.delivery import journal
+from inboxlift.delivery.journal import LeaseLostError, RunLock, SendLockedError, TaskJournal, start_run
 from inboxlift.delivery.partition import RESULT_ARROW_SCHEMA, SendPlan, TaskSender, send_batches
 from inboxlift.delivery.ratelimit import TaskPacer, backoff_seconds
 from inboxlift.delivery.smtp import RelayConfig, RelayError, check_relay, wire_data
@@ -204,10 +208,25 @@ def test_a_relay_that_cannot_be_reached_defers_every_message_untried(tmp_path):
         pass  # the port is free again: nothing listens there
     sleeps: list[float] = []
     sender = TaskSender(plan(port, tmp_path, sleeps), TaskJournal(tmp_path, partition=0, attempt=0, fsync=False))
-    first, second = sender.handle(row("ann")), sender.handle(row("bo"))
+    # cy's attempt is the last one allowed (max_attempts 3): untried, it does not use it up.
+    first, second, last = sender.handle(row("ann")), sender.handle(row("bo")), sender.handle(row("cy", attempt=3))
     assert (first.state, first.reason) == (S.DEFERRED, S.RELAY_UNAVAILABLE)
     assert (second.state, second.reason) == (S.DEFERRED, S.RELAY_UNAVAILABLE)
+    assert (last.state, last.reason, last.next_at) == (S.DEFERRED, S.RELAY_UNAVAILABLE, NOW + dt.timedelta(minutes=60))
     assert sleeps == [1.0, 2.0]   # the retries of the first message only
+
+
+def test_attempts_that_never_reached_the_relay_do_not_count_towards_max_attempts(tmp_path):
+    handler = ScriptedHandler(script={"busy@mail.example": ["450"], "late@mail.example": ["450"]})
+    with smtp_server(handler) as port:
+        sender = TaskSender(plan(port, tmp_path), TaskJournal(tmp_path, partition=0, attempt=0, fsync=False))
+        # Attempt 3 of 3, but attempt 2 was deferred untried: this is the second time the relay sees it.
+        busy = sender.handle(row("busy", attempt=3, untried_attempts=1))
+        late = sender.handle(row("late", attempt=4, untried_attempts=1))
+        sender.close()
+    assert (busy.state, busy.code, busy.reason) == (S.DEFERRED, 450, S.TEMPORARY)
+    assert busy.next_at == NOW + dt.timedelta(minutes=30)   # the back-off of its second try
+    assert (late.state, late.code, late.reason) == (S.FAILED, 450, S.RETRIES_EXHAUSTED)
 
 
 def test_the_pacer_keeps_each_tasks_share_overall_and_per_domain():
@@ -237,6 +256,104 @@ def test_the_run_lock_refuses_a_second_run_and_takes_over_a_dead_ones(tmp_path):
     with RunLock(tmp_path, run_id="three", lease_seconds=60):
         assert json.loads((tmp_path / "send.lock").read_text())["run_id"] == "three"
     assert not (tmp_path / "send.lock").exists()
+
+
+def test_an_empty_lock_file_is_held_until_it_is_older_than_the_lease(tmp_path):
+    lock = tmp_path / "send.lock"
+    lock.write_text("")   # what a competitor sees between another run's create and its write
+    with pytest.raises(SendLockedError, match="another send run"):
+        RunLock(tmp_path, run_id="two", lease_seconds=60).acquire()
+    assert lock.read_text() == ""
+    # Left empty by a run that died a lease ago: taken over.
+    old = time.time() - 61
+    os.utime(lock, (old, old))
+    with RunLock(tmp_path, run_id="three", lease_seconds=60):
+        assert json.loads(lock.read_text())["run_id"] == "three"
+    assert not lock.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_live_owner_on_this_host_keeps_the_lock_even_past_its_lease(tmp_path):
+    held = {"run_id": "live", "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() - 10}
+    (tmp_path / "send.lock").write_text(json.dumps(held))
+    with pytest.raises(SendLockedError, match="another send run"):
+        RunLock(tmp_path, run_id="two", lease_seconds=60).acquire()
+    assert json.loads((tmp_path / "send.lock").read_text()) == held
+
+
+def test_a_renewal_that_fails_is_retried_and_the_lock_kept(tmp_path, monkeypatch):
+    failed: list[Path] = []
+    write = journal._write_atomic
+
+    def flaky(path: Path, text: str) -> None:
+        if path.name == "send.lock" and not failed:
+            failed.append(path)
+            raise OSError(5, "Input/output error")
+        write(path, text)
+
+    monkeypatch.setattr(journal, "_write_atomic", flaky)
+    lock = RunLock(tmp_path, run_id="one", lease_seconds=0.6)   # renewed every 0.2 s
+    lock.acquire()
+    try:
+        time.sleep(1.5)   # the first renewal failed; had nothing renewed since, the lease would have ended
+        held = json.loads((tmp_path / "send.lock").read_text())
+        assert failed and held["run_id"] == "one" and held["expires"] > time.time()
+        lock.check()
+    finally:
+        lock.release()
+    assert not (tmp_path / "send.lock").exists()
+
+
+def test_a_lost_lease_is_not_renewed_and_stops_the_run_and_its_tasks(tmp_path):
+    lock = RunLock(tmp_path, run_id="one", lease_seconds=0.6)
+    lock.acquire()
+    other = {"run_id": "two", "host": "elsewhere.example", "pid": 1, "expires": time.time() + 60}
+    try:
+        # Another run took the lock over (this one stalled past its lease on another host, say).
+        (tmp_path / "send.lock").write_text(json.dumps(other))
+        time.sleep(0.6)
+        assert json.loads((tmp_path / "send.lock").read_text()) == other   # not written over
+        with pytest.raises(LeaseLostError, match="run one lost the send lock"):
+            lock.check()
+    finally:
+        lock.release()
+    assert json.loads((tmp_path / "send.lock").read_text()) == other      # nor removed
+
+
+def test_a_task_whose_run_lost_its_lease_sends_nothing_more(tmp_path):
+    lock = RunLock(tmp_path, run_id="one", lease_seconds=60)
+    with lock:
+        folder = start_run(tmp_path, "one", {"run_id": "one"}, lock=lock)
+    handler = ScriptedHandler()
+    with smtp_server(handler) as port:
+        batch = pa.RecordBatch.from_pylist([row("ann"), row("bo")])
+        with pytest.raises(LeaseLostError, match="run one"):
+            list(send_batches([batch], plan(port, folder, run_id="one")))
+    assert handler.transactions == {} and journal_lines(folder) == []
+
+
+def test_pending_runs_are_the_folders_of_runs_whose_lease_ended(tmp_path):
+    def folder(run_id: str, lease: dict | None, *, age: float = 0.0) -> Path:
+        path = journal.runs_dir(tmp_path) / run_id
+        path.mkdir(parents=True)
+        if lease is not None:
+            (path / "lease.json").write_text(json.dumps({"run_id": run_id, **lease}))
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+
+    here = socket.gethostname()
+    live = folder("send-1-live", {"host": here, "pid": os.getpid(), "expires": time.time() + 60})
+    ended = folder("send-2-ended", {"host": "elsewhere.example", "pid": 1, "expires": time.time() - 1})
+    killed = folder("send-3-killed", {"host": here, "pid": 2 ** 22 + 7, "expires": time.time() + 60})
+    released = folder("send-4-released", {"host": here, "pid": os.getpid(), "expires": 0})
+    older = folder("send-0-older", None, age=61)   # written before folders had a lease
+    (live / journal.COMMITTED).write_text("")
+    with pytest.raises(SendLockedError, match="send-1-live is still sending"):
+        journal.pending_runs(tmp_path, lease_seconds=60)
+    assert live.is_dir()
+    live_lease = live / "lease.json"
+    live_lease.write_text(json.dumps({"run_id": live.name, "host": here, "pid": os.getpid(), "expires": 0}))
+    assert journal.pending_runs(tmp_path, lease_seconds=60) == [older, ended, killed, released]
+    assert not live.exists()   # committed by its run, and its lease over: removed
 
 
 # ---- TLS and AUTH --------------------------------------------------------------------------------

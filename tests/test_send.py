@@ -7,6 +7,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
 
 import pytest
 from chispa import assert_df_equality
@@ -15,7 +20,8 @@ from pyspark.sql import functions as F
 from inboxlift.campaigns.definitions import parse_campaigns
 from inboxlift.campaigns.planning import PlanInputs, plan_campaign
 from inboxlift.clock import FixedClock
-from inboxlift.delivery.journal import runs_dir
+from inboxlift.delivery import states as S
+from inboxlift.delivery.journal import LeaseLostError, SendLockedError, runs_dir
 from inboxlift.delivery.outbox import read_outbox, with_delivered_status
 from inboxlift.render.eml import message_bytes
 from inboxlift.stages.send import DeliveryError, run_send
@@ -98,8 +104,10 @@ def test_every_due_message_arrives_once_with_the_outbox_headers_and_the_tables_r
     ]
     ctx.lake.append("outbox", spark.createDataFrame(rows, OUTBOX))
     ctx.lake.append("users", spark.createDataFrame(
-        [user(f"u{i}") for i in (1, 2, 4, 5, 6, 7, 8, 10, 11)]
-        + [user("u3", consent=False), user("u9", email="u9@bücher.example")], USERS))
+        [user(f"u{i}") for i in (1, 2, 4, 5, 6, 8, 10, 11)]
+        # The outbox holds each user's address at render time: send skips a message to another one.
+        + [user("u3", consent=False), user("u7", email="u7@@mail.example"), user("u9", email="u9@bücher.example")],
+        USERS))
     ctx.lake.append("suppressions", spark.createDataFrame([
         ("u4", sha("u4@mail.example"), "all", "unsubscribed", "e1", dt.datetime(2026, 11, 20, 7, 0), None,
          dt.datetime(2026, 11, 20, 7, 0))], SUPPRESSIONS))
@@ -223,6 +231,86 @@ def test_deferred_messages_wait_then_go_soft_bounces_suppress_and_a_dry_run_writ
         ("u2", "soft_bounced", "all", sha("u2@mail.example"))]
     assert outbox_statuses(ctx) == {"u1": ("sent", None), "u2": ("rendered", None), "u2/c2": ("rendered", None),
                                     "u3": ("sent", None)}
+
+
+def test_an_attempt_deferred_untried_does_not_count_towards_max_attempts(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([message("u1")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("u1")], USERS))
+    # An earlier run's task could not reach the relay: attempt 1 deferred untried.
+    ctx.lake.append("deliveries", spark.createDataFrame([
+        (mid("u1"), 1, "send-0", S.DEFERRED, S.RELAY_UNAVAILABLE, None, "connection refused", "127.0.0.1:1",
+         dt.datetime(2026, 11, 20, 11, 0), dt.datetime(2026, 11, 20, 11, 15), "c1", "u1", sha("u1@mail.example"),
+         "smtp", None)], S.DELIVERIES_SCHEMA))
+    handler = ScriptedHandler(script={"u1@mail.example": ["450"]})
+    with smtp_server(handler) as port:
+        report = run_send(sending_ctx(ctx, port, max_attempts=2))
+    # Attempt 2 is the relay's first look at it: a 4xx defers it (the last allowed try is still to come).
+    assert report.states == {"deferred": 1}
+    assert_df_equality(deliveries(ctx, spark), spark.createDataFrame([
+        (mid("u1"), 1, "deferred", "relay_unavailable", None), (mid("u1"), 2, "deferred", "temporary", 450),
+    ], "message_id string, attempt int, state string, reason string, smtp_code int"),
+        ignore_row_order=True, ignore_nullable=True)
+
+
+def test_a_run_whose_folder_is_still_leased_is_left_alone_and_nothing_is_sent(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([message("u1"), message("u2")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("u1"), user("u2")], USERS))
+    live = runs_dir(ctx.settings.delivery.journal_dir) / "send-20261120T115900Z-0a1b2c3d"
+    live.mkdir(parents=True)
+    lease = {"run_id": live.name, "host": socket.gethostname(), "pid": os.getpid(), "expires": time.time() + 600}
+    (live / "lease.json").write_text(json.dumps(lease))
+    # That run is still going (its lock lost to a fault) and has sent u1.
+    lines = [{"k": "start", "m": mid("u1"), "a": 1, "t": NOW.isoformat()},
+             {"k": "end", "m": mid("u1"), "a": 1, "t": NOW.isoformat(), "s": "sent", "c": 250}]
+    (live / "part-00000-0-0a1b2c.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    handler = ScriptedHandler()
+    with smtp_server(handler) as port:
+        sending = sending_ctx(ctx, port)
+        with pytest.raises(SendLockedError, match="still sending"):
+            run_send(sending)
+        assert live.is_dir() and handler.transactions == {} and not ctx.lake.exists("deliveries")
+        # Its run ended (lease released): the next run commits its folder, then sends the rest.
+        (live / "lease.json").write_text(json.dumps({**lease, "expires": 0}))
+        report = run_send(sending)
+    assert report.recovered_runs == (live.name,) and report.recovered == {"sent": 1}
+    assert report.states == {"sent": 1} and [r.rcpt for r in handler.received] == ["u2@mail.example"]
+    assert not live.exists()
+
+
+class TakeoverHandler(ScriptedHandler):
+    """Another run takes the send lock over while the first message is with the relay."""
+
+    lock_path = None
+
+    async def handle_DATA(self, server, session, envelope):
+        if not self.received:
+            self.lock_path.write_text(json.dumps({"run_id": "send-other", "host": "elsewhere.example", "pid": 1,
+                                                  "expires": time.time() + 600}))
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_run_that_loses_its_lock_stops_sending_and_commits_nothing(ctx, spark):
+    users = ("u1", "u2", "u3")
+    ctx.lake.append("outbox", spark.createDataFrame([message(u) for u in users], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user(u) for u in users], USERS))
+    journal_dir = ctx.settings.delivery.journal_dir
+    # Each message 2.5 s with the relay: the lock (renewed every second) is found lost meanwhile.
+    handler = TakeoverHandler(default="slow", slow_seconds=2.5)
+    handler.lock_path = Path(journal_dir) / "send.lock"
+    with smtp_server(handler) as port:
+        sending = sending_ctx(ctx, port, connections=1, lock_lease_seconds=3.0)
+        with pytest.raises(LeaseLostError, match="lost the send lock"):
+            run_send(sending)
+        assert len(handler.received) == 1 and not ctx.lake.exists("deliveries")
+        assert json.loads(handler.lock_path.read_text())["run_id"] == "send-other"   # left to its owner
+        (folder,) = runs_dir(journal_dir).iterdir()                                  # not committed
+        # The other run ends; the next one commits the stopped run's journal and sends the rest.
+        handler.lock_path.unlink()
+        handler.slow_seconds = 0.0
+        report = run_send(sending)
+    assert report.recovered_runs == (folder.name,) and report.recovered == {"sent": 1}
+    assert report.states == {"sent": 2} and len(handler.received) == 3
+    assert sorted(r.rcpt for r in handler.received) == [f"{u}@mail.example" for u in users]
 
 
 def test_a_relay_that_refuses_tls_or_auth_stops_the_run_before_anything_is_touched(ctx, spark):

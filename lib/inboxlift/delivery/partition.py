@@ -15,6 +15,12 @@ For each message, in order:
    attempt); 5xx ``bounced`` (to MAIL FROM: ``failed``, our sender is refused); no reply after the
    content ``unknown``; a connection lost before the content: reconnect and retry.
 
+A message that never reached the relay (it cannot be reached, or the connection is lost before the
+content, still after the retries) is ``deferred`` whatever its attempt: such attempts
+(``untried_attempts``) do not count towards ``max_attempts``. Before each message the task checks
+that its run still holds its lease (:func:`inboxlift.delivery.journal.lease_ended`); a run that lost
+it sends nothing more (the task fails with :class:`~inboxlift.delivery.journal.LeaseLostError`).
+
 Plain Python over Arrow batches: tests call :func:`send_batches` without Spark.
 """
 
@@ -32,13 +38,17 @@ import pyarrow as pa
 from inboxlift.addresses import ascii_address
 from inboxlift.clock import Clock
 from inboxlift.delivery import states as S
-from inboxlift.delivery.journal import TaskJournal
+from inboxlift.delivery.journal import LeaseLostError, TaskJournal, lease_ended
 from inboxlift.delivery.ratelimit import TaskPacer, backoff_seconds
 from inboxlift.delivery.smtp import MAIL, REPLY, RelayConfig, RelayConnection, RelayError
 from inboxlift.render.eml import MessageError, message_bytes
 
-# The outbox columns a task reads (the bodies and headers are what message_bytes writes).
-INPUT_COLUMNS = ("message_id", "attempt", "to_email", "from_email", "subject", "text", "html", "headers", "send_at")
+# The outbox columns a task reads (the bodies and headers are what message_bytes writes), and the
+# message's earlier attempts that never reached the relay (from deliveries; absent counts as none).
+INPUT_COLUMNS = ("message_id", "attempt", "untried_attempts", "to_email", "from_email", "subject", "text", "html",
+                 "headers", "send_at")
+# How often a task reads its run's lease (a small file on the shared journal storage).
+LEASE_CHECK_SECONDS = 1.0
 RESULT_ARROW_SCHEMA = pa.schema([
     pa.field("message_id", pa.string()), pa.field("attempt", pa.int32()), pa.field("state", pa.string()),
     pa.field("smtp_code", pa.int32()), pa.field("reason", pa.string()),
@@ -68,6 +78,8 @@ class SendPlan:
     clock: Clock
     # Pacing uses the machine's monotonic time; tests may pass a fake sleep.
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
+    # The run whose lease the tasks check before each message (None: no lease, e.g. tests of a task).
+    run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,7 @@ class TaskSender:
                                         domain_rate=plan.domain_messages_per_second / share, sleep=plan.sleep)
         # Set when the relay cannot be reached at all: the task's other messages are deferred untried.
         self.unavailable: str | None = None
+        self._lease_checked: float | None = None
 
     def handle(self, row: dict[str, Any]) -> Outcome:
         message_id, attempt = row["message_id"], int(row["attempt"])
@@ -127,15 +140,30 @@ class TaskSender:
                 return Outcome(recorded.state, recorded.code, recorded.reason)
             return self._end(message_id, attempt, Outcome(S.UNKNOWN, reason=S.INTERRUPTED,
                                                           reply="started by an earlier attempt of this task"))
-        outcome = self._send(row, message_id, attempt)
+        self._check_lease(message_id)
+        # This attempt's number among the ones that reach the relay: what max_attempts counts.
+        tries = attempt - int(row.get("untried_attempts") or 0)
+        outcome = self._send(row, message_id, attempt, tries)
         return self._end(message_id, attempt, outcome)
+
+    def _check_lease(self, message_id: str) -> None:
+        if self.plan.run_id is None:
+            return
+        now = time.monotonic()
+        if self._lease_checked is not None and now - self._lease_checked < LEASE_CHECK_SECONDS:
+            return
+        ended = lease_ended(Path(self.plan.run_dir), self.plan.run_id)
+        if ended is not None:
+            raise LeaseLostError(f"run {self.plan.run_id} lost its lease ({ended}): the task stops before "
+                                 f"{message_id}; its messages not attempted stay due")
+        self._lease_checked = now
 
     def _end(self, message_id: str, attempt: int, outcome: Outcome) -> Outcome:
         self.journal.ended(message_id, attempt, self.plan.clock.now(), state=outcome.state, code=outcome.code,
                            reply=outcome.reply, reason=outcome.reason, next_at=outcome.next_at)
         return outcome
 
-    def _send(self, row: dict[str, Any], message_id: str, attempt: int) -> Outcome:
+    def _send(self, row: dict[str, Any], message_id: str, attempt: int, tries: int) -> Outcome:
         headers = _headers(row.get("headers"))
         broken = header_line_break(row, headers)
         if broken:
@@ -154,7 +182,7 @@ class TaskSender:
         retries = 0
         while True:
             if self.unavailable is not None:
-                return self._deferred(attempt, None, self.unavailable, S.RELAY_UNAVAILABLE)
+                return self._untried(tries, self.unavailable, S.RELAY_UNAVAILABLE)
             if not self.connection.is_open:
                 try:
                     self.connection.open()
@@ -177,18 +205,18 @@ class TaskSender:
                     return Outcome(S.UNKNOWN, reason=S.NO_REPLY, reply=reply.text)
                 retries += 1
                 if retries > self.plan.throttle_retries:
-                    return self._deferred(attempt, None, reply.text, S.CONNECTION_LOST)
+                    return self._untried(tries, reply.text, S.CONNECTION_LOST)
                 self._back_off(retries)
                 continue
             if reply.code in S.THROTTLE_CODES:
                 self.pacer.slow_down()
                 retries += 1
                 if retries > self.plan.throttle_retries:
-                    return self._deferred(attempt, reply.code, reply.text, S.THROTTLED)
+                    return self._deferred(tries, reply.code, reply.text, S.THROTTLED)
                 self._back_off(retries)
                 continue
             if 400 <= reply.code < 500:
-                return self._deferred(attempt, reply.code, reply.text, S.TEMPORARY)
+                return self._deferred(tries, reply.code, reply.text, S.TEMPORARY)
             if 500 <= reply.code < 600:
                 if reply.phase == MAIL:
                     return Outcome(S.FAILED, reply.code, S.SENDER_REFUSED, reply.text)
@@ -199,11 +227,15 @@ class TaskSender:
         self.plan.sleep(backoff_seconds(retry, first=self.plan.throttle_backoff_seconds,
                                         cap=self.plan.throttle_backoff_max_seconds))
 
-    def _deferred(self, attempt: int, code: int | None, reply: str, reason: str) -> Outcome:
-        """Deferred to a later run, or failed when this was the last attempt allowed."""
-        if attempt >= self.plan.max_attempts:
+    def _deferred(self, tries: int, code: int | None, reply: str, reason: str) -> Outcome:
+        """Deferred to a later run, or failed when this was the last try allowed."""
+        if tries >= self.plan.max_attempts:
             return Outcome(S.FAILED, code, S.RETRIES_EXHAUSTED, f"{reason}: {reply}"[:500])
-        minutes = backoff_seconds(attempt, first=self.plan.retry_backoff_minutes,
+        return self._untried(tries, reply, reason, code=code)
+
+    def _untried(self, tries: int, reply: str, reason: str, *, code: int | None = None) -> Outcome:
+        """Deferred to a later run whatever the attempt: the relay never had the message."""
+        minutes = backoff_seconds(max(1, tries), first=self.plan.retry_backoff_minutes,
                                   cap=self.plan.retry_backoff_max_minutes)
         return Outcome(S.DEFERRED, code, reason, reply, next_at=self.plan.clock.now() + dt.timedelta(minutes=minutes))
 

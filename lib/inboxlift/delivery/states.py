@@ -22,13 +22,15 @@ HEADER_LINE_BREAK = "header_line_break"      # a header value, the subject or an
 BAD_MESSAGE = "bad_message"                  # render.eml.message_bytes refused the row (the error in smtp_reply)
 # Failed by the relay's answer.
 SENDER_REFUSED = "sender_refused"            # 5xx to MAIL FROM: about our sender, not the recipient
-RETRIES_EXHAUSTED = "retries_exhausted"      # a 4xx at the last of delivery.max_attempts
+RETRIES_EXHAUSTED = "retries_exhausted"      # a 4xx at the last of delivery.max_attempts (untried ones not counted)
 UNEXPECTED_REPLY = "unexpected_reply"
 # Deferred.
 THROTTLED = "throttled"                      # 421/451/452 still after delivery.throttle_retries in-task retries
 TEMPORARY = "temporary"                      # another 4xx
 RELAY_UNAVAILABLE = "relay_unavailable"      # the task could not (re)connect; messages left untouched
 CONNECTION_LOST = "connection_lost"          # lost before the content went out, still after retries
+# Deferred without the relay ever having the message: such attempts do not count towards max_attempts.
+UNTRIED_REASONS = (RELAY_UNAVAILABLE, CONNECTION_LOST)
 # Bounced.
 REJECTED = "rejected"                        # 5xx to RCPT or to the content
 DSN_BOUNCE = "dsn"                           # a delivery status notification said the address fails

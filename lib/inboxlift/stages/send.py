@@ -1,6 +1,7 @@
 """The send stage: ``outbox`` -> the relay over SMTP, exactly once per message (README "Sending").
 
-``run_send`` takes the run lock, commits what an earlier run that died left in its journal, selects
+``run_send`` takes the run lock, commits what an earlier run that ended left in its journal (a run
+whose lease still holds is refused: :func:`inboxlift.delivery.journal.pending_runs`), selects
 the due messages (:mod:`inboxlift.delivery.selection`: rendered, ``send_at`` passed, not sent, not
 waiting for a retry, the user still allowed mail now), records the skipped ones, checks the relay
 once from the driver, and sends the rest from the executors: the light keys of the due messages are
@@ -8,7 +9,8 @@ joined to the outbox's bodies, hash-partitioned into ``delivery.connections`` ta
 sends its partition over one SMTP connection (``mapInArrow``,
 :func:`inboxlift.delivery.partition.send_batches`). The driver only collects counts. The run's
 journal then becomes ``deliveries`` rows, the outbox's ``sent`` statuses and suppressions
-(:func:`inboxlift.delivery.bookkeeping.commit_runs`).
+(:func:`inboxlift.delivery.bookkeeping.commit_runs`). A run that loses its lease midway stops: its
+tasks send no further message, and it commits nothing (the next run commits its journal).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from inboxlift.consent import SUPPRESSIONS_TABLE, email_hash
 from inboxlift.context import RunContext
 from inboxlift.delivery import states as S
 from inboxlift.delivery.bookkeeping import Committed, commit_runs, with_message_columns
-from inboxlift.delivery.journal import RunLock, new_run_id, pending_runs, start_run
+from inboxlift.delivery.journal import LeaseLostError, RunLock, new_run_id, pending_runs, start_run
 from inboxlift.delivery.partition import INPUT_COLUMNS, RESULT_DDL, SendPlan, send_batches
 from inboxlift.delivery.selection import (
     DUE,
@@ -185,10 +187,11 @@ def run_send(ctx: RunContext, *, campaign_id: str | None = None, dry_run: bool =
         return _select(ctx, outbox, run_id=run_id, campaign_id=campaign_id, limit=limit, relay=relay_name,
                        resend_unknown=resend_unknown, connections=connections, now=now, dry_run=True)[0]
     _refuse_speculation(ctx)
-    with RunLock(d.journal_dir, run_id=run_id, lease_seconds=d.lock_lease_seconds):
+    with RunLock(d.journal_dir, run_id=run_id, lease_seconds=d.lock_lease_seconds) as lock:
         recovered = Committed((), 0, 0)
-        pending = pending_runs(d.journal_dir)
+        pending = pending_runs(d.journal_dir, lease_seconds=d.lock_lease_seconds)
         if pending:
+            lock.check()
             recovered = commit_runs(ctx.lake, pending, now=now, soft_bounce_threshold=d.soft_bounce_threshold)
             outbox = ctx.lake.read(OUTBOX_TABLE)
         report, to_send, skipped, due = _select(ctx, outbox, run_id=run_id, campaign_id=campaign_id, limit=limit,
@@ -202,13 +205,26 @@ def run_send(ctx: RunContext, *, campaign_id: str | None = None, dry_run: bool =
                     check_relay(relay)
                 except RelayError as exc:
                     raise DeliveryError(f"{exc}; nothing was sent") from exc
+                lock.check()
                 folder = start_run(d.journal_dir, run_id, {"run_id": run_id, "relay": relay.name,
-                                                           "started_at": now.isoformat()})
+                                                           "started_at": now.isoformat()}, lock=lock)
                 folders.append(folder)
                 started = time.monotonic()
-                results = _send(ctx, outbox, to_send, relay=relay, folder=str(folder), connections=connections,
-                                count=report.attempted, now=now)
+                try:
+                    results = _send(ctx, outbox, to_send, relay=relay, folder=str(folder), run_id=run_id,
+                                    connections=connections, count=report.attempted, now=now)
+                except Exception as exc:
+                    # A task that finds the lease lost fails with LeaseLostError, which reaches the driver
+                    # wrapped (and named) in Spark's error: say so plainly.
+                    if lock.lost is None and LeaseLostError.__name__ not in str(exc):
+                        raise
+                    raise LeaseLostError(f"run {run_id} lost the send lock ({lock.lost or 'its folder lease ended'}):"
+                                         " its tasks stopped sending; the next run commits its journal") from exc
                 seconds = time.monotonic() - started
+            # Only while this run holds the lock: a run that lost it leaves its journal to the next one.
+            lock.check()
+            for folder in folders:
+                lock.end(folder)
             committed = commit_runs(ctx.lake, folders, extra=_skipped_rows(skipped, run_id=run_id, now=now),
                                     now=now, soft_bounce_threshold=d.soft_bounce_threshold)
         finally:
@@ -270,22 +286,37 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
     return report, to_send, due.where(F.col("skip_reason").isNotNull()), frame
 
 
-def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str,
+def with_untried_attempts(keys: DataFrame, *, deliveries: DataFrame | None) -> DataFrame:
+    """``keys`` (``message_id``, ...) with ``untried_attempts``: the message's attempts deferred without
+    reaching the relay. They keep their ``deliveries`` rows (one per attempt, so every run's counts
+    stay) but do not count towards ``max_attempts``."""
+    if deliveries is None:
+        return keys.withColumn("untried_attempts", F.lit(0))
+    untried = (deliveries.where((F.col("state") == F.lit(S.DEFERRED)) & F.col("reason").isin(*S.UNTRIED_REASONS))
+               .groupBy("message_id").agg(F.count(F.lit(1)).cast("int").alias("untried_attempts")))
+    # untried holds one row per message: the join keeps one row per key.
+    return (keys.join(untried, "message_id", how="left")
+            .withColumn("untried_attempts", F.coalesce(F.col("untried_attempts"), F.lit(0))))
+
+
+def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str, run_id: str,
           connections: int, count: int, now: dt.datetime) -> dict[str, int]:
     """Run the send job; returns messages per state as the tasks reported them."""
     d = ctx.settings.delivery
     plan = SendPlan(
-        relay=relay, run_dir=folder, connections=connections,
+        relay=relay, run_dir=folder, run_id=run_id, connections=connections,
         return_path=d.return_path, messages_per_second=d.messages_per_second,
         domain_messages_per_second=d.domain_messages_per_second, throttle_backoff_seconds=d.throttle_backoff_seconds,
         throttle_backoff_max_seconds=d.throttle_backoff_max_seconds, throttle_retries=d.throttle_retries,
         max_attempts=d.max_attempts, retry_backoff_minutes=d.retry_backoff_minutes,
         retry_backoff_max_minutes=d.retry_backoff_max_minutes, journal_fsync=d.journal_fsync, clock=ctx.clock)
-    keys = to_send.select("message_id", "attempt")
+    keys = to_send.select("message_id", "attempt").transform(with_untried_attempts, deliveries=(
+        ctx.lake.read(S.DELIVERIES_TABLE) if ctx.lake.exists(S.DELIVERIES_TABLE) else None))
     if count <= d.broadcast_max_messages:
         # The bodies stay where the outbox scan reads them; only the keys travel.
         keys = F.broadcast(keys)
-    bodies = outbox.select(*[c for c in INPUT_COLUMNS if c != "attempt"]).join(keys, "message_id", how="inner")
+    bodies = (outbox.select(*[c for c in INPUT_COLUMNS if c not in ("attempt", "untried_attempts")])
+              .join(keys, "message_id", how="inner"))
     # The scan's partitions merged into at most `connections` tasks, without a shuffle: the bodies go
     # from the outbox's files to the Python workers once, not through a shuffle's disk and network
     # too. A task Spark runs again reads the same files; and whichever task holds a message, the run's
