@@ -88,6 +88,23 @@ def test_import_from_a_maildir_then_an_mbox_writes_once_and_keeps_the_unreadable
     assert ctx.lake.read("bounce_quarantine").count() == 3
 
 
+def test_a_complaint_naming_only_its_message_blocks_the_address_that_message_went_to(ctx, spark, tmp_path):
+    ctx.lake.append("outbox", spark.createDataFrame([message("cara")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user("cara")], USERS))
+    # The ARF sample without Original-Rcpt-To and without the quoted To: only the Message-ID is left.
+    raw = (SAMPLES / "arf_complaint.eml").read_bytes()
+    raw = raw.replace(b"Original-Rcpt-To: <cara@mail.example>\r\n", b"").replace(b"To: cara@mail.example\r\n", b"")
+    assert b"cara@mail.example" not in raw
+    maildir = mailbox.Maildir(str(tmp_path / "fbl"), create=True)
+    maildir.add(raw)
+    report = run_import_bounces(ctx, path=tmp_path / "fbl")
+    assert report.kinds == {"complaint": 1} and report.matched_by_message_id == 1
+    assert report.suppressions_added == {"complained": 1}
+    # The suppression holds for the mailbox (its hash), not only for the user.
+    rows = [(r.user_id, r.email_hash, r.reason) for r in ctx.lake.read("suppressions").collect()]
+    assert rows == [("cara", sha("cara@mail.example"), "complained")]
+
+
 def test_a_path_that_is_no_mailbox_is_a_clear_error(ctx, tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a Maildir"):
         run_import_bounces(ctx, path=tmp_path / "nowhere")

@@ -91,8 +91,12 @@ def _matched(reports: DataFrame, *, outbox: DataFrame | None, users: DataFrame) 
     readable = reports.where(F.col("kind") != F.lit(B.UNREADABLE))
     if outbox is not None:
         # outbox is keyed by message_id: at most one row per report row.
-        messages = outbox.select(F.col("message_id").alias("_mid"), F.col("user_id").alias("_m_user"))
+        messages = outbox.select(F.col("message_id").alias("_mid"), F.col("user_id").alias("_m_user"),
+                                 F.col("to_email").alias("_m_to"))
         readable = readable.join(messages, F.col("message_id") == F.col("_mid"), how="left")
+        # A complaint naming its message but not the address (no Original-Rcpt-To, no To in the
+        # headers it quotes) is about the address that message went to.
+        readable = readable.withColumn("recipient", F.coalesce(F.col("recipient"), F.col("_m_to")))
     else:
         readable = readable.select("*", F.lit(None).cast("string").alias("_mid"),
                                    F.lit(None).cast("string").alias("_m_user"))
