@@ -15,6 +15,7 @@ import pytest
 from chispa import assert_df_equality
 from pyspark.sql import functions as F
 
+from inboxlift.delivery.states import DELIVERIES_SCHEMA
 from inboxlift.stages.features import run_features
 from inboxlift.stages.ingest import IngestInterrupted, run_ingest
 from inboxlift.stages.plan import run_plan
@@ -226,6 +227,25 @@ def test_render_withdraws_a_message_of_another_campaign_still_addressed_to_a_use
     assert rows == {("c1", "u1"): ("rendered", None, "u1.new@mail.example"),
                     ("c2", "u1"): ("withdrawn", "address_changed", "u1@mail.example"),
                     ("c2", "u2"): ("rendered", None, "u2@mail.example")}
+
+
+def test_a_message_rendered_again_after_the_relay_took_it_is_counted_as_already_sent_not_as_written(ctx, spark):
+    ctx.lake.append("users", users(spark, {"u1": True, "u2": True}))
+    ctx.lake.append("products", catalogue(spark))
+    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", "u1"), ("c1", "weekly_picks", "u2")]))
+    assert run_render(ctx).messages == 2
+    # The relay accepted u1's message: deliveries says so, the outbox row still says rendered.
+    (sent_id,) = [r.message_id for r in ctx.lake.read("outbox").where(F.col("user_id") == "u1").collect()]
+    ctx.lake.append("deliveries", spark.createDataFrame(
+        [(sent_id, 1, "send-1", "sent", None, 250, "2.0.0 ok", "127.0.0.1:25", NOW, None, "c1", "u1",
+          sha("u1@mail.example"), "smtp", None)], DELIVERIES_SCHEMA))
+    again = run_render(ctx)
+    # Both rendered again; only u2's is written (a sent message's row is never rewritten).
+    assert sum(n for _, _, n in again.rendered) == 2 and again.already_sent == (("c1", 1),)
+    assert again.messages == 1
+    assert again.summary().startswith(
+        "render (every planned campaign): 1 messages into outbox, 0 rows into render_errors, 0 holdout rows "
+        "skipped (no email), 1 rendered again but already sent (left as they were)")
 
 
 def test_render_withdraws_what_the_latest_plan_no_longer_holds_and_never_touches_a_sent_message(ctx, spark):

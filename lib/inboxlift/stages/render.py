@@ -36,7 +36,8 @@ from pyspark.sql import functions as F
 
 from inboxlift.consent import SUPPRESSIONS_TABLE, with_mail_permission
 from inboxlift.context import RunContext
-from inboxlift.delivery.outbox import read_outbox, without_delivered
+from inboxlift.delivery.outbox import delivered_messages, read_outbox, without_delivered
+from inboxlift.delivery.states import DELIVERIES_TABLE
 from inboxlift.render.eml import eml_bytes
 from inboxlift.render.frames import (
     filter_sendable,
@@ -80,10 +81,13 @@ class RenderReport:
     errors_version: int | None
     # (campaign_id, status_reason, outbox messages withdrawn by this run)
     withdrawn: tuple[tuple[str, str, int], ...] = ()
+    # (campaign_id, rendered messages the relay already accepted: their outbox rows are left as they were)
+    already_sent: tuple[tuple[str, int], ...] = ()
 
     @property
     def messages(self) -> int:
-        return sum(n for _, _, n in self.rendered)
+        """Messages written into the outbox: rendered, but those already sent."""
+        return sum(n for _, _, n in self.rendered) - sum(n for _, n in self.already_sent)
 
     @property
     def skipped_holdout(self) -> int:
@@ -107,6 +111,9 @@ class RenderReport:
             errors[campaign].append((reason, n))
         campaigns = sorted({c for c, _, _ in self.rendered} | set(holdout) | set(errors)
                            | {c for c, _, _ in self.withdrawn})
+        if self.already_sent:
+            lines[0] += (f", {sum(n for _, n in self.already_sent)} rendered again but already sent "
+                         "(left as they were)")
         if self.withdrawn:
             lines[0] += f", {self.withdrawn_messages} earlier messages withdrawn"
         if campaigns:
@@ -232,10 +239,16 @@ def _write_outbox(ctx: RunContext, messages: DataFrame, *, failures: DataFrame, 
     return result, tuple(sorted((r["campaign_id"], r[STATUS_REASON], r["count"]) for r in withdrawn))
 
 
-def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame) -> tuple[list[Row], list[Row], list[Row]]:
+def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame,
+             delivered: DataFrame | None) -> tuple[list[Row], list[Row], list[Row], list[Row]]:
     """Rendered and failed messages per campaign, variant and reason; refused ones per campaign and
-    reason; holdout rows per campaign. One Spark job for the three (small: one row per group)."""
+    reason; holdout rows per campaign; rendered messages already sent (``delivered``: their ids) per
+    campaign. One Spark job for the four (small: one row per group)."""
     tally = "_tally"
+    sent = [] if delivered is None else [
+        rendered.where(F.col("reason").isNull()).join(delivered, "message_id", how="left_semi")
+        .groupBy("campaign_id").count().withColumn("variant", F.lit(None).cast("string"))
+        .withColumn("reason", F.lit(None).cast("string")).withColumn(tally, F.lit("already_sent"))]
     rows = (
         rendered.groupBy("campaign_id", "variant", "reason").count().withColumn(tally, F.lit("rendered"))
         .unionByName(blocked.groupBy("campaign_id", "reason").count()
@@ -243,12 +256,13 @@ def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame) -> tup
         .unionByName(plan.where(is_holdout()).groupBy("campaign_id").count()
                      .withColumn("variant", F.lit(None).cast("string")).withColumn("reason", F.lit(None).cast("string"))
                      .withColumn(tally, F.lit("holdout")))
-        .collect()
     )
-    by_tally: dict[str, list[Row]] = {"rendered": [], "refused": [], "holdout": []}
-    for row in rows:
+    for frame in sent:
+        rows = rows.unionByName(frame)
+    by_tally: dict[str, list[Row]] = {"rendered": [], "refused": [], "holdout": [], "already_sent": []}
+    for row in rows.collect():
         by_tally[row[tally]].append(row)
-    return by_tally["rendered"], by_tally["refused"], by_tally["holdout"]
+    return by_tally["rendered"], by_tally["refused"], by_tally["holdout"], by_tally["already_sent"]
 
 
 def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapping[str, str] | None = None,
@@ -280,7 +294,10 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
         ).persist(KEEP)
         try:
             blocked = _blocked_rows(checked.where(F.col("blocked_reason").isNotNull()), now=now)
-            counts, refused, holdout = _tallies(rendered, blocked=blocked, plan=plan)
+            deliveries = ctx.lake.read(DELIVERIES_TABLE) if ctx.lake.exists(DELIVERIES_TABLE) else None
+            counts, refused, holdout, already_sent = _tallies(
+                rendered, blocked=blocked, plan=plan,
+                delivered=None if deliveries is None else delivered_messages(deliveries))
             messages = rendered.where(F.col("reason").isNull()).select(
                 *OUTBOX_COLUMNS, F.lit(None).cast("string").alias(STATUS_REASON))
             failures = rendered.where(F.col("reason").isNotNull()).select(*RENDER_ERROR_COLUMNS).unionByName(blocked)
@@ -305,6 +322,7 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
         outbox_version=outbox.version,
         errors_version=errors.version,
         withdrawn=withdrawn,
+        already_sent=tuple(sorted((r["campaign_id"], r["count"]) for r in already_sent)),
     )
 
 
