@@ -285,19 +285,23 @@ def test_locale_falls_back_to_english_and_picks_the_variant_subject(spark):
 
 # ---- the stage -----------------------------------------------------------------------------------
 
+def with_campaigns(ctx, tmp_path, campaigns: list[tuple[str, str, int]], *, common: str):
+    """``ctx`` reading a campaigns file of ``(id, type, priority)`` campaigns, one variant A, no holdout,
+    one product enough, and the ``common`` YAML lines (indented as keys of a campaign)."""
+    path = tmp_path / "campaigns.yml"
+    shared = f"subjects: {{A: {{en: hi}}}}\n    split: {{A: 1.0}}\n    holdout: 0.0\n    min_products: 1\n    {common}"
+    path.write_text("campaigns:\n" + "".join(
+        f"  {name}:\n    type: {kind}\n    template: {kind}\n    priority: {priority}\n    {shared}\n"
+        for name, kind, priority in campaigns))
+    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths, campaigns_file=str(path)))
+    return dataclasses.replace(ctx, settings=settings)
+
+
 def test_stage_plans_by_priority_with_a_shared_cap_and_a_rerun_gives_the_same_plan(spark, ctx, tmp_path):
     from inboxlift.stages.plan import run_plan
 
-    campaigns = tmp_path / "campaigns.yml"
-    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
-             "    frequency_cap: {max_emails: 1, days: 7}"
-    campaigns.write_text(
-        "campaigns:\n"
-        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n"
-        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n")
-    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
-                                                                           campaigns_file=str(campaigns)))
-    ctx = dataclasses.replace(ctx, settings=settings)
+    ctx = with_campaigns(ctx, tmp_path, [("picks", "weekly_picks", 50), ("cart", "abandoned_cart", 10)],
+                         common="frequency_cap: {max_emails: 1, days: 7}")
     cart_at = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
     ctx.lake.append("users", spark.createDataFrame([user("a"), user("b")], USERS))
     ctx.lake.append("user_features", spark.createDataFrame(
@@ -337,16 +341,8 @@ PLAN_ROW = ("campaign_id string, campaign_type string, plan_date date, user_id s
 def test_replanning_a_day_gives_the_same_rows_and_the_cap_counts_earlier_priorities_and_days(spark, ctx, tmp_path):
     from inboxlift.stages.plan import run_plan
 
-    campaigns = tmp_path / "campaigns.yml"
-    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
-             "    frequency_cap: {max_emails: 1, days: 7}"
-    campaigns.write_text(
-        "campaigns:\n"
-        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n"
-        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n")
-    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
-                                                                           campaigns_file=str(campaigns)))
-    ctx = dataclasses.replace(ctx, settings=settings)
+    ctx = with_campaigns(ctx, tmp_path, [("picks", "weekly_picks", 50), ("cart", "abandoned_cart", 10)],
+                         common="frequency_cap: {max_emails: 1, days: 7}")
     cart_at = dt.datetime(2026, 11, 19, 9, 0, tzinfo=UTC)
     ctx.lake.append("users", spark.createDataFrame([user(u) for u in ("a", "x", "b", "y")], USERS))
     ctx.lake.append("user_features", spark.createDataFrame([
@@ -415,16 +411,8 @@ def test_a_holdout_row_counts_as_a_send_for_the_caps_and_the_cool_down_as_a_mail
     """Intent to treat: held out of cart today, a user may not get picks today, as a mailed user may not."""
     from inboxlift.stages.plan import run_plan
 
-    campaigns = tmp_path / "campaigns.yml"
-    common = "subjects: {A: {en: hi}}\n    split: {A: 1.0}\n    holdout: 0.0\n    min_products: 1\n" \
-             "    cooldown_days: 6\n    frequency_cap: {max_emails: 2, days: 7, max_per_day: 1}"
-    campaigns.write_text(
-        "campaigns:\n"
-        f"  cart:\n    type: abandoned_cart\n    template: abandoned_cart\n    priority: 10\n    {common}\n"
-        f"  picks:\n    type: weekly_picks\n    template: weekly_picks\n    priority: 50\n    {common}\n")
-    settings = dataclasses.replace(ctx.settings, paths=dataclasses.replace(ctx.settings.paths,
-                                                                           campaigns_file=str(campaigns)))
-    ctx = dataclasses.replace(ctx, settings=settings)
+    ctx = with_campaigns(ctx, tmp_path, [("cart", "abandoned_cart", 10), ("picks", "weekly_picks", 50)],
+                         common="cooldown_days: 6\n    frequency_cap: {max_emails: 2, days: 7, max_per_day: 1}")
     people = ("held_today", "mailed_today", "held_before", "mailed_before", "held_capped", "mailed_capped",
               "mailed_once", "replaced", "withdrawn", "fresh")
     ctx.lake.append("users", spark.createDataFrame([user(u) for u in people], USERS))
