@@ -209,6 +209,25 @@ def test_export_skips_a_message_whose_address_is_no_longer_the_users_and_checks_
     assert eml_users(ctx, tmp_path / "eml") == {"u4"}
 
 
+def test_export_leaves_out_a_message_that_may_already_have_arrived_or_was_refused_for_good(ctx, spark, tmp_path):
+    people = ("u1", "u2", "u3", "u4")
+    ctx.lake.append("users", users(spark, {u: True for u in people}))
+    ctx.lake.append("products", catalogue(spark))
+    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", u) for u in people]))
+    assert run_render(ctx).messages == 4
+    ids = {r.user_id: r.message_id for r in ctx.lake.read("outbox").collect()}
+    # u1: no reply after the content (unknown); u2: failed for good; u3: deferred, still to be tried;
+    # u4: never attempted.
+    attempts = [(ids["u1"], "unknown", "no_reply"), (ids["u2"], "failed", "retries_exhausted"),
+                (ids["u3"], "deferred", "temporary")]
+    ctx.lake.append("deliveries", spark.createDataFrame(
+        [(m, 1, "send-1", state, reason, None, "", "127.0.0.1:25", NOW, None, "c1", u, None, "smtp", None)
+         for (m, state, reason), u in zip(attempts, ("u1", "u2", "u3"))], DELIVERIES_SCHEMA))
+    report = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
+    assert (report.written, report.skipped) == (2, {"delivery_unknown": 1, "delivery_failed": 1})
+    assert eml_users(ctx, tmp_path / "eml") == {"u3", "u4"}
+
+
 def test_render_withdraws_a_message_of_another_campaign_still_addressed_to_a_users_old_address(ctx, spark):
     ctx.lake.append("users", users(spark, {"u1": True, "u2": True}))
     ctx.lake.append("products", catalogue(spark))

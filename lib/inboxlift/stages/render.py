@@ -37,7 +37,8 @@ from pyspark.sql import functions as F
 from inboxlift.consent import SUPPRESSIONS_TABLE, with_mail_permission
 from inboxlift.context import RunContext
 from inboxlift.delivery.outbox import delivered_messages, read_outbox, without_delivered
-from inboxlift.delivery.states import DELIVERIES_TABLE
+from inboxlift.delivery.selection import latest_deliveries
+from inboxlift.delivery.states import BOUNCED, DELIVERIES_TABLE, FAILED, UNKNOWN
 from inboxlift.render.eml import eml_bytes
 from inboxlift.render.frames import (
     filter_sendable,
@@ -357,7 +358,10 @@ def export_eml(ctx: RunContext, *, campaign_id: str, to_dir: str | Path) -> Expo
     Only ``rendered`` messages whose user may be mailed *now* are written: the permission is
     checked again here (:func:`inboxlift.consent.with_mail_permission`), not trusted from the outbox,
     since consent may have been withdrawn, or the address changed (``address_changed``), since
-    rendering; a mailbox suppression of the message's ``to_email`` holds too. The others are
+    rendering; a mailbox suppression of the message's ``to_email`` holds too. A message whose latest
+    delivery attempt may have reached the mailbox (``unknown``) or ended it for good (``bounced``,
+    ``failed``) is not written either (``delivery_unknown``, ...): a copy sent from the file could
+    reach the person twice, or go where the relay refused it. The others are
     counted by reason, and a file an earlier export wrote for one of them is removed. Messages
     stream to the driver a partition at a time (``toLocalIterator``), never all at once. A file is
     written under a temporary name and renamed, so a reader never sees half a message.
@@ -368,7 +372,14 @@ def export_eml(ctx: RunContext, *, campaign_id: str, to_dir: str | Path) -> Expo
     checked = outbox.transform(with_mail_permission, users=ctx.lake.read(USERS_TABLE),
                                suppressions=_optional(ctx, SUPPRESSIONS_TABLE), now=ctx.clock.now(),
                                address="to_email")
-    skip = F.when(F.col("status") == F.lit(STATUS_RENDERED), F.col("blocked_reason")).otherwise(
+    if ctx.lake.exists(DELIVERIES_TABLE):
+        # One row per message: the join keeps one row per outbox message.
+        latest = latest_deliveries(ctx.lake.read(DELIVERIES_TABLE)).select("message_id", "last_state")
+        checked = checked.join(latest, "message_id", how="left")
+    else:
+        checked = checked.withColumn("last_state", F.lit(None).cast("string"))
+    held = F.when(F.col("last_state").isin(UNKNOWN, BOUNCED, FAILED), F.concat(F.lit("delivery_"), F.col("last_state")))
+    skip = F.when(F.col("status") == F.lit(STATUS_RENDERED), F.coalesce(F.col("blocked_reason"), held)).otherwise(
         F.coalesce(F.col("status"), F.lit("no_status")))
     checked = checked.withColumn("_skip", skip)
     # One row per reason.
