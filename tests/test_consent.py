@@ -72,6 +72,20 @@ def test_permission_gives_the_first_reason_that_applies(spark):
     }
 
 
+def test_a_bounce_holds_for_its_address_and_a_complaint_follows_the_person_to_a_new_one(spark):
+    users = [("moved", "new@mail.example", True), ("stayed", "kept@mail.example", True),
+             ("no_hash", "x@mail.example", True), ("complained_moved", "new2@mail.example", True)]
+    suppressions = [
+        row("moved", "bounced", email_hash=sha("old@mail.example")),          # the old mailbox bounced
+        row("stayed", "bounced", email_hash=sha("kept@mail.example")),
+        row("no_hash", "bounced"),                                            # address unknown: the user's
+        row("complained_moved", "complained", email_hash=sha("old2@mail.example")),
+    ]
+    got = permission(spark, [("picks", "weekly_picks", u) for u, _, _ in users], users, suppressions)
+    assert got == {("picks", "moved"): None, ("picks", "stayed"): "bounced", ("picks", "no_hash"): "bounced",
+                   ("picks", "complained_moved"): "complained"}
+
+
 def test_permission_without_a_suppressions_table_and_with_a_fixed_campaign_type(spark):
     users = [("a", "a@mail.example", True), ("b", "b@mail.example", False)]
     got = permission(spark, [("c", "ignored", "a"), ("c", "ignored", "b"), ("c", "ignored", "x")], users, None)

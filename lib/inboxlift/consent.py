@@ -57,6 +57,9 @@ ADDRESS_CHANGED = "address_changed"
 BLOCK_REASONS = (UNKNOWN_USER, NO_CONSENT, UNSUBSCRIBED, BOUNCED, COMPLAINED, SUPPRESSED, ADDRESS_CHANGED)
 # Facts about the mailbox, not the person: they hold for every user with that address.
 ADDRESS_REASONS = (BOUNCED, SOFT_BOUNCED, COMPLAINED)
+# Facts about the mailbox alone: with the address known, they stop holding for a user who moved to
+# another one (a typo corrected, a new mailbox). A complaint is the person's wish too: it follows them.
+MAILBOX_ONLY_REASONS = (BOUNCED, SOFT_BOUNCED)
 
 # Event type -> the suppression it starts; resubscribe lifts an unsubscribe of the same scope.
 SUPPRESSING_EVENTS = {"unsubscribe": UNSUBSCRIBED, "bounce": BOUNCED, "complaint": COMPLAINED}
@@ -115,8 +118,10 @@ def _mailbox_blocks(active: DataFrame) -> DataFrame:
 
 def _blocks(active: DataFrame, people: DataFrame) -> DataFrame:
     """``user_id, scope, _p_rank``: the strongest suppression in force per user and scope, by user id
-    and, for :data:`ADDRESS_REASONS`, by the hash of the user's current address."""
-    by_user = active.where(F.col("user_id").isNotNull()).select(
+    and, for :data:`ADDRESS_REASONS`, by the hash of the user's current address. A bounce whose
+    address is known holds by address only (:data:`MAILBOX_ONLY_REASONS`)."""
+    about_mailbox = F.col("reason").isin(*MAILBOX_ONLY_REASONS) & F.col("_p_hash").isNotNull()
+    by_user = active.where(F.col("user_id").isNotNull() & ~about_mailbox).select(
         "user_id", "scope", _reason_rank(F.col("reason")).alias("_p_rank"))
     by_address = (_mailbox_blocks(active)
                   .join(people.select("user_id", "_p_hash").where(F.col("_p_hash").isNotNull()), "_p_hash",
