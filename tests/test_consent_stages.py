@@ -187,45 +187,34 @@ def test_consent_withdrawn_after_render_is_caught_at_export_then_withdrawn_by_th
     assert outbox_state(ctx)["u1"] == ("rendered", None)
 
 
-def test_export_skips_a_message_whose_address_is_no_longer_the_users_and_checks_the_address_it_goes_to(
-        ctx, spark, tmp_path):
-    ctx.lake.append("users", users(spark, {u: True for u in ("u1", "u2", "u3", "u4")}))
+def test_export_checks_the_address_each_message_goes_to_and_leaves_out_what_may_have_arrived(ctx, spark, tmp_path):
+    people = ("u1", "u2", "u3", "u4", "u5", "u6", "u7")
+    ctx.lake.append("users", users(spark, {u: True for u in people}))
     ctx.lake.append("products", catalogue(spark))
-    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", u) for u in ("u1", "u2", "u3", "u4")]))
-    assert run_render(ctx).messages == 4
+    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", u) for u in people]))
+    assert run_render(ctx).messages == 7
 
     # After render: u1 moves to a new address and u2 now holds u1's old one, from which u2 complained;
-    # u3 moves too, nothing suppressed; u4 keeps its address.
+    # u3 moves too, nothing suppressed; u4 to u7 keep their addresses.
     moved = {"u1": "u1.new@mail.example", "u2": "u1@mail.example", "u3": "u3.new@mail.example",
-             "u4": "u4@mail.example"}
+             **{u: f"{u}@mail.example" for u in ("u4", "u5", "u6", "u7")}}
     ctx.lake.overwrite("users", spark.createDataFrame(
         [(u, e, u.upper(), "en", "UTC", "GB", None, True) for u, e in moved.items()], USERS))
     ctx.lake.append("suppressions", spark.createDataFrame(
         [("u2", sha("u1@mail.example"), "all", "complained", "test", dt.datetime(2026, 11, 20, 11), None, NOW)],
         SUPPRESSION_COLUMNS))
+    # Sent before: u5 got no reply after the content (unknown: it may have arrived); u6 failed for good;
+    # u7 was deferred and is still to be tried; u4 was never attempted.
+    ids = {r.user_id: r.message_id for r in ctx.lake.read("outbox").collect()}
+    attempts = [("u5", "unknown", "no_reply"), ("u6", "failed", "retries_exhausted"), ("u7", "deferred", "temporary")]
+    ctx.lake.append("deliveries", spark.createDataFrame(
+        [(ids[u], 1, "send-1", state, reason, None, "", "127.0.0.1:25", NOW, None, "c1", u, None, "smtp", None)
+         for u, state, reason in attempts], DELIVERIES_SCHEMA))
     report = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
     # u1's message still goes to u1@: the complaint about that mailbox holds (u2's too: u2's address now).
-    assert (report.written, report.skipped) == (1, {"complained": 2, "address_changed": 1})
-    assert eml_users(ctx, tmp_path / "eml") == {"u4"}
-
-
-def test_export_leaves_out_a_message_that_may_already_have_arrived_or_was_refused_for_good(ctx, spark, tmp_path):
-    people = ("u1", "u2", "u3", "u4")
-    ctx.lake.append("users", users(spark, {u: True for u in people}))
-    ctx.lake.append("products", catalogue(spark))
-    ctx.lake.append("campaign_plan", plan(spark, [("c1", "weekly_picks", u) for u in people]))
-    assert run_render(ctx).messages == 4
-    ids = {r.user_id: r.message_id for r in ctx.lake.read("outbox").collect()}
-    # u1: no reply after the content (unknown); u2: failed for good; u3: deferred, still to be tried;
-    # u4: never attempted.
-    attempts = [(ids["u1"], "unknown", "no_reply"), (ids["u2"], "failed", "retries_exhausted"),
-                (ids["u3"], "deferred", "temporary")]
-    ctx.lake.append("deliveries", spark.createDataFrame(
-        [(m, 1, "send-1", state, reason, None, "", "127.0.0.1:25", NOW, None, "c1", u, None, "smtp", None)
-         for (m, state, reason), u in zip(attempts, ("u1", "u2", "u3"))], DELIVERIES_SCHEMA))
-    report = export_eml(ctx, campaign_id="c1", to_dir=tmp_path / "eml")
-    assert (report.written, report.skipped) == (2, {"delivery_unknown": 1, "delivery_failed": 1})
-    assert eml_users(ctx, tmp_path / "eml") == {"u3", "u4"}
+    assert (report.written, report.skipped) == (
+        2, {"complained": 2, "address_changed": 1, "delivery_unknown": 1, "delivery_failed": 1})
+    assert eml_users(ctx, tmp_path / "eml") == {"u4", "u7"}
 
 
 def test_render_withdraws_a_message_of_another_campaign_still_addressed_to_a_users_old_address(ctx, spark):
