@@ -34,20 +34,25 @@ LIGHT_COLUMNS = ("message_id", "campaign_id", "campaign_type", "user_id", "to_em
 
 
 def latest_deliveries(deliveries: DataFrame) -> DataFrame:
-    """``message_id, last_attempt, last_state, next_attempt_at``: each message's latest attempt."""
-    require_columns(deliveries, ["message_id", "attempt", "state", "next_attempt_at"], step="latest_deliveries")
+    """``message_id, last_attempt, last_state, next_attempt_at, untried_attempts``: each message's latest
+    attempt, and how many of its attempts were deferred without reaching the relay (they keep their
+    ``deliveries`` rows but do not count towards ``max_attempts``)."""
+    require_columns(deliveries, ["message_id", "attempt", "state", "reason", "next_attempt_at"],
+                    step="latest_deliveries")
+    untried = (F.col("state") == F.lit(S.DEFERRED)) & F.col("reason").isin(*S.UNTRIED_REASONS)
     # (message_id, attempt) is the table's key: max_by over attempt is one row, no tie.
     return deliveries.groupBy("message_id").agg(
         F.max("attempt").alias("last_attempt"),
         F.max_by("state", "attempt").alias("last_state"),
         F.max_by("next_attempt_at", "attempt").alias("next_attempt_at"),
+        F.count_if(untried).cast("int").alias("untried_attempts"),
     )
 
 
 def with_send_status(outbox: DataFrame, *, latest: DataFrame | None, now: dt.datetime,
                      campaign_id: str | None = None, resend_unknown: bool = False) -> DataFrame:
-    """The ``rendered`` outbox messages' light columns with ``send_status``, ``attempt`` and
-    ``is_first_attempt`` (see the module docstring)."""
+    """The ``rendered`` outbox messages' light columns with ``send_status``, ``attempt``,
+    ``is_first_attempt`` and ``untried_attempts`` (see the module docstring and :func:`latest_deliveries`)."""
     require_columns(outbox, list(LIGHT_COLUMNS), step="with_send_status")
     rendered = outbox.where(F.col("status") == F.lit(STATUS_RENDERED))
     if campaign_id is not None:
@@ -56,7 +61,8 @@ def with_send_status(outbox: DataFrame, *, latest: DataFrame | None, now: dt.dat
     if latest is None:
         frame = light.select("*", F.lit(None).cast("int").alias("last_attempt"),
                              F.lit(None).cast("string").alias("last_state"),
-                             F.lit(None).cast("timestamp").alias("next_attempt_at"))
+                             F.lit(None).cast("timestamp").alias("next_attempt_at"),
+                             F.lit(None).cast("int").alias("untried_attempts"))
     else:
         # latest holds one row per message: the join keeps one row per outbox message.
         frame = light.join(latest, "message_id", how="left")
@@ -73,6 +79,7 @@ def with_send_status(outbox: DataFrame, *, latest: DataFrame | None, now: dt.dat
         *LIGHT_COLUMNS, status.alias("send_status"),
         (F.coalesce(F.col("last_attempt"), F.lit(0)) + 1).cast("int").alias("attempt"),
         first.alias("is_first_attempt"),
+        F.coalesce(F.col("untried_attempts"), F.lit(0)).alias("untried_attempts"),
     )
 
 

@@ -286,19 +286,6 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
     return report, to_send, due.where(F.col("skip_reason").isNotNull()), frame
 
 
-def with_untried_attempts(keys: DataFrame, *, deliveries: DataFrame | None) -> DataFrame:
-    """``keys`` (``message_id``, ...) with ``untried_attempts``: the message's attempts deferred without
-    reaching the relay. They keep their ``deliveries`` rows (one per attempt, so every run's counts
-    stay) but do not count towards ``max_attempts``."""
-    if deliveries is None:
-        return keys.withColumn("untried_attempts", F.lit(0))
-    untried = (deliveries.where((F.col("state") == F.lit(S.DEFERRED)) & F.col("reason").isin(*S.UNTRIED_REASONS))
-               .groupBy("message_id").agg(F.count(F.lit(1)).cast("int").alias("untried_attempts")))
-    # untried holds one row per message: the join keeps one row per key.
-    return (keys.join(untried, "message_id", how="left")
-            .withColumn("untried_attempts", F.coalesce(F.col("untried_attempts"), F.lit(0))))
-
-
 def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str, run_id: str,
           connections: int, count: int, now: dt.datetime) -> dict[str, int]:
     """Run the send job; returns messages per state as the tasks reported them."""
@@ -310,8 +297,8 @@ def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: Rela
         throttle_backoff_max_seconds=d.throttle_backoff_max_seconds, throttle_retries=d.throttle_retries,
         max_attempts=d.max_attempts, retry_backoff_minutes=d.retry_backoff_minutes,
         retry_backoff_max_minutes=d.retry_backoff_max_minutes, journal_fsync=d.journal_fsync, clock=ctx.clock)
-    keys = to_send.select("message_id", "attempt").transform(with_untried_attempts, deliveries=(
-        ctx.lake.read(S.DELIVERIES_TABLE) if ctx.lake.exists(S.DELIVERIES_TABLE) else None))
+    # untried_attempts comes with the selection (latest_deliveries): deliveries are read once per run.
+    keys = to_send.select("message_id", "attempt", "untried_attempts")
     if count <= d.broadcast_max_messages:
         # The bodies stay where the outbox scan reads them; only the keys travel.
         keys = F.broadcast(keys)
