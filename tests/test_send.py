@@ -24,7 +24,8 @@ from inboxlift.delivery import states as S
 from inboxlift.delivery.journal import LeaseLostError, SendLockedError, runs_dir
 from inboxlift.delivery.outbox import read_outbox, with_delivered_status
 from inboxlift.render.eml import message_bytes
-from inboxlift.stages.send import DeliveryError, run_send
+from inboxlift.service.app import event_line
+from inboxlift.stages.send import DeliveryError, _consent_watch, run_send
 
 from smtp_server import ScriptedHandler, smtp_server
 
@@ -250,6 +251,54 @@ def test_an_attempt_deferred_untried_does_not_count_towards_max_attempts(ctx, sp
         (mid("u1"), 1, "deferred", "relay_unavailable", None), (mid("u1"), 2, "deferred", "temporary", 450),
     ], "message_id string, attempt int, state string, reason string, smtp_code int"),
         ignore_row_order=True, ignore_nullable=True)
+
+
+def test_an_unsubscribe_ingest_has_not_read_stops_the_message_at_selection_or_in_its_task(ctx, spark):
+    ctx.lake.append("outbox", spark.createDataFrame([message(u) for u in ("u1", "u2", "u3")], OUTBOX))
+    ctx.lake.append("users", spark.createDataFrame([user(u) for u in ("u1", "u2", "u3")], USERS))
+    serve = Path(ctx.settings.service_events_dir)
+    serve.mkdir(parents=True)
+
+    def unsubscribe(user_id: str, at: dt.datetime) -> bytes:
+        return event_line(event_type="unsubscribe", at=at, user_id=user_id, campaign_id="c0", message_id="m0",
+                          properties={"scope": "all", "method": "one_click"})
+
+    # A finished service file ingest has not read: the selection applies it.
+    (serve / "serve-1.jsonl").write_bytes(unsubscribe("u2", NOW - dt.timedelta(hours=1)))
+    # The service's file in progress, which the selection does not list: u3 clicks during the run.
+    (serve / ".serve-2.jsonl").write_bytes(unsubscribe("u3", NOW + dt.timedelta(seconds=30)))
+    handler = ScriptedHandler()
+    with smtp_server(handler) as port:
+        sending = sending_ctx(ctx, port)
+        first = run_send(sending)
+        # The service finishes its file; the next run's selection reads it.
+        (serve / ".serve-2.jsonl").rename(serve / "serve-2.jsonl")
+        second = run_send(sending)
+
+    assert [r.rcpt for r in handler.received] == ["u1@mail.example"]
+    assert (first.states, first.skipped, first.reasons) == (
+        {"sent": 1, "deferred": 1}, {"unsubscribed": 1}, {("deferred", "consent_changed"): 1})
+    assert "deferred: consent_changed=1" in first.summary()
+    assert (second.states, second.skipped) == ({}, {"unsubscribed": 1})
+    assert_df_equality(deliveries(ctx, spark), spark.createDataFrame([
+        (mid("u1"), 1, "sent", None, 250), (mid("u2"), 1, "skipped", "unsubscribed", None),
+        (mid("u3"), 1, "deferred", "consent_changed", None), (mid("u3"), 2, "skipped", "unsubscribed", None),
+    ], "message_id string, attempt int, state string, reason string, smtp_code int"),
+        ignore_row_order=True, ignore_nullable=True)
+    # Nothing was written to suppressions: ingest records the events when it reads the files.
+    assert not ctx.lake.exists("suppressions")
+
+
+def test_the_tasks_watch_the_service_folder_unless_the_recheck_is_off_or_it_is_not_a_local_path(ctx):
+    watch = _consent_watch(ctx, NOW)
+    margin = dt.timedelta(seconds=ctx.settings.serve.rotate_seconds + 60)
+    assert (watch.folder, watch.since, watch.every_seconds) == (
+        os.path.abspath(ctx.settings.service_events_dir), NOW - margin, 60.0)
+    assert time.time() - margin.total_seconds() - 5 < watch.since_file_time <= time.time() - margin.total_seconds()
+    assert _consent_watch(sending_ctx(ctx, 25, consent_recheck_seconds=0), NOW) is None
+    remote = dataclasses.replace(ctx.settings, serve=dataclasses.replace(ctx.settings.serve,
+                                                                         events_dir="s3://shop/landing/serve"))
+    assert _consent_watch(dataclasses.replace(ctx, settings=remote), NOW) is None
 
 
 def test_a_run_whose_folder_is_still_leased_is_left_alone_and_nothing_is_sent(ctx, spark):

@@ -816,6 +816,10 @@ class DeliverySettings:
     journal_fsync: bool = True
     # A run renews its lock while it runs; a lock not renewed for this long belongs to a dead run.
     lock_lease_seconds: float = 120.0
+    # While a run sends, each task reads the consent events the tracking service writes this often
+    # (seconds); a message whose user changed their preferences since the run's selection is deferred
+    # to the next run, which decides by the consent rule. 0: off.
+    consent_recheck_seconds: float = 60.0
     # While a run's due messages are at most this many, their keys are broadcast to the outbox scan
     # (the message bodies are not shuffled); beyond it Spark joins them by a shuffle.
     broadcast_max_messages: int = 2_000_000
@@ -839,7 +843,7 @@ class DeliverySettings:
             if getattr(self, key) <= 0:
                 raise bad(key, f"must be positive, got {getattr(self, key)}")
         for key in ("connections", "messages_per_second", "domain_messages_per_second", "throttle_retries",
-                    "max_delay_hours", "broadcast_max_messages"):
+                    "max_delay_hours", "broadcast_max_messages", "consent_recheck_seconds"):
             if getattr(self, key) < 0:
                 raise bad(key, f"must be 0 or more, got {getattr(self, key)}")
         for key in ("max_attempts", "soft_bounce_threshold"):
@@ -917,6 +921,12 @@ class Settings:
                     raise SettingsError(
                         f"setting '{key}' is {name!r}, but with mlflow.registry_uri {UNITY_CATALOG_REGISTRY!r} a "
                         "model name must be three-part, catalog.schema.model (e.g. '{catalog}.{schema}.model')")
+
+    @property
+    def service_events_dir(self) -> str:
+        """Where the tracking service writes its event files: ``serve.events_dir``, or
+        ``<paths.landing_dir>/events/serve``."""
+        return self.serve.events_dir or f"{self.paths.landing_dir.rstrip('/')}/events/serve"
 
     def with_overrides(self, overrides: Mapping[str, Any], *, source: str = "overrides") -> "Settings":
         """A copy with dotted-key overrides applied (``{"storage.lake_dir": "/x"}``), validated."""

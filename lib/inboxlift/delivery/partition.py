@@ -6,11 +6,13 @@ For each message, in order:
 
 1. the run's journal already has it (Spark runs the task again): replay the recorded state; a
    ``start`` without an ``end`` is ``unknown`` (never sent twice);
-2. CR/LF in a header, an address that fails validation again, or a row ``message_bytes`` refuses:
+2. the user changed their consent since the run's selection
+   (:mod:`inboxlift.delivery.consent_watch`): ``deferred`` (``consent_changed``), nothing sent;
+3. CR/LF in a header, an address that fails validation again, or a row ``message_bytes`` refuses:
    ``failed`` with the reason, nothing sent;
-3. MAIL, RCPT, DATA; after the relay's 354 the ``start`` line is made durable, then the content
+4. MAIL, RCPT, DATA; after the relay's 354 the ``start`` line is made durable, then the content
    (:func:`inboxlift.render.eml.message_bytes`, the bytes ``.eml`` export writes) goes out;
-4. the reply decides: 250 ``sent``; 421/451/452 slow the task down and retry the message (at most
+5. the reply decides: 250 ``sent``; 421/451/452 slow the task down and retry the message (at most
    ``throttle_retries`` times, then ``deferred``); another 4xx ``deferred`` (``failed`` at the last
    attempt); 5xx ``bounced`` (to MAIL FROM: ``failed``, our sender is refused); no reply after the
    content ``unknown``; a connection lost before the content: reconnect and retry.
@@ -38,6 +40,7 @@ import pyarrow as pa
 from inboxlift.addresses import ascii_address
 from inboxlift.clock import Clock
 from inboxlift.delivery import states as S
+from inboxlift.delivery.consent_watch import ConsentWatch, WatchPlan
 from inboxlift.delivery.journal import LeaseLostError, TaskJournal, lease_ended
 from inboxlift.delivery.ratelimit import TaskPacer, backoff_seconds
 from inboxlift.delivery.smtp import MAIL, REPLY, RelayConfig, RelayConnection, RelayError
@@ -45,8 +48,8 @@ from inboxlift.render.eml import MessageError, message_bytes
 
 # The outbox columns a task reads (the bodies and headers are what message_bytes writes), and the
 # message's earlier attempts that never reached the relay (from deliveries; absent counts as none).
-INPUT_COLUMNS = ("message_id", "attempt", "untried_attempts", "to_email", "from_email", "subject", "text", "html",
-                 "headers", "send_at")
+INPUT_COLUMNS = ("message_id", "attempt", "untried_attempts", "user_id", "to_email", "from_email", "subject", "text",
+                 "html", "headers", "send_at")
 # How often a task reads its run's lease (a small file on the shared journal storage).
 LEASE_CHECK_SECONDS = 1.0
 RESULT_ARROW_SCHEMA = pa.schema([
@@ -80,6 +83,8 @@ class SendPlan:
     sleep: Callable[[float], None] = field(default=time.sleep, compare=False)
     # The run whose lease the tasks check before each message (None: no lease, e.g. tests of a task).
     run_id: str | None = None
+    # The consent events the tasks watch while they send (None: not watched).
+    consent_watch: WatchPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,7 @@ class TaskSender:
         # Set when the relay cannot be reached at all: the task's other messages are deferred untried.
         self.unavailable: str | None = None
         self._lease_checked: float | None = None
+        self.watch = ConsentWatch(plan.consent_watch) if plan.consent_watch is not None else None
 
     def handle(self, row: dict[str, Any]) -> Outcome:
         message_id, attempt = row["message_id"], int(row["attempt"])
@@ -141,6 +147,10 @@ class TaskSender:
             return self._end(message_id, attempt, Outcome(S.UNKNOWN, reason=S.INTERRUPTED,
                                                           reply="started by an earlier attempt of this task"))
         self._check_lease(message_id)
+        if self.watch is not None and self.watch.holds(row.get("user_id")):
+            return self._end(message_id, attempt, Outcome(
+                S.DEFERRED, reason=S.CONSENT_CHANGED, next_at=self.plan.clock.now(),
+                reply="the user changed their consent during the run: the next run decides"))
         # This attempt's number among the ones that reach the relay: what max_attempts counts.
         tries = attempt - int(row.get("untried_attempts") or 0)
         outcome = self._send(row, message_id, attempt, tries)

@@ -29,8 +29,9 @@ THROTTLED = "throttled"                      # 421/451/452 still after delivery.
 TEMPORARY = "temporary"                      # another 4xx
 RELAY_UNAVAILABLE = "relay_unavailable"      # the task could not (re)connect; messages left untouched
 CONNECTION_LOST = "connection_lost"          # lost before the content went out, still after retries
+CONSENT_CHANGED = "consent_changed"          # the user changed their preferences during the run: not sent
 # Deferred without the relay ever having the message: such attempts do not count towards max_attempts.
-UNTRIED_REASONS = (RELAY_UNAVAILABLE, CONNECTION_LOST)
+UNTRIED_REASONS = (RELAY_UNAVAILABLE, CONNECTION_LOST, CONSENT_CHANGED)
 # Bounced.
 REJECTED = "rejected"                        # 5xx to RCPT or to the content
 DSN_BOUNCE = "dsn"                           # a delivery status notification said the address fails

@@ -71,7 +71,7 @@ _URL_SAFE = "".join(chr(c) for c in range(0x21, 0x7f))
 
 def events_dir(settings: Settings) -> Path:
     """``serve.events_dir``, or ``<paths.landing_dir>/events/serve``."""
-    return Path(settings.serve.events_dir or Path(settings.paths.landing_dir) / "events" / "serve")
+    return Path(settings.service_events_dir)
 
 
 def _iso(instant: dt.datetime) -> str:

@@ -102,6 +102,7 @@ from inboxlift.stages.ingest_plan import (
     plan_batch,
 )
 from inboxlift.stages.ingest_sources import (
+    LANDING_SUFFIXES,
     FileRecords,
     error_summary,
     list_files,
@@ -155,11 +156,6 @@ __all__ = ["FILES_SCHEMA", "FILES_TABLE", "RUNS_TABLE", "ConcurrentIngestError",
 STEPS = ("planned", "users_quarantine", "users", "products_quarantine", "products",
          "events_quarantine", "events", "suppressions", "item_aliases", "logged")
 
-_SUFFIXES = {
-    "users": (".csv", ".csv.gz"),
-    "products": (".csv", ".csv.gz"),
-    "events": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz"),
-}
 _KEYS = {"users": "user_id", "products": "item_id"}
 _QUARANTINE_TABLES = {"users": "users_quarantine", "products": "products_quarantine"}
 
@@ -316,7 +312,7 @@ def run_ingest(ctx: RunContext, *, landing_dir: str | None = None, fail_after_fi
     """
     folder = (landing_dir or ctx.settings.paths.landing_dir).rstrip("/")
     root = root_uri(folder)
-    listings = [list_files(ctx.spark, f"{folder}/{kind}", root=root, kind=kind, suffixes=_SUFFIXES[kind])
+    listings = [list_files(ctx.spark, f"{folder}/{kind}", root=root, kind=kind, suffixes=LANDING_SUFFIXES[kind])
                 for kind in LANDING_KINDS]
     return _run(ctx, listings, roots={kind: root for kind in LANDING_KINDS},
                 fail_after_files=fail_after_files, fail_at=fail_at, echo=echo)

@@ -35,6 +35,12 @@ FILE_REASONS: dict[str, str] = {
     "vanished": "the file was planned but no longer exists when its batch is read",
     "changed": "the file's size, modification time or content hash differs from when its batch was planned",
 }
+# The file names ingest reads in each landing folder.
+LANDING_SUFFIXES = {
+    "users": (".csv", ".csv.gz"),
+    "products": (".csv", ".csv.gz"),
+    "events": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson", ".ndjson.gz"),
+}
 _CORRUPT = "_corrupt_record"
 _GLOB = re.compile(r"([\[\]{}*?\\])")
 

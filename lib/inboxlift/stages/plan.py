@@ -24,10 +24,10 @@ from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT, WEEKDAYS, Campaign, load_campaigns
 from inboxlift.campaigns.planning import EXCLUSION_REASONS, PlanInputs, decide_campaign, split_decisions
-from inboxlift.consent import SUPPRESSIONS_TABLE
 from inboxlift.context import RunContext
 from inboxlift.delivery.outbox import with_delivered_status
 from inboxlift.delivery.states import DELIVERIES_TABLE
+from inboxlift.pending_consent import suppressions_now
 from inboxlift.session import KEEP
 from inboxlift.transforms.features_returns import net_of_returns
 
@@ -120,7 +120,8 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
         similar_items=_optional(ctx, "similar_items"),
         content_similar_items=_optional(ctx, "content_similar_items"),
         user_segments=_optional(ctx, "user_segments"),
-        suppressions=_optional(ctx, SUPPRESSIONS_TABLE),
+        # The table with the consent events the tracking service wrote since ingest's last batch.
+        suppressions=suppressions_now(ctx),
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 
-from inboxlift.consent import SUPPRESSIONS_TABLE, with_mail_permission
+from inboxlift.consent import with_mail_permission
 from inboxlift.context import RunContext
 from inboxlift.delivery.outbox import delivered_messages, read_outbox, without_delivered
 from inboxlift.delivery.selection import latest_deliveries
@@ -47,6 +47,7 @@ from inboxlift.render.frames import (
     render_plan,
 )
 from inboxlift.keys import signing_key
+from inboxlift.pending_consent import suppressions_now
 from inboxlift.render.message import STATUS_RENDERED, RenderConfig
 from inboxlift.render.partition import OUTBOX_COLUMNS, RENDER_ERROR_COLUMNS
 from inboxlift.session import KEEP
@@ -281,7 +282,8 @@ def run_render(ctx: RunContext, *, campaign_id: str | None = None, environ: Mapp
     now = ctx.clock.now()
     plan, campaigns = _latest_plans(ctx, campaign_id)
     users = ctx.lake.read(USERS_TABLE)
-    suppressions = _optional(ctx, SUPPRESSIONS_TABLE)
+    # The table with the consent events the tracking service wrote since ingest's last batch.
+    suppressions = suppressions_now(ctx, users=users)
     # Plan rows with their permission, read by the rendering, the errors, the counts and the withdrawals.
     checked = filter_sendable(plan).transform(
         with_mail_permission, users=users, suppressions=suppressions, now=now).persist(KEEP)
@@ -369,9 +371,9 @@ def export_eml(ctx: RunContext, *, campaign_id: str, to_dir: str | Path) -> Expo
     folder = Path(to_dir)
     folder.mkdir(parents=True, exist_ok=True)
     outbox = read_outbox(ctx.lake).where(F.col("campaign_id") == F.lit(campaign_id))
-    checked = outbox.transform(with_mail_permission, users=ctx.lake.read(USERS_TABLE),
-                               suppressions=_optional(ctx, SUPPRESSIONS_TABLE), now=ctx.clock.now(),
-                               address="to_email")
+    users = ctx.lake.read(USERS_TABLE)
+    checked = outbox.transform(with_mail_permission, users=users, suppressions=suppressions_now(ctx, users=users),
+                               now=ctx.clock.now(), address="to_email")
     if ctx.lake.exists(DELIVERIES_TABLE):
         # One row per message: the join keeps one row per outbox message.
         latest = latest_deliveries(ctx.lake.read(DELIVERIES_TABLE)).select("message_id", "last_state")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -24,10 +25,11 @@ from typing import Any, Mapping
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from inboxlift.consent import SUPPRESSIONS_TABLE, email_hash
+from inboxlift.consent import email_hash
 from inboxlift.context import RunContext
 from inboxlift.delivery import states as S
 from inboxlift.delivery.bookkeeping import Committed, commit_runs, with_message_columns
+from inboxlift.delivery.consent_watch import WatchPlan, watch_folder
 from inboxlift.delivery.journal import LeaseLostError, RunLock, new_run_id, pending_runs, start_run
 from inboxlift.delivery.partition import INPUT_COLUMNS, RESULT_DDL, SendPlan, send_batches
 from inboxlift.delivery.selection import (
@@ -40,6 +42,7 @@ from inboxlift.delivery.selection import (
     with_skip_reason,
 )
 from inboxlift.delivery.smtp import RelayConfig, RelayError, check_relay
+from inboxlift.pending_consent import suppressions_now
 from inboxlift.render.frames import render_partitions
 from inboxlift.session import KEEP
 from inboxlift.settings import Settings, SettingsError, resolve_secret
@@ -148,6 +151,19 @@ def _refuse_speculation(ctx: RunContext) -> None:
                             "turn it off for the send stage")
 
 
+def _consent_watch(ctx: RunContext, now: dt.datetime) -> WatchPlan | None:
+    """What the tasks watch for consent changes during the run (consent_watch), taken before the
+    selection reads the suppressions; None when the recheck is off or the folder is not a local path."""
+    every = ctx.settings.delivery.consent_recheck_seconds
+    folder = watch_folder(ctx.settings.service_events_dir)
+    if not every or folder is None:
+        return None
+    # The selection lists finished files only: the watch starts before the file in progress began.
+    margin = ctx.settings.serve.rotate_seconds + 60
+    return WatchPlan(folder=os.path.abspath(folder), since_file_time=time.time() - margin,
+                     since=now - dt.timedelta(seconds=margin), every_seconds=every)
+
+
 def _skipped_rows(skipped: DataFrame, *, run_id: str, now: dt.datetime) -> DataFrame:
     rows = skipped.select(
         "message_id", "attempt", F.lit(run_id).alias("run_id"), F.lit(S.SKIPPED).alias("state"),
@@ -187,6 +203,7 @@ def run_send(ctx: RunContext, *, campaign_id: str | None = None, dry_run: bool =
         return _select(ctx, outbox, run_id=run_id, campaign_id=campaign_id, limit=limit, relay=relay_name,
                        resend_unknown=resend_unknown, connections=connections, now=now, dry_run=True)[0]
     _refuse_speculation(ctx)
+    watch = _consent_watch(ctx, now)
     with RunLock(d.journal_dir, run_id=run_id, lease_seconds=d.lock_lease_seconds) as lock:
         recovered = Committed((), 0, 0)
         pending = pending_runs(d.journal_dir, lease_seconds=d.lock_lease_seconds)
@@ -212,7 +229,7 @@ def run_send(ctx: RunContext, *, campaign_id: str | None = None, dry_run: bool =
                 started = time.monotonic()
                 try:
                     results = _send(ctx, outbox, to_send, relay=relay, folder=str(folder), run_id=run_id,
-                                    connections=connections, count=report.attempted, now=now)
+                                    connections=connections, count=report.attempted, now=now, watch=watch)
                 except Exception as exc:
                     # A task that finds the lease lost fails with LeaseLostError, which reaches the driver
                     # wrapped (and named) in Spark's error: say so plainly.
@@ -254,12 +271,14 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
     deliveries = ctx.lake.read(S.DELIVERIES_TABLE) if ctx.lake.exists(S.DELIVERIES_TABLE) else None
     statuses = with_send_status(outbox, latest=latest_deliveries(deliveries) if deliveries is not None else None,
                                 now=now, campaign_id=campaign_id, resend_unknown=resend_unknown)
-    suppressions = ctx.lake.read(SUPPRESSIONS_TABLE) if ctx.lake.exists(SUPPRESSIONS_TABLE) else None
+    users = ctx.lake.read(USERS_TABLE)
+    # The table with the consent events the tracking service wrote since ingest's last batch.
+    suppressions = suppressions_now(ctx, users=users)
     max_delay = dt.timedelta(hours=d.max_delay_hours) if d.max_delay_hours else None
     # Light columns only. Every rendered message gets its send status and, when due, its skip reason,
     # in one persisted frame: the counts below materialise it in one job, and the skipped rows and the
     # keys of the messages sent read it from there.
-    checked = statuses.transform(with_skip_reason, users=ctx.lake.read(USERS_TABLE), suppressions=suppressions,
+    checked = statuses.transform(with_skip_reason, users=users, suppressions=suppressions,
                                  now=now, max_delay=max_delay)
     frame = checked.withColumn("skip_reason", F.when(F.col("send_status") == F.lit(DUE), F.col("skip_reason"))) \
         .persist(KEEP)
@@ -287,7 +306,7 @@ def _select(ctx: RunContext, outbox: DataFrame, *, run_id: str, campaign_id: str
 
 
 def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: RelayConfig, folder: str, run_id: str,
-          connections: int, count: int, now: dt.datetime) -> dict[str, int]:
+          connections: int, count: int, now: dt.datetime, watch: WatchPlan | None) -> dict[str, int]:
     """Run the send job; returns messages per state as the tasks reported them."""
     d = ctx.settings.delivery
     plan = SendPlan(
@@ -296,7 +315,8 @@ def _send(ctx: RunContext, outbox: DataFrame, to_send: DataFrame, *, relay: Rela
         domain_messages_per_second=d.domain_messages_per_second, throttle_backoff_seconds=d.throttle_backoff_seconds,
         throttle_backoff_max_seconds=d.throttle_backoff_max_seconds, throttle_retries=d.throttle_retries,
         max_attempts=d.max_attempts, retry_backoff_minutes=d.retry_backoff_minutes,
-        retry_backoff_max_minutes=d.retry_backoff_max_minutes, journal_fsync=d.journal_fsync, clock=ctx.clock)
+        retry_backoff_max_minutes=d.retry_backoff_max_minutes, journal_fsync=d.journal_fsync, clock=ctx.clock,
+        consent_watch=watch)
     # untried_attempts comes with the selection (latest_deliveries): deliveries are read once per run.
     keys = to_send.select("message_id", "attempt", "untried_attempts")
     if count <= d.broadcast_max_messages:
