@@ -3,6 +3,7 @@ what it reads, from when, how often, and the task holding a message back against
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -77,6 +78,16 @@ def test_files_last_written_before_the_selection_are_not_read(tmp_path):
     (tmp_path / "serve-new.jsonl").write_bytes(line("unsubscribe", "bo", NOW + dt.timedelta(minutes=1)))
     watch = ConsentWatch(watch_plan(tmp_path, file_time=time.time() - 600))
     assert (watch.holds("ann"), watch.holds("bo")) == (False, True)
+    # A service file's name tells when it was opened: one opened before the watch's bound is passed
+    # over without a look at its time (its last write here is recent, as a copy or touch would leave it).
+    stamp = dt.datetime.now(UTC) - dt.timedelta(hours=2)
+    (tmp_path / f"serve-{stamp:%Y%m%dT%H%M%SZ}-vm-1-ab12cd-000001.jsonl").write_bytes(
+        line("unsubscribe", "cy", NOW + dt.timedelta(minutes=1)))
+    (tmp_path / f".serve-{dt.datetime.now(UTC):%Y%m%dT%H%M%SZ}-vm-1-ab12cd-000002.jsonl").write_bytes(
+        line("unsubscribe", "dee", NOW + dt.timedelta(minutes=1)))
+    bounded = ConsentWatch(dataclasses.replace(watch_plan(tmp_path, file_time=time.time() - 600),
+                                               opened_before=time.time() - 3600))
+    assert [bounded.holds(u) for u in ("bo", "cy", "dee")] == [True, False, True]
     # A folder that does not exist (the service never ran) holds nobody back.
     assert not ConsentWatch(watch_plan(tmp_path / "none")).holds("bo")
 

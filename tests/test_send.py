@@ -295,6 +295,7 @@ def test_the_tasks_watch_the_service_folder_unless_the_recheck_is_off_or_it_is_n
     assert (watch.folder, watch.since, watch.every_seconds) == (
         os.path.abspath(ctx.settings.service_events_dir), NOW - margin, 60.0)
     assert time.time() - margin.total_seconds() - 5 < watch.since_file_time <= time.time() - margin.total_seconds()
+    assert watch.opened_before == watch.since_file_time - margin.total_seconds()
     assert _consent_watch(sending_ctx(ctx, 25, consent_recheck_seconds=0), NOW) is None
     remote = dataclasses.replace(ctx.settings, serve=dataclasses.replace(ctx.settings.serve,
                                                                          events_dir="s3://shop/landing/serve"))

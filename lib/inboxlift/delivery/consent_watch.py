@@ -13,7 +13,9 @@ rule, with the event read by then. The watch only holds messages back; it never 
 
 The selection's own read lists the finished files only, so the watch starts a margin before it
 (``serve.rotate_seconds`` plus a minute): a consent event the selection already applied may hold a
-message back once more, which costs that message one run and nothing else.
+message back once more, which costs that message one run and nothing else. The folder keeps every
+file the service ever wrote; a file whose name says it was opened long enough before is passed over
+without a ``stat`` (a service file is written for ``serve.rotate_seconds`` at most).
 
 Plain Python on the executors (a POSIX path: local, or a mounted volume such as ``/Volumes`` or
 ``/dbfs``, as the journal's folder); :func:`watch_folder` says whether the folder is one.
@@ -37,6 +39,17 @@ _CONSENT_LINE = re.compile(
     rb'^[^\n]*"event_type"\s*:\s*"(?:' + b"|".join(t.encode() for t in CONSENT_EVENT_TYPES) + rb')"[^\n]*$',
     re.MULTILINE)
 _SUFFIXES = (".jsonl", ".json", ".ndjson")
+# The service's file names start with the UTC time the file was opened (service.events).
+_SERVICE_NAME = re.compile(r"\.?serve-(\d{8}T\d{6}Z)-")
+
+
+def _opened_at(name: str) -> float:
+    """When a service file was opened, by its name (epoch seconds); infinity for another name."""
+    match = _SERVICE_NAME.match(name)
+    if match is None:
+        return float("inf")
+    opened = dt.datetime.strptime(match.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.timezone.utc)
+    return opened.timestamp()
 
 
 def watch_folder(folder: str) -> str | None:
@@ -58,6 +71,9 @@ class WatchPlan:
     since_file_time: float
     since: dt.datetime
     every_seconds: float
+    # A service file named as opened before this (epoch seconds) was finished before
+    # ``since_file_time``: it is passed over by its name, without a stat (the folder keeps every file).
+    opened_before: float = 0.0
 
 
 @dataclass
@@ -87,7 +103,7 @@ class ConsentWatch:
             return
         for entry in entries:
             # The service's in-progress files are hidden (".serve-...jsonl"): read them too.
-            if not entry.name.endswith(_SUFFIXES):
+            if not entry.name.endswith(_SUFFIXES) or _opened_at(entry.name) < self.plan.opened_before:
                 continue
             try:
                 stat = entry.stat()

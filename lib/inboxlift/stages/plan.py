@@ -83,8 +83,13 @@ def _required(ctx: RunContext, name: str) -> DataFrame:
     return ctx.lake.read_required(name, needed_by="planning", hint="run the stage that writes it first")
 
 
-def plan_inputs(ctx: RunContext) -> PlanInputs:
-    """The tables planning reads, as of the clock's now."""
+def plan_inputs(ctx: RunContext, *, suppressions: DataFrame | None = None) -> PlanInputs:
+    """The tables planning reads, as of the clock's now.
+
+    Args:
+        suppressions: the suppressions to plan with (from :func:`inboxlift.pending_consent.suppressions_now`,
+            read once per run); default: read them now.
+    """
     now = ctx.clock.now()
     # A purchase cancelled or returned in full was not bought (transforms.features_returns).
     events = _required(ctx, "events").transform(net_of_returns)
@@ -121,7 +126,7 @@ def plan_inputs(ctx: RunContext) -> PlanInputs:
         content_similar_items=_optional(ctx, "content_similar_items"),
         user_segments=_optional(ctx, "user_segments"),
         # The table with the consent events the tracking service wrote since ingest's last batch.
-        suppressions=suppressions_now(ctx),
+        suppressions=suppressions if suppressions is not None else suppressions_now(ctx),
     )
 
 
@@ -148,8 +153,11 @@ def run_plan(ctx: RunContext, *, campaign_id: str | None = None, all_campaigns: 
     now = ctx.clock.now()
     run_id = f"plan-{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
     counts = []
+    # Read once for every campaign of the run (pending consent events take a Spark job to apply).
+    suppressions = suppressions_now(ctx)
     for campaign in chosen:
-        inputs = plan_inputs(ctx)  # re-read: the history includes the campaigns planned before this one
+        # re-read: the history includes the campaigns planned before this one
+        inputs = plan_inputs(ctx, suppressions=suppressions)
         later = [c.id for c in order[order.index(campaign) + 1:]]
         # Computed once for both tables: audience, joins, product choice.
         decisions = decide_campaign(inputs, campaign, plan_date=plan_date, plan_run_id=run_id,

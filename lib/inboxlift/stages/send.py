@@ -160,8 +160,10 @@ def _consent_watch(ctx: RunContext, now: dt.datetime) -> WatchPlan | None:
         return None
     # The selection lists finished files only: the watch starts before the file in progress began.
     margin = ctx.settings.serve.rotate_seconds + 60
-    return WatchPlan(folder=os.path.abspath(folder), since_file_time=time.time() - margin,
-                     since=now - dt.timedelta(seconds=margin), every_seconds=every)
+    since_file_time = time.time() - margin
+    return WatchPlan(folder=os.path.abspath(folder), since_file_time=since_file_time,
+                     since=now - dt.timedelta(seconds=margin), every_seconds=every,
+                     opened_before=since_file_time - margin)
 
 
 def _skipped_rows(skipped: DataFrame, *, run_id: str, now: dt.datetime) -> DataFrame:
