@@ -112,15 +112,16 @@ EXPECTED = {
 }
 
 
-def write_tables(spark: SparkSession, lake: Lake) -> None:
-    """The four input tables, with only the columns the report reads."""
+def write_tables(spark: SparkSession, lake: Lake, *, plan: list = PLAN, outbox: list = OUTBOX,
+                 deliveries: list = DELIVERIES, events: list = EVENTS) -> None:
+    """The four input tables (by default the story above), with only the columns the report reads."""
     lake.append("campaign_plan", spark.createDataFrame(
-        PLAN, "campaign_id string, plan_date date, user_id string, variant string, send_at timestamp"))
+        plan, "campaign_id string, plan_date date, user_id string, variant string, send_at timestamp"))
     lake.append("outbox", spark.createDataFrame(
-        OUTBOX, "message_id string, campaign_id string, plan_date date, user_id string, variant string, "
+        outbox, "message_id string, campaign_id string, plan_date date, user_id string, variant string, "
                 "status string, send_at timestamp"))
     lake.append("deliveries", spark.createDataFrame(
-        DELIVERIES, "message_id string, attempt int, state string, attempted_at timestamp"))
+        deliveries, "message_id string, attempt int, state string, attempted_at timestamp"))
     lake.append("events", spark.createDataFrame(
-        EVENTS, "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, "
+        events, "event_id string, user_id string, event_type string, event_ts timestamp, order_id string, "
                 "quantity int, price decimal(12,2), message_id string, properties map<string,string>"))

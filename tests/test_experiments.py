@@ -26,6 +26,7 @@ from inboxlift.campaigns.experiments import (
     ab_tests,
     ab_verdict,
     compare_proportions,
+    design_effect,
     experiments_frame,
     holdout_tests,
     keep_first_final_readings,
@@ -99,9 +100,67 @@ def _results(delivered: tuple[int, int], clicks: tuple[int, int], conversions: t
                          "conversions": list(conversions)})
 
 
-def _ab(results: pd.DataFrame, today: dt.date = TODAY) -> dict[str, dict]:
-    rows = ab_tests(results, CAMPAIGNS, today=today, alpha=0.05, power=0.8, click_through_days=3, min_per_arm=100)
+def _ab(results: pd.DataFrame, today: dt.date = TODAY, patterns: pd.DataFrame | None = None) -> dict[str, dict]:
+    rows = ab_tests(results, CAMPAIGNS, today=today, alpha=0.05, power=0.8, click_through_days=3, min_per_arm=100,
+                    patterns=patterns)
     return {r["metric"]: r for r in rows}
+
+
+def _patterns(rows: list[tuple[str, int, int, int]]) -> pd.DataFrame:
+    """repeated_sends rows of campaign "ab": (variant, delivered, unique clicks, users); no conversions."""
+    return pd.DataFrame([("ab", v, n, k, 0, users) for v, n, k, users in rows],
+                        columns=["campaign_id", "variant", "delivered", "unique_clicks", "conversions", "users"])
+
+
+def test_the_design_effect_of_repeated_sends_against_hand_computed_values():
+    def effect(rows):
+        return design_effect(_patterns([("A", *r) for r in rows]), metric_column="unique_clicks")
+
+    # One message per user: p = 0.3, sum((k - p)^2) = 30 * 0.49 + 70 * 0.09 = 21 = N p (1 - p).
+    assert effect([(1, 1, 30), (1, 0, 70)]) == pytest.approx(1.0)
+    # Two users, four messages each, one clicks all, one none: (2^2 + 2^2) / (8 * 0.25) = 4.
+    assert effect([(4, 4, 1), (4, 0, 1)]) == pytest.approx(4.0)
+    # p = 20 / 60: (5 (4/3)^2 + 5 (2/3)^2 + 10 (2/3)^2 + 30 (1/3)^2) / (60 (1/3)(2/3)) = (170/9) / (120/9).
+    assert effect([(2, 2, 5), (2, 0, 5), (1, 1, 10), (1, 0, 30)]) == pytest.approx(170 / 120)
+    # Every user clicks exactly half of their messages: less spread than independent ones, read as 1.
+    assert effect([(4, 2, 10)]) == 1.0
+    # No success, or nothing but successes: nothing to scale.
+    assert effect([(4, 0, 10)]) == effect([(3, 3, 10)]) == 1.0
+
+
+def test_repeated_sends_to_the_same_users_widen_the_test_to_what_they_hold():
+    # 1,000 users per variant, four messages each: A's 400 clicks come from 100 users who click every
+    # time, B's 480 from 120. Per message, 10 % against 12 % of 4,000 is significant (z = 2.86); the
+    # design effect of both is 4 (A: (100 * 3.6^2 + 900 * 0.4^2) / (4000 * 0.1 * 0.9) = 1440 / 360),
+    # so the test sees 1,000 effective messages each: 100 against 120, z = 1.43, p = 0.15.
+    results = _results((4000, 4000), (400, 480), (0, 0))
+    patterns = _patterns([("A", 4, 4, 100), ("A", 4, 0, 900), ("B", 4, 4, 120), ("B", 4, 0, 880)])
+    per_message = _ab(results)["clicks"]
+    clustered = _ab(results, patterns=patterns)["clicks"]
+    assert per_message["is_significant"] and per_message["p_value"] == pytest.approx(0.0042, abs=2e-4)
+    assert not clustered["is_significant"] and clustered["p_value"] == pytest.approx(0.153, abs=2e-3)
+    assert clustered["verdict"].startswith(NO_DIFFERENCE)
+    assert (clustered["design_effect_variant"], clustered["design_effect_control"]) == (
+        pytest.approx(4.0), pytest.approx(4.0))
+    # The table keeps the counts as they are; the rates are the same either way.
+    assert (clustered["n_variant"], clustered["successes_variant"], clustered["value_variant"]) == (4000, 480, 0.12)
+    assert "clustered by user" in clustered["method"] and "clustered" not in per_message["method"]
+    assert (per_message["design_effect_variant"], per_message["design_effect_control"]) == (1.0, 1.0)
+
+
+def test_a_a_with_users_who_click_alike_across_their_sends_stays_quiet_only_with_the_design_effect():
+    """100 seeded A/A runs: 2,500 users per arm, four messages each, each user's click chance drawn
+    from Beta(0.2, 1.8) (mean 10 %, within-user correlation 1/3: design effect about 2). Counted per
+    message the test fails the 90-in-100 bar; with the design effect it holds it."""
+    quiet = {"per message": 0, "clustered": 0}
+    for seed in range(100):
+        rng = np.random.default_rng(1000 + seed)
+        arms = {v: rng.binomial(4, rng.beta(0.2, 1.8, size=2500)) for v in ("A", "B")}
+        results = _results((10_000, 10_000), (int(arms["A"].sum()), int(arms["B"].sum())), (0, 0))
+        patterns = _patterns([(v, 4, k, int((clicks == k).sum())) for v, clicks in arms.items() for k in range(5)])
+        quiet["per message"] += _ab(results)["clicks"]["verdict"].startswith(NO_DIFFERENCE)
+        quiet["clustered"] += _ab(results, patterns=patterns)["clicks"]["verdict"].startswith(NO_DIFFERENCE)
+    assert quiet["clustered"] >= 90 and quiet["per message"] < 90, quiet
 
 
 def test_a_a_simulation_reports_no_difference_at_least_90_times_in_100():

@@ -15,6 +15,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from conftest import settings_in
+from inboxlift.campaigns.experiments import compare_proportions
 from inboxlift.clock import FixedClock
 from inboxlift.context import RunContext
 from inboxlift.models.tracking import tracking_client
@@ -28,7 +29,12 @@ from inboxlift.transforms.attribution import (
     orders_of,
     recipient_outcomes,
 )
-from inboxlift.transforms.campaign_results import aggregate_results, bootstrap_revenue_sums, summarise_outcomes
+from inboxlift.transforms.campaign_results import (
+    aggregate_results,
+    bootstrap_revenue_sums,
+    repeated_sends,
+    summarise_outcomes,
+)
 from report_data import CAMPAIGNS_YAML, D10, EXPECTED, ts, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +103,9 @@ def test_experiments_hold_one_row_per_test(reported):
     clicks = tests[("wb", "ab", "clicks")]
     assert (clicks.n_variant, clicks.successes_variant, clicks.n_control, clicks.successes_control) == (2, 0, 3, 3)
     assert clicks.status == "final" and clicks.variant == "B" and clicks.control == "A"
+    # One message per user in the test: the design effect is 1, and the stage computed it.
+    assert (clicks.design_effect_variant, clicks.design_effect_control) == (1.0, 1.0)
+    assert "clustered by user" in clicks.method
     # wb holdout conversions: treated 4 of 7 in the window, holdout 1 of 2.
     uplift = tests[("wb", "holdout", "conversions")]
     assert (uplift.successes_variant, uplift.n_variant, uplift.successes_control, uplift.n_control) == (4, 7, 1, 2)
@@ -336,6 +345,65 @@ def test_the_kept_summary_has_a_row_per_spender_and_one_per_group_and_adds_up(sp
     arms = {(r.is_treated, r.n, r.n_zero) for r in from_summary.collect()}
     assert arms == {(True, 4, 2), (False, 3, 2)}
     assert from_summary.collect() == one_per_recipient.collect()
+
+
+def test_repeated_sends_count_each_users_messages_in_the_test_and_group_users_alike(spark):
+    # user, variant, send day, delivered, clicked, orders
+    days = {1: dt.date(2026, 11, 2), 2: dt.date(2026, 11, 9), 3: dt.date(2026, 11, 16), 9: dt.date(2026, 11, 30)}
+    messages = [("u1", "A", 1, True, True, 1), ("u1", "A", 2, True, True, 0), ("u1", "A", 3, True, False, 0),
+                ("u2", "A", 1, True, False, 0), ("u2", "A", 2, True, False, 0), ("u2", "A", 3, False, False, 0),
+                ("u3", "A", 1, True, True, 1), ("u3", "A", 2, True, True, 0), ("u3", "A", 3, True, False, 0),
+                ("u1", "A", 9, True, True, 1),                       # after the test's last send day
+                ("u4", "B", 2, True, False, 0),
+                ("u5", "holdout", 1, False, False, 0)]               # held out: no A/B message
+    rows = [("wb", variant, days[day], user, variant != "holdout", delivered, clicked, orders)
+            for user, variant, day, delivered, clicked, orders in messages]
+    rows.append(("cs", "A", days[1], "u1", True, True, True, 1))     # a campaign without a test
+    outcomes = spark.createDataFrame(rows, "campaign_id string, variant string, send_date date, user_id string, "
+                                           "is_treated boolean, is_delivered boolean, is_clicked boolean, "
+                                           "attributed_orders int")
+    windows = spark.createDataFrame([("wb", days[1], days[3])],
+                                    "campaign_id string, first_send_date date, last_send_date date")
+    got = sorted(tuple(r) for r in repeated_sends(outcomes, windows).collect())
+    # u1 and u3: 3 delivered, 2 clicked, 1 converted; u2: 2 delivered (one bounced), nothing; u4: 1, 0, 0.
+    assert got == [("wb", "A", 2, 0, 0, 1), ("wb", "A", 3, 2, 1, 2), ("wb", "B", 1, 0, 0, 1)]
+
+
+def test_a_test_whose_users_get_several_messages_reads_them_with_their_design_effect(spark, spark_info,
+                                                                                       base_settings, tmp_path):
+    """Weekly sends, two days in one test: u1 (A) clicks both messages, u2 (A) neither, u3 (B) one of
+    two, u4 (B) gets one and does not click. A: p = 2/4, ((2 - 1)^2 + (0 - 1)^2) / (4 * 1/4) = 2.
+    B: p = 1/3, ((1 - 2/3)^2 + (0 - 1/3)^2) / (3 * 1/3 * 2/3) = 1/3, read as 1."""
+    campaigns = tmp_path / "campaigns.yml"
+    campaigns.write_text('campaigns:\n  wk:\n    type: weekly_picks\n    template: weekly_picks\n'
+                         '    subjects: {A: {en: "a"}, B: {en: "b"}}\n    split: {A: 0.5, B: 0.5}\n'
+                         '    experiment: {horizon_days: 14}\n', encoding="utf-8")
+    settings = settings_in(base_settings, tmp_path)
+    settings = dataclasses.replace(
+        settings, paths=dataclasses.replace(settings.paths, campaigns_file=str(campaigns)),
+        report=dataclasses.replace(settings.report, min_recipients_per_arm=1, bootstrap_replicates=20))
+    lake = Lake.open(spark, settings.storage, has_delta_jars=spark_info.has_delta_jars)
+    d2, d9 = dt.date(2026, 11, 2), dt.date(2026, 11, 9)
+    sends = [("u1", "A", d2), ("u1", "A", d9), ("u2", "A", d2), ("u2", "A", d9), ("u3", "B", d2), ("u3", "B", d9),
+             ("u4", "B", d2)]
+    at = {day: dt.datetime.combine(day, dt.time(10)) for day in (d2, d9)}
+    message = {(u, day): f"{u}-{day:%d}" for u, _, day in sends}
+    clicked = [("u1", d2), ("u1", d9), ("u3", d9)]
+    write_tables(
+        spark, lake, plan=[("wk", day, u, v, at[day]) for u, v, day in sends],
+        outbox=[(message[u, day], "wk", day, u, v, "sent", at[day]) for u, v, day in sends],
+        deliveries=[(message[u, day], 1, "sent", at[day]) for u, _, day in sends],
+        events=[(f"c-{message[key]}", key[0], "email_click", at[key[1]] + dt.timedelta(hours=1), None, None, None,
+                 message[key], None) for key in clicked])
+    ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at("2026-11-30T12:00:00"))
+    run_report(ctx)
+    row = {(e.test, e.metric): e for e in _experiments(ctx)}[("ab", "clicks")]
+    assert (row.n_variant, row.successes_variant, row.n_control, row.successes_control) == (3, 1, 4, 2)
+    assert (row.design_effect_variant, row.design_effect_control) == (1.0, pytest.approx(2.0))
+    # The interval is that of 1 in 3 against 1 in 2 (A's four messages count as two).
+    expected = compare_proportions(1, 3, 1, 2, alpha=0.05)
+    assert (row.difference_low, row.difference_high) == (pytest.approx(expected.difference_low),
+                                                         pytest.approx(expected.difference_high))
 
 
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):

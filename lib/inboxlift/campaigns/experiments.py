@@ -7,6 +7,8 @@ are in the README ("Results and experiments"):
 - rates: Wilson score intervals; a difference of two rates: Newcombe's hybrid score interval, its
   p-value from the pooled two-proportion z-test; a relative lift: the log risk-ratio interval;
 - the minimum detectable effect at the achieved sample size, at ``report.power``;
+- a user's repeated messages in one test: each variant's counts divided by their design effect
+  (:func:`design_effect`, the delta method clustered by user) before the comparison;
 - A/B peeking: a **fixed horizon** per test (``experiment.horizon_days`` in the campaigns file).
   Until the horizon's last send day has had its whole click-through window the verdict is "not
   enough data yet", whatever the interim numbers say; with more than two variants each is
@@ -40,10 +42,11 @@ EXPERIMENT_COLUMNS = [
     "value_control", "difference", "difference_low", "difference_high", "relative_lift", "relative_lift_low",
     "relative_lift_high", "p_value", "alpha", "mde_absolute", "mde_relative", "incremental_total",
     "incremental_total_low", "incremental_total_high", "is_significant", "winner", "method", "verdict",
+    "design_effect_variant", "design_effect_control",
 ]
 
 
-def wilson(successes: int, trials: int, *, alpha: float = 0.05) -> tuple[float, float] | tuple[None, None]:
+def wilson(successes: float, trials: float, *, alpha: float = 0.05) -> tuple[float, float] | tuple[None, None]:
     """The Wilson score interval of ``successes / trials``; (None, None) without trials."""
     if trials <= 0:
         return None, None
@@ -59,10 +62,10 @@ def wilson(successes: int, trials: int, *, alpha: float = 0.05) -> tuple[float, 
 class Comparison:
     """Variant (b) against control (a): rates, their difference b - a and the test of it."""
 
-    k_b: int
-    n_b: int
-    k_a: int
-    n_a: int
+    k_b: float
+    n_b: float
+    k_a: float
+    n_a: float
     rate_b: float
     rate_a: float
     difference: float
@@ -86,9 +89,10 @@ class Comparison:
         return self.p_value < self.alpha and all(low > 0 or high < 0 for low, high in intervals)
 
 
-def compare_proportions(k_b: int, n_b: int, k_a: int, n_a: int, *, alpha: float = 0.05,
+def compare_proportions(k_b: float, n_b: float, k_a: float, n_a: float, *, alpha: float = 0.05,
                         power: float = 0.8) -> Comparison:
-    """Two-proportion comparison of ``k_b / n_b`` against ``k_a / n_a`` (both ``n`` > 0)."""
+    """Two-proportion comparison of ``k_b / n_b`` against ``k_a / n_a`` (both ``n`` > 0); the counts
+    may be effective ones (counts divided by a design effect), so fractional."""
     if n_a <= 0 or n_b <= 0:
         raise ValueError(f"both groups need trials, got n_b={n_b}, n_a={n_a}")
     z = norm.ppf(1 - alpha / 2)
@@ -158,6 +162,44 @@ def horizon_window(campaign: Campaign, first_send: dt.date, *, click_through_day
     return start, last, reads_on
 
 
+def ab_windows(results: pd.DataFrame, campaigns: dict[str, Campaign], *,
+               click_through_days: float) -> dict[str, tuple[dt.date, dt.date, dt.date]]:
+    """Each A/B campaign's test: (first send day, last send day, the day it reads on)
+    (:func:`horizon_window` from the campaign's first treated send day in ``results``)."""
+    treated = results[results["variant"] != HOLDOUT]
+    windows = {}
+    for campaign_id, days in treated.groupby("campaign_id", sort=True):
+        campaign = campaigns.get(campaign_id)
+        if campaign is not None and len(campaign.split) >= 2:
+            windows[campaign_id] = horizon_window(campaign, min(days["send_date"]),
+                                                  click_through_days=click_through_days)
+    return windows
+
+
+def design_effect(patterns: pd.DataFrame, *, metric_column: str) -> float:
+    """How much more a rate's variance is than independent messages would give: 1 when each user
+    gets one message, more when a user's messages succeed or fail together.
+
+    ``patterns``: one variant's rows of :func:`inboxlift.transforms.campaign_results.repeated_sends`
+    (per-user counts of ``delivered`` and ``metric_column``, with the ``users`` that have them). The
+    rate ``p = K / N`` is a ratio of per-user sums; its variance, with users independent (the
+    variant is drawn per user), is ``sum((k_u - p n_u)^2) / N^2`` (the delta method, clustered by
+    user); divided by the binomial ``p (1 - p) / N`` that is ``sum((k_u - p n_u)^2) / (N p (1 - p))``,
+    exactly 1 when every ``n_u`` is 1. Never below 1: a test is never read as surer than the
+    per-message one.
+    """
+    users = patterns["users"].to_numpy(dtype=float)
+    n = patterns["delivered"].to_numpy(dtype=float)
+    k = patterns[metric_column].to_numpy(dtype=float)
+    total, successes = float((users * n).sum()), float((users * k).sum())
+    if total <= 0 or successes <= 0 or successes >= total:
+        return 1.0
+    p = successes / total
+    spread = float((users * (k - p * n) ** 2).sum())
+    # Rounded: one message per user gives 1 up to the floating point error of the sums.
+    return max(1.0, round(spread / (total * p * (1 - p)), 9))
+
+
 def _row(**values: Any) -> dict[str, Any]:
     row = dict.fromkeys(EXPERIMENT_COLUMNS)
     row.update(values)
@@ -165,18 +207,24 @@ def _row(**values: Any) -> dict[str, Any]:
 
 
 def ab_tests(results: pd.DataFrame, campaigns: dict[str, Campaign], *, today: dt.date, alpha: float, power: float,
-             click_through_days: float, min_per_arm: int) -> list[dict[str, Any]]:
+             click_through_days: float, min_per_arm: int, patterns: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """One row per campaign with variants, metric and variant other than the control.
 
     ``results``: campaign_results rows (pandas; one per campaign, variant and send day).
+    ``patterns``: the tests' messages per user
+    (:func:`inboxlift.transforms.campaign_results.repeated_sends`, over :func:`ab_windows`): each
+    variant's counts enter the test divided by their :func:`design_effect` (the effective sample
+    size), so a user's repeated messages count as the information they hold. None: every message
+    counts as independent (design effect 1).
     """
     rows = []
     treated = results[results["variant"] != HOLDOUT]
+    windows = ab_windows(results, campaigns, click_through_days=click_through_days)
     for campaign_id, days in treated.groupby("campaign_id", sort=True):
-        campaign = campaigns.get(campaign_id)
-        if campaign is None or len(campaign.split) < 2:
+        if campaign_id not in windows:
             continue
-        start, last, reads_on = horizon_window(campaign, min(days["send_date"]), click_through_days=click_through_days)
+        campaign = campaigns[campaign_id]
+        start, last, reads_on = windows[campaign_id]
         in_test = days[(days["send_date"] >= start) & (days["send_date"] <= last)]
         totals = in_test.groupby("variant")[["delivered", *AB_METRICS.values()]].sum()
         control = campaign.control
@@ -185,17 +233,22 @@ def ab_tests(results: pd.DataFrame, campaigns: dict[str, Campaign], *, today: dt
             for metric, column in AB_METRICS.items():
                 n_b, n_a = (int(totals.at[v, "delivered"]) if v in totals.index else 0 for v in (variant, control))
                 k_b, k_a = (int(totals.at[v, column]) if v in totals.index else 0 for v in (variant, control))
+                deff_b, deff_a = (_variant_effect(patterns, campaign_id, v, column) for v in (variant, control))
                 base = dict(campaign_id=campaign_id, test=AB, metric=metric, variant=variant, control=control,
                             first_send_date=start, last_send_date=last, reads_on=reads_on, n_variant=n_b,
                             n_control=n_a, successes_variant=k_b, successes_control=k_a, alpha=level,
-                            method="two-proportion z-test, Newcombe interval; fixed horizon "
-                                   f"{campaign.experiment.horizon_days} days")
+                            design_effect_variant=deff_b, design_effect_control=deff_a,
+                            method=("two-proportion z-test, Newcombe interval, on effective counts (messages "
+                                    "clustered by user)" if patterns is not None else
+                                    "two-proportion z-test, Newcombe interval")
+                            + f"; fixed horizon {campaign.experiment.horizon_days} days")
                 if min(n_a, n_b) < min_per_arm:
                     rows.append(_row(**base, status=INSUFFICIENT, is_significant=False, verdict=(
                         f"{NOT_ENOUGH}: {n_b} delivered in {variant}, {n_a} in {control} "
                         f"(at least {min_per_arm} each)")))
                     continue
-                c = compare_proportions(k_b, n_b, k_a, n_a, alpha=level, power=power)
+                c = compare_proportions(k_b / deff_b, n_b / deff_b, k_a / deff_a, n_a / deff_a, alpha=level,
+                                        power=power)
                 numbers = dict(value_variant=c.rate_b, value_control=c.rate_a, difference=c.difference,
                                difference_low=c.difference_low, difference_high=c.difference_high,
                                relative_lift=c.relative_lift, relative_lift_low=c.relative_lift_low,
@@ -211,6 +264,13 @@ def ab_tests(results: pd.DataFrame, campaigns: dict[str, Campaign], *, today: dt
                 rows.append(_row(**base, **numbers, status=FINAL, is_significant=c.is_significant, winner=winner,
                                  verdict=verdict))
     return rows
+
+
+def _variant_effect(patterns: pd.DataFrame | None, campaign_id: str, variant: str, column: str) -> float:
+    if patterns is None:
+        return 1.0
+    mine = patterns[(patterns["campaign_id"] == campaign_id) & (patterns["variant"] == variant)]
+    return design_effect(mine, metric_column=column) if not mine.empty else 1.0
 
 
 def revenue_uplift(sums: pd.DataFrame, *, replicates: int, alpha: float,
@@ -335,7 +395,9 @@ def keep_first_final_readings(current: pd.DataFrame, previous: pd.DataFrame | No
     def keys(frame: pd.DataFrame) -> pd.Series:
         return frame[READING_KEY].astype(str).agg("\x1f".join, axis=1)
 
-    by_key = {key: row for key, row in zip(keys(earlier), earlier[EXPERIMENT_COLUMNS].to_dict("records"))}
+    # A table written before a column existed reads it as null.
+    by_key = {key: row for key, row in zip(keys(earlier),
+                                           earlier.reindex(columns=EXPERIMENT_COLUMNS).to_dict("records"))}
     rows = []
     for key, row in zip(keys(current), current[EXPERIMENT_COLUMNS].to_dict("records")):
         kept = by_key.get(key) if row["test"] == AB and row["status"] == FINAL else None

@@ -10,7 +10,8 @@ Reads ``campaign_plan``, ``outbox``, ``deliveries`` and ``events``; replaces
 
 and writes the figures and ``report.html`` under ``paths.output_dir/report/``, also logged as
 artifacts of an MLflow run named ``report``. The per-recipient work is Spark; the driver sees only
-the aggregated rows (per campaign, variant and day; per bootstrap replicate).
+the aggregated rows (per campaign, variant and day; per bootstrap replicate; per A/B variant and
+per-user count pattern, for the design effect of repeated sends).
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ from pyspark.sql import functions as F
 
 from inboxlift.campaigns.definitions import HOLDOUT, load_campaigns
 from inboxlift.campaigns.experiments import (
+    AB_METRICS,
     EXPERIMENT_COLUMNS,
     FINAL,
     ab_tests,
+    ab_windows,
     experiments_frame,
     holdout_tests,
     keep_first_final_readings,
@@ -45,7 +48,9 @@ from inboxlift.transforms.campaign_results import (
     RESULT_COLUMNS,
     aggregate_results,
     bootstrap_revenue_sums,
+    repeated_sends,
     summarise_outcomes,
+    tests_with_repeated_recipients,
 )
 
 RESULTS_TABLE = "campaign_results"
@@ -59,7 +64,8 @@ EXPERIMENTS_SCHEMA = (
     "difference double, difference_low double, difference_high double, relative_lift double, "
     "relative_lift_low double, relative_lift_high double, p_value double, alpha double, mde_absolute double, "
     "mde_relative double, incremental_total double, incremental_total_low double, incremental_total_high double, "
-    "is_significant boolean, winner string, method string, verdict string")
+    "is_significant boolean, winner string, method string, verdict string, design_effect_variant double, "
+    "design_effect_control double")
 
 
 @dataclass(frozen=True)
@@ -117,8 +123,24 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -
     bootstrap, the outcomes' ``summary`` (Spark, :func:`summarise_outcomes`)."""
     r = ctx.settings.report
     campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
+    windows = ab_windows(results, campaigns, click_through_days=r.click_through_days)
+    # No test with a user mailed twice: every design effect is 1.
+    patterns = pd.DataFrame(columns=["campaign_id", "variant", "delivered", *AB_METRICS.values(), "users"])
+    if windows:
+        spans = ctx.spark.createDataFrame([(c, first, last) for c, (first, last, _) in sorted(windows.items())],
+                                          "campaign_id string, first_send_date date, last_send_date date")
+        # One row per test at most.
+        repeated = [row.campaign_id for row in tests_with_repeated_recipients(
+            ctx.lake.read("campaign_plan"), ctx.lake.read("outbox"), spans).collect()]
+        if repeated:
+            # A second pass over the per-recipient outcomes for those tests: the summary keeps no user
+            # of a message without revenue. A row per campaign, variant and count pattern: small.
+            tests = spans.where(F.col("campaign_id").isin(*repeated))
+            patterns = repeated_sends(campaign_outcomes(ctx).where(F.col("campaign_id").isin(*repeated)),
+                                      tests).toPandas()
     rows = ab_tests(results, campaigns, today=ctx.clock.today(), alpha=r.alpha, power=r.power,
-                    click_through_days=r.click_through_days, min_per_arm=r.min_recipients_per_arm)
+                    click_through_days=r.click_through_days, min_per_arm=r.min_recipients_per_arm,
+                    patterns=patterns)
 
     closed = results[results["is_window_closed"]]
     with_holdout = set(closed.loc[closed["variant"] == HOLDOUT, "campaign_id"])

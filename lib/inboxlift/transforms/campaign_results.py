@@ -13,6 +13,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from scipy.stats import norm
 
+from inboxlift.campaigns.definitions import HOLDOUT
 from inboxlift.schemas import require_columns
 
 GROUP = ["campaign_id", "variant", "send_date"]
@@ -113,6 +114,57 @@ def aggregate_results(summary: DataFrame, *, alpha: float, window_closed_before:
         Window.unboundedPreceding, Window.unboundedFollowing))
     closed = (day_last < window_closed_before) if window_closed_before is not None else F.lit(True)
     return grouped.select(*GROUP, *COUNTS, *rates, F.coalesce(closed, F.lit(False)).alias("is_window_closed"))
+
+
+def repeated_sends(outcomes: DataFrame, windows: DataFrame) -> DataFrame:
+    """How the A/B tests' messages fall on their users: ``campaign_id, variant, delivered,
+    unique_clicks, conversions, users``, one row per campaign, variant and per-user count pattern
+    (how many of a user's messages in the test were delivered, clicked, converted) with the number
+    of users that have it.
+
+    A test's messages are not independent when a user gets several (a weekly campaign over a
+    four-week horizon): :func:`inboxlift.campaigns.experiments.design_effect` reads their variance
+    from these rows. Users with the same counts share a row, so the result grows with the largest
+    number of messages a user gets, not with users.
+
+    ``outcomes``: per-recipient outcomes (:func:`inboxlift.transforms.attribution.recipient_outcomes`);
+    ``windows``: ``campaign_id, first_send_date, last_send_date``, the tests' send days (one row per
+    campaign). Holdout rows and days outside the window are left out.
+    """
+    require_columns(outcomes, ["campaign_id", "variant", "send_date", "user_id", "is_treated", "is_delivered",
+                               "is_clicked", "attributed_orders"], step="repeated_sends")
+    require_columns(windows, ["campaign_id", "first_send_date", "last_send_date"], step="repeated_sends (windows)")
+    count = lambda condition: F.count_if(condition).cast("long")  # noqa: E731
+    in_test = (outcomes.join(F.broadcast(windows), "campaign_id", how="inner")
+               .where(F.col("is_treated") & F.col("send_date").between(F.col("first_send_date"),
+                                                                         F.col("last_send_date"))))
+    # The same counts as aggregate_results sums (summarise_outcomes), per user.
+    per_user = in_test.groupBy("campaign_id", "variant", "user_id").agg(
+        count(F.col("is_delivered")).alias("delivered"),
+        count(F.col("is_clicked")).alias("unique_clicks"),
+        count(F.col("attributed_orders") > 0).alias("conversions"))
+    return per_user.groupBy("campaign_id", "variant", "delivered", "unique_clicks", "conversions").agg(
+        F.count("*").cast("long").alias("users"))
+
+
+def tests_with_repeated_recipients(plan: DataFrame, outbox: DataFrame, windows: DataFrame) -> DataFrame:
+    """``campaign_id`` of the A/B tests in which some user is a treated recipient on more than one
+    send day of the test (planned or in the outbox: the recipients of
+    :func:`inboxlift.transforms.attribution.recipient_outcomes`). In the others every user has one
+    message at most, and the design effect of every rate is exactly 1, so their outcomes need no
+    second pass (:func:`repeated_sends`). Reads the plan's and the outbox's keys only.
+    """
+    require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant"], step="tests_with_repeated_recipients")
+    require_columns(outbox, ["campaign_id", "plan_date", "user_id", "variant"],
+                    step="tests_with_repeated_recipients (outbox)")
+    keys = ["campaign_id", "plan_date", "user_id"]
+    days = (plan.where(F.col("variant") != F.lit(HOLDOUT)).select(*keys)
+            .unionByName(outbox.where(F.coalesce(F.col("variant") != F.lit(HOLDOUT), F.lit(True))).select(*keys))
+            .join(F.broadcast(windows), "campaign_id", how="inner")
+            .where(F.col("plan_date").between(F.col("first_send_date"), F.col("last_send_date")))
+            .select(*keys).distinct())
+    return (days.groupBy("campaign_id", "user_id").count().where(F.col("count") > 1)
+            .select("campaign_id").distinct())
 
 
 def bootstrap_revenue_sums(summary: DataFrame, *, replicates: int, seed: int) -> DataFrame:
