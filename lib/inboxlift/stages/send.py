@@ -3,11 +3,13 @@
 ``run_send`` takes the run lock, commits what an earlier run that ended left in its journal (a run
 whose lease still holds is refused: :func:`inboxlift.delivery.journal.pending_runs`), selects
 the due messages (:mod:`inboxlift.delivery.selection`: rendered, ``send_at`` passed, not sent, not
-waiting for a retry, the user still allowed mail now), records the skipped ones, checks the relay
-once from the driver, and sends the rest from the executors: the light keys of the due messages are
-joined to the outbox's bodies, hash-partitioned into ``delivery.connections`` tasks, and each task
-sends its partition over one SMTP connection (``mapInArrow``,
-:func:`inboxlift.delivery.partition.send_batches`). The driver only collects counts. The run's
+waiting for a retry, the user still allowed mail now, with the consent events the tracking service
+wrote since ingest's last batch: :mod:`inboxlift.pending_consent`), records the skipped ones, checks
+the relay once from the driver, and sends the rest from the executors: the light keys of the due
+messages are joined to the outbox's bodies, hash-partitioned into ``delivery.connections`` tasks, and
+each task sends its partition over one SMTP connection (``mapInArrow``,
+:func:`inboxlift.delivery.partition.send_batches`), holding back the message of a user whose consent
+changed during the run (:mod:`inboxlift.delivery.consent_watch`). The driver only collects counts. The run's
 journal then becomes ``deliveries`` rows, the outbox's ``sent`` statuses and suppressions
 (:func:`inboxlift.delivery.bookkeeping.commit_runs`). A run that loses its lease midway stops: its
 tasks send no further message, and it commits nothing (the next run commits its journal).
