@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from decimal import Decimal
 import runpy
 import sys
 from pathlib import Path
@@ -377,7 +378,7 @@ def test_a_test_whose_users_get_several_messages_reads_them_with_their_design_ef
     campaigns = tmp_path / "campaigns.yml"
     campaigns.write_text('campaigns:\n  wk:\n    type: weekly_picks\n    template: weekly_picks\n'
                          '    subjects: {A: {en: "a"}, B: {en: "b"}}\n    split: {A: 0.5, B: 0.5}\n'
-                         '    experiment: {horizon_days: 14}\n', encoding="utf-8")
+                         '    holdout: 0.2\n    experiment: {horizon_days: 14}\n', encoding="utf-8")
     settings = settings_in(base_settings, tmp_path)
     settings = dataclasses.replace(
         settings, paths=dataclasses.replace(settings.paths, campaigns_file=str(campaigns)),
@@ -389,21 +390,52 @@ def test_a_test_whose_users_get_several_messages_reads_them_with_their_design_ef
     at = {day: dt.datetime.combine(day, dt.time(10)) for day in (d2, d9)}
     message = {(u, day): f"{u}-{day:%d}" for u, _, day in sends}
     clicked = [("u1", d2), ("u1", d9), ("u3", d9)]
+    # Held out: u5 on both days, u6 on the first. Orders two hours after the planned sends: u1's two
+    # (both of its sends convert in their window) and u5's first.
+    held = [("u5", "holdout", d2), ("u5", "holdout", d9), ("u6", "holdout", d2)]
+    bought = [("u1", d2), ("u1", d9), ("u5", d2)]
     write_tables(
-        spark, lake, plan=[("wk", day, u, v, at[day]) for u, v, day in sends],
+        spark, lake, plan=[("wk", day, u, v, at[day]) for u, v, day in sends + held],
         outbox=[(message[u, day], "wk", day, u, v, "sent", at[day]) for u, v, day in sends],
         deliveries=[(message[u, day], 1, "sent", at[day]) for u, _, day in sends],
         events=[(f"c-{message[key]}", key[0], "email_click", at[key[1]] + dt.timedelta(hours=1), None, None, None,
-                 message[key], None) for key in clicked])
+                 message[key], None) for key in clicked]
+        + [(f"o-{u}-{day:%d}", u, "purchase", at[day] + dt.timedelta(hours=2), f"o-{u}-{day:%d}", 1, Decimal("10.00"),
+            None, None) for u, day in bought])
     ctx = RunContext(spark=spark, settings=settings, lake=lake, clock=FixedClock.at("2026-11-30T12:00:00"))
     run_report(ctx)
-    row = {(e.test, e.metric): e for e in _experiments(ctx)}[("ab", "clicks")]
+    tests = {(e.test, e.metric): e for e in _experiments(ctx)}
+    row = tests[("ab", "clicks")]
     assert (row.n_variant, row.successes_variant, row.n_control, row.successes_control) == (3, 1, 4, 2)
     assert (row.design_effect_variant, row.design_effect_control) == (1.0, pytest.approx(2.0))
     # The interval is that of 1 in 3 against 1 in 2 (A's four messages count as two).
     expected = compare_proportions(1, 3, 1, 2, alpha=0.05)
     assert (row.difference_low, row.difference_high) == (pytest.approx(expected.difference_low),
                                                          pytest.approx(expected.difference_high))
+    # The holdout: treated 2 of 7 recipient rows converted, both u1's: p = 2/7,
+    # ((2 - 4/7)^2 + 2 (0 - 4/7)^2 + (0 - 2/7)^2) / (7 * 2/7 * 5/7) = (136/49) / (70/49);
+    # held out 1 of 3 (u5 once of two, u6 not): 1/3, read as 1.
+    uplift = tests[("holdout", "conversions")]
+    assert (uplift.n_variant, uplift.successes_variant, uplift.n_control, uplift.successes_control) == (7, 2, 3, 1)
+    assert (uplift.design_effect_variant, uplift.design_effect_control) == (pytest.approx(136 / 70), 1.0)
+    deff = 136 / 70
+    expected = compare_proportions(2 / deff, 7 / deff, 1, 3, alpha=0.05)
+    assert (uplift.difference_low, uplift.difference_high) == (pytest.approx(expected.difference_low),
+                                                               pytest.approx(expected.difference_high))
+    assert "clustered by user" in uplift.method
+
+
+def test_the_revenue_bootstrap_draws_one_weight_per_user_for_all_their_sends(spark):
+    # u1 spent 10 after one send and 20 after the next: one person, resampled whole, so in every
+    # replicate both rows have the same weight w: revenue 30 w over 2 w recipients.
+    summary = spark.createDataFrame(
+        [("c1", dt.date(2026, 11, 2), "u1", True, 10.0, 1), ("c1", dt.date(2026, 11, 9), "u1", True, 20.0, 1)],
+        "campaign_id string, send_date date, user_id string, is_treated boolean, window_revenue double, "
+        "recipients long")
+    rows = bootstrap_revenue_sums(summary, replicates=200, seed=7).collect()
+    drawn = [r for r in rows if r.weight]
+    assert len(drawn) > 100
+    assert all(r.weight % 2 == 0 and r.weighted_revenue == pytest.approx(15.0 * r.weight) for r in drawn)
 
 
 def test_notebook_runs_on_the_report(reported, capsys, monkeypatch):

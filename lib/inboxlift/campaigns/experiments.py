@@ -7,13 +7,14 @@ are in the README ("Results and experiments"):
 - rates: Wilson score intervals; a difference of two rates: Newcombe's hybrid score interval, its
   p-value from the pooled two-proportion z-test; a relative lift: the log risk-ratio interval;
 - the minimum detectable effect at the achieved sample size, at ``report.power``;
-- a user's repeated messages in one test: each variant's counts divided by their design effect
-  (:func:`design_effect`, the delta method clustered by user) before the comparison;
+- a user's repeated messages in one test: each arm's counts divided by their design effect
+  (:func:`design_effect`, the delta method clustered by user) before the comparison (A/B and the
+  holdout conversions);
 - A/B peeking: a **fixed horizon** per test (``experiment.horizon_days`` in the campaigns file).
   Until the horizon's last send day has had its whole click-through window the verdict is "not
   enough data yet", whatever the interim numbers say; with more than two variants each is
   compared with the control at ``alpha / (variants - 1)`` (Bonferroni);
-- holdout revenue: a Poisson bootstrap whose replicate sums Spark computes
+- holdout revenue: a Poisson bootstrap of users (a user's sends share one weight) whose replicate sums Spark computes
   (:func:`inboxlift.transforms.campaign_results.bootstrap_revenue_sums`), percentile interval.
 """
 
@@ -176,12 +177,13 @@ def ab_windows(results: pd.DataFrame, campaigns: dict[str, Campaign], *,
     return windows
 
 
-def design_effect(patterns: pd.DataFrame, *, metric_column: str) -> float:
+def design_effect(patterns: pd.DataFrame, *, metric_column: str, trials_column: str = "delivered") -> float:
     """How much more a rate's variance is than independent messages would give: 1 when each user
     gets one message, more when a user's messages succeed or fail together.
 
     ``patterns``: one variant's rows of :func:`inboxlift.transforms.campaign_results.repeated_sends`
-    (per-user counts of ``delivered`` and ``metric_column``, with the ``users`` that have them). The
+    (per-user counts of ``trials_column`` and ``metric_column``, with the ``users`` that have them;
+    for a holdout arm, :func:`~inboxlift.transforms.campaign_results.repeated_recipients`). The
     rate ``p = K / N`` is a ratio of per-user sums; its variance, with users independent (the
     variant is drawn per user), is ``sum((k_u - p n_u)^2) / N^2`` (the delta method, clustered by
     user); divided by the binomial ``p (1 - p) / N`` that is ``sum((k_u - p n_u)^2) / (N p (1 - p))``,
@@ -189,7 +191,7 @@ def design_effect(patterns: pd.DataFrame, *, metric_column: str) -> float:
     per-message one.
     """
     users = patterns["users"].to_numpy(dtype=float)
-    n = patterns["delivered"].to_numpy(dtype=float)
+    n = patterns[trials_column].to_numpy(dtype=float)
     k = patterns[metric_column].to_numpy(dtype=float)
     total, successes = float((users * n).sum()), float((users * k).sum())
     if total <= 0 or successes <= 0 or successes >= total:
@@ -273,6 +275,14 @@ def _variant_effect(patterns: pd.DataFrame | None, campaign_id: str, variant: st
     return design_effect(mine, metric_column=column) if not mine.empty else 1.0
 
 
+def _arm_effect(patterns: pd.DataFrame | None, campaign_id: str, is_treated: bool) -> float:
+    if patterns is None:
+        return 1.0
+    mine = patterns[(patterns["campaign_id"] == campaign_id) & (patterns["is_treated"] == is_treated)]
+    return design_effect(mine, metric_column="window_conversions", trials_column="recipients") if not mine.empty \
+        else 1.0
+
+
 def revenue_uplift(sums: pd.DataFrame, *, replicates: int, alpha: float,
                    seed: int) -> tuple[float, float, float] | None:
     """(treated - holdout mean revenue per recipient, low, high) from one campaign's bootstrap sums.
@@ -302,12 +312,17 @@ def revenue_uplift(sums: pd.DataFrame, *, replicates: int, alpha: float,
 
 
 def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float, power: float, min_per_arm: int,
-                  replicates: int, seed: int, windows: pd.DataFrame) -> list[dict[str, Any]]:
+                  replicates: int, seed: int, windows: pd.DataFrame,
+                  patterns: pd.DataFrame | None = None) -> list[dict[str, Any]]:
     """Two rows per campaign with a holdout: incremental conversions and revenue per recipient.
 
     ``totals``: per ``campaign_id`` and ``is_treated`` the recipients, window conversions and window
     revenue of the send days whose windows have closed; ``bootstrap``: the replicate sums of the same
-    recipients; ``windows``: per campaign its ``first_send_date``, ``last_send_date`` (closed days).
+    recipients (a user's sends share their weights); ``windows``: per campaign its
+    ``first_send_date``, ``last_send_date`` (closed days); ``patterns``: the same recipients per user
+    (:func:`inboxlift.transforms.campaign_results.repeated_recipients`): each arm's conversions
+    enter the test divided by their :func:`design_effect`. None: every recipient row counts as
+    independent.
     """
     rows = []
     level = f"{(1 - alpha) * 100:.4g}%"
@@ -328,7 +343,8 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
                     f"{NOT_ENOUGH}: {n_t} treated and {n_h} held-out recipients with closed windows "
                     f"(at least {min_per_arm} each)")))
             continue
-        c = compare_proportions(k_t, n_t, k_h, n_h, alpha=alpha, power=power)
+        deff_t, deff_h = (_arm_effect(patterns, campaign_id, arm) for arm in (True, False))
+        c = compare_proportions(k_t / deff_t, n_t / deff_t, k_h / deff_h, n_h / deff_h, alpha=alpha, power=power)
         significant = c.is_significant
         words = ("adds conversions" if c.difference > 0 else "costs conversions") if significant else \
             "no significant uplift in conversions"
@@ -340,7 +356,9 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
             mde_relative=c.mde_relative, incremental_total=c.difference * n_t,
             incremental_total_low=c.difference_low * n_t, incremental_total_high=c.difference_high * n_t,
             is_significant=significant, winner=("treated" if c.difference > 0 else HOLDOUT) if significant else None,
-            method="window conversions, treated vs holdout: two-proportion z-test, Newcombe interval",
+            design_effect_variant=deff_t, design_effect_control=deff_h,
+            method="window conversions, treated vs holdout: two-proportion z-test, Newcombe interval"
+                   + (" on effective counts (recipients clustered by user)" if patterns is not None else ""),
             verdict=(f"{words}: {_signed(c.difference * 100, 2)} per 100 recipients ({level} CI "
                      f"{_signed(c.difference_low * 100, 2)} to {_signed(c.difference_high * 100, 2)}), about "
                      f"{_signed(c.difference * n_t, 0)} converting recipients of {n_t}")))
@@ -361,7 +379,8 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
             relative_lift=point / value_h if value_h > 0 else None, incremental_total=point * n_t,
             incremental_total_low=low * n_t, incremental_total_high=high * n_t, is_significant=significant,
             winner=("treated" if point > 0 else HOLDOUT) if significant else None,
-            method=f"window revenue per recipient, Poisson bootstrap ({replicates} replicates), percentile interval",
+            method=f"window revenue per recipient, Poisson bootstrap of users ({replicates} replicates), "
+                   "percentile interval",
             verdict=(f"{words}: {_signed(point, 2)} per recipient ({level} CI {_signed(low, 2)} to "
                      f"{_signed(high, 2)}), about {_signed(point * n_t, 0)} over {n_t} recipients")))
     return rows

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pandas as pd
@@ -48,6 +49,7 @@ from inboxlift.transforms.campaign_results import (
     RESULT_COLUMNS,
     aggregate_results,
     bootstrap_revenue_sums,
+    repeated_recipients,
     repeated_sends,
     summarise_outcomes,
     tests_with_repeated_recipients,
@@ -118,26 +120,37 @@ def closed_before(ctx: RunContext) -> dt.datetime:
     return ctx.clock.now() - dt.timedelta(days=longest)
 
 
+AB_PATTERN_COLUMNS = ["campaign_id", "variant", "delivered", *AB_METRICS.values(), "users"]
+HOLDOUT_PATTERN_COLUMNS = ["campaign_id", "is_treated", "recipients", "window_conversions", "users"]
+
+
+def _patterns(ctx: RunContext, spans: DataFrame, *, treated_only: bool, columns: list[str],
+              aggregate: Callable[[DataFrame, DataFrame], DataFrame]) -> pd.DataFrame:
+    """The tests' recipients per user (``aggregate``: repeated_sends or repeated_recipients over
+    ``spans``), for the tests in which some user is a recipient on two days or more; no row for the
+    others, whose design effects are all 1."""
+    # One row per test at most.
+    repeated = [row.campaign_id for row in tests_with_repeated_recipients(
+        ctx.lake.read("campaign_plan"), ctx.lake.read("outbox"), spans, treated_only=treated_only).collect()]
+    if not repeated:
+        return pd.DataFrame(columns=columns)
+    # A second pass over the per-recipient outcomes for those tests: the summary keeps no user of a
+    # recipient without revenue. A row per campaign, arm and count pattern: small.
+    chosen = F.col("campaign_id").isin(*repeated)
+    return aggregate(campaign_outcomes(ctx).where(chosen), spans.where(chosen)).toPandas()[columns]
+
+
 def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -> pd.DataFrame:
     """The ``campaign_experiments`` rows from the aggregated ``results`` (pandas) and, for the revenue
     bootstrap, the outcomes' ``summary`` (Spark, :func:`summarise_outcomes`)."""
     r = ctx.settings.report
     campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
-    windows = ab_windows(results, campaigns, click_through_days=r.click_through_days)
-    # No test with a user mailed twice: every design effect is 1.
-    patterns = pd.DataFrame(columns=["campaign_id", "variant", "delivered", *AB_METRICS.values(), "users"])
-    if windows:
-        spans = ctx.spark.createDataFrame([(c, first, last) for c, (first, last, _) in sorted(windows.items())],
-                                          "campaign_id string, first_send_date date, last_send_date date")
-        # One row per test at most.
-        repeated = [row.campaign_id for row in tests_with_repeated_recipients(
-            ctx.lake.read("campaign_plan"), ctx.lake.read("outbox"), spans).collect()]
-        if repeated:
-            # A second pass over the per-recipient outcomes for those tests: the summary keeps no user
-            # of a message without revenue. A row per campaign, variant and count pattern: small.
-            tests = spans.where(F.col("campaign_id").isin(*repeated))
-            patterns = repeated_sends(campaign_outcomes(ctx).where(F.col("campaign_id").isin(*repeated)),
-                                      tests).toPandas()
+    windows_ab = ab_windows(results, campaigns, click_through_days=r.click_through_days)
+    patterns = pd.DataFrame(columns=AB_PATTERN_COLUMNS)
+    if windows_ab:
+        spans_ab = ctx.spark.createDataFrame([(c, first, last) for c, (first, last, _) in sorted(windows_ab.items())],
+                                             "campaign_id string, first_send_date date, last_send_date date")
+        patterns = _patterns(ctx, spans_ab, treated_only=True, columns=AB_PATTERN_COLUMNS, aggregate=repeated_sends)
     rows = ab_tests(results, campaigns, today=ctx.clock.today(), alpha=r.alpha, power=r.power,
                     click_through_days=r.click_through_days, min_per_arm=r.min_recipients_per_arm,
                     patterns=patterns)
@@ -156,8 +169,12 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -
         sample = summary.join(F.broadcast(days), ["campaign_id", "send_date"], how="left_semi")
         # One row per campaign, arm and replicate: grows with campaigns, not users.
         bootstrap = bootstrap_revenue_sums(sample, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).toPandas()
+        # Closed days come in order, so each campaign's are the span from its first to its last.
+        spans = ctx.spark.createDataFrame(windows, "campaign_id string, first_send_date date, last_send_date date")
         rows += holdout_tests(totals, bootstrap, alpha=r.alpha, power=r.power, min_per_arm=r.min_recipients_per_arm,
-                              replicates=r.bootstrap_replicates, seed=r.bootstrap_seed, windows=windows)
+                              replicates=r.bootstrap_replicates, seed=r.bootstrap_seed, windows=windows,
+                              patterns=_patterns(ctx, spans, treated_only=False, columns=HOLDOUT_PATTERN_COLUMNS,
+                                                 aggregate=repeated_recipients))
     return experiments_frame(rows)
 
 

@@ -147,19 +147,24 @@ def repeated_sends(outcomes: DataFrame, windows: DataFrame) -> DataFrame:
         F.count("*").cast("long").alias("users"))
 
 
-def tests_with_repeated_recipients(plan: DataFrame, outbox: DataFrame, windows: DataFrame) -> DataFrame:
-    """``campaign_id`` of the A/B tests in which some user is a treated recipient on more than one
-    send day of the test (planned or in the outbox: the recipients of
-    :func:`inboxlift.transforms.attribution.recipient_outcomes`). In the others every user has one
-    message at most, and the design effect of every rate is exactly 1, so their outcomes need no
-    second pass (:func:`repeated_sends`). Reads the plan's and the outbox's keys only.
+def tests_with_repeated_recipients(plan: DataFrame, outbox: DataFrame, windows: DataFrame, *,
+                                   treated_only: bool = True) -> DataFrame:
+    """``campaign_id`` of the tests in which some user is a recipient on more than one send day of
+    the test's span (planned or in the outbox: the recipients of
+    :func:`inboxlift.transforms.attribution.recipient_outcomes`; held-out users too unless
+    ``treated_only``). In the others every user has one row at most, and the design effect of every
+    rate is exactly 1, so their outcomes need no second pass (:func:`repeated_sends`,
+    :func:`repeated_recipients`). Reads the plan's and the outbox's keys only.
+
+    ``windows``: ``campaign_id, first_send_date, last_send_date``, one row per test.
     """
     require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant"], step="tests_with_repeated_recipients")
     require_columns(outbox, ["campaign_id", "plan_date", "user_id", "variant"],
                     step="tests_with_repeated_recipients (outbox)")
     keys = ["campaign_id", "plan_date", "user_id"]
-    days = (plan.where(F.col("variant") != F.lit(HOLDOUT)).select(*keys)
-            .unionByName(outbox.where(F.coalesce(F.col("variant") != F.lit(HOLDOUT), F.lit(True))).select(*keys))
+    wanted = (lambda frame: frame.where(F.coalesce(F.col("variant") != F.lit(HOLDOUT), F.lit(True)))) \
+        if treated_only else (lambda frame: frame)
+    days = (wanted(plan).select(*keys).unionByName(wanted(outbox).select(*keys))
             .join(F.broadcast(windows), "campaign_id", how="inner")
             .where(F.col("plan_date").between(F.col("first_send_date"), F.col("last_send_date")))
             .select(*keys).distinct())
@@ -167,14 +172,40 @@ def tests_with_repeated_recipients(plan: DataFrame, outbox: DataFrame, windows: 
             .select("campaign_id").distinct())
 
 
+def repeated_recipients(outcomes: DataFrame, windows: DataFrame) -> DataFrame:
+    """How the holdout tests' recipients fall on their users: ``campaign_id, is_treated,
+    recipients, window_conversions, users``, one row per campaign, arm and per-user count pattern
+    (how many of a user's recipient rows in the span there are, and how many converted in their
+    window), with the number of users that have it: what
+    :func:`inboxlift.campaigns.experiments.design_effect` reads for the holdout conversions test.
+
+    ``windows``: ``campaign_id, first_send_date, last_send_date``, the send days whose windows have
+    closed, one row per campaign.
+    """
+    require_columns(outcomes, ["campaign_id", "send_date", "user_id", "is_treated", "window_orders"],
+                    step="repeated_recipients")
+    require_columns(windows, ["campaign_id", "first_send_date", "last_send_date"],
+                    step="repeated_recipients (windows)")
+    in_span = (outcomes.join(F.broadcast(windows), "campaign_id", how="inner")
+               .where(F.col("send_date").between(F.col("first_send_date"), F.col("last_send_date"))))
+    per_user = in_span.groupBy("campaign_id", "is_treated", "user_id").agg(
+        F.count("*").cast("long").alias("recipients"),
+        F.count_if(F.col("window_orders") > 0).cast("long").alias("window_conversions"))
+    return per_user.groupBy("campaign_id", "is_treated", "recipients", "window_conversions").agg(
+        F.count("*").cast("long").alias("users"))
+
+
 def bootstrap_revenue_sums(summary: DataFrame, *, replicates: int, seed: int) -> DataFrame:
     """Poisson bootstrap sums of window revenue per campaign, arm (treated / holdout) and replicate.
 
     ``summary``: the outcomes' summary (:func:`summarise_outcomes`); each row counts ``recipients``.
-    Each recipient gets a Poisson(1) weight per replicate, drawn from a hash of (seed, campaign,
-    day, user, replicate) by the inverse CDF, so a rerun draws the same weights. Only recipients
-    with revenue are expanded: the weights of the others sum, per arm, to a Poisson(n) number
-    that the caller draws (:func:`inboxlift.campaigns.experiments.revenue_uplift`). Returns
+    Each user gets a Poisson(1) weight per replicate, drawn from a hash of (seed, campaign, user,
+    replicate) by the inverse CDF, so a rerun draws the same weights, and a user's sends of the
+    campaign with revenue share it (users are what is resampled: one person's sends are not
+    independent). Only recipients with revenue are expanded: the weights of the others sum, per
+    arm, to a Poisson(n) number that the caller draws
+    (:func:`inboxlift.campaigns.experiments.revenue_uplift`), a weight per send (they only count
+    recipients, the mean's denominator). Returns
     ``campaign_id, is_treated, replicate, weight, weighted_revenue`` and, per campaign and arm, the
     recipient count ``n`` and the count of recipients without revenue ``n_zero`` (repeated per row).
     """
@@ -184,12 +215,12 @@ def bootstrap_revenue_sums(summary: DataFrame, *, replicates: int, seed: int) ->
     arms = summary.groupBy("campaign_id", "is_treated").agg(
         F.sum(recipients).cast("long").alias("n"),
         F.sum(F.when(F.col("window_revenue") <= 0, recipients).otherwise(F.lit(0))).cast("long").alias("n_zero"))
-    # A row with revenue is one recipient, or several sharing a (campaign, day, user) key, which
-    # draw one weight: it counts once per recipient.
+    # A row with revenue is one recipient, or several sharing a (campaign, day, user) key; all the
+    # rows of one user draw one weight, which counts once per recipient.
     spenders = summary.where(F.col("window_revenue") > 0).select(
         "campaign_id", "send_date", "user_id", "is_treated", "window_revenue", recipients.alias("_recipients"))
     expanded = spenders.select("*", F.explode(F.sequence(F.lit(0), F.lit(replicates - 1))).alias("replicate"))
-    u = F.pmod(F.xxhash64(F.lit(seed), "campaign_id", "send_date", "user_id", "replicate"),
+    u = F.pmod(F.xxhash64(F.lit(seed), "campaign_id", "user_id", "replicate"),
                F.lit(1 << 30)) / F.lit(float(1 << 30))
     weight = poisson_one(u)
     sums = expanded.groupBy("campaign_id", "is_treated", "replicate").agg(
