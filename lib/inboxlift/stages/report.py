@@ -10,7 +10,7 @@ Reads ``campaign_plan``, ``outbox``, ``deliveries`` and ``events``; replaces
 
 and writes the figures and ``report.html`` under ``paths.output_dir/report/``, also logged as
 artifacts of an MLflow run named ``report``. The per-recipient work is Spark; the driver sees only
-the aggregated rows (per campaign, variant and day; per bootstrap replicate; per A/B variant and
+the aggregated rows (per campaign, variant and day; per bootstrap replicate; per test arm and
 per-user count pattern, for the design effect of repeated sends).
 """
 
