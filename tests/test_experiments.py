@@ -107,7 +107,8 @@ def _ab(results: pd.DataFrame, today: dt.date = TODAY, patterns: pd.DataFrame | 
 
 
 def _patterns(rows: list[tuple[str, int, int, int]]) -> pd.DataFrame:
-    """repeated_sends rows of campaign "ab": (variant, delivered, unique clicks, users); no conversions."""
+    """A/B rows of user_patterns for campaign "ab", as ab_tests reads them: (variant, delivered,
+    unique clicks, users); no conversions."""
     return pd.DataFrame([("ab", v, n, k, 0, users) for v, n, k, users in rows],
                         columns=["campaign_id", "variant", "delivered", "unique_clicks", "conversions", "users"])
 

@@ -33,8 +33,8 @@ from inboxlift.transforms.attribution import (
 from inboxlift.transforms.campaign_results import (
     aggregate_results,
     bootstrap_revenue_sums,
-    repeated_sends,
     summarise_outcomes,
+    user_patterns,
 )
 from report_data import CAMPAIGNS_YAML, D10, EXPECTED, ts, write_tables
 
@@ -348,7 +348,7 @@ def test_the_kept_summary_has_a_row_per_spender_and_one_per_group_and_adds_up(sp
     assert from_summary.collect() == one_per_recipient.collect()
 
 
-def test_repeated_sends_count_each_users_messages_in_the_test_and_group_users_alike(spark):
+def test_user_patterns_count_each_users_messages_in_the_test_and_group_users_alike(spark):
     # user, variant, send day, delivered, clicked, orders
     days = {1: dt.date(2026, 11, 2), 2: dt.date(2026, 11, 9), 3: dt.date(2026, 11, 16), 9: dt.date(2026, 11, 30)}
     messages = [("u1", "A", 1, True, True, 1), ("u1", "A", 2, True, True, 0), ("u1", "A", 3, True, False, 0),
@@ -357,15 +357,16 @@ def test_repeated_sends_count_each_users_messages_in_the_test_and_group_users_al
                 ("u1", "A", 9, True, True, 1),                       # after the test's last send day
                 ("u4", "B", 2, True, False, 0),
                 ("u5", "holdout", 1, False, False, 0)]               # held out: no A/B message
-    rows = [("wb", variant, days[day], user, variant != "holdout", delivered, clicked, orders)
+    rows = [("wb", variant, days[day], user, variant != "holdout", delivered, clicked, orders, 0)
             for user, variant, day, delivered, clicked, orders in messages]
-    rows.append(("cs", "A", days[1], "u1", True, True, True, 1))     # a campaign without a test
+    rows.append(("cs", "A", days[1], "u1", True, True, True, 1, 0))  # a campaign without a test
     outcomes = spark.createDataFrame(rows, "campaign_id string, variant string, send_date date, user_id string, "
                                            "is_treated boolean, is_delivered boolean, is_clicked boolean, "
-                                           "attributed_orders int")
-    windows = spark.createDataFrame([("wb", days[1], days[3])],
-                                    "campaign_id string, first_send_date date, last_send_date date")
-    got = sorted(tuple(r) for r in repeated_sends(outcomes, windows).collect())
+                                           "attributed_orders int, window_orders int")
+    spans = "campaign_id string, first_send_date date, last_send_date date"
+    windows = spark.createDataFrame([("wb", days[1], days[3])], spans)
+    patterns = user_patterns(outcomes, ab=windows, holdout=spark.createDataFrame([], spans))
+    got = sorted(tuple(r)[1:] for r in patterns.collect())
     # u1 and u3: 3 delivered, 2 clicked, 1 converted; u2: 2 delivered (one bounced), nothing; u4: 1, 0, 0.
     assert got == [("wb", "A", 2, 0, 0, 1), ("wb", "A", 3, 2, 1, 2), ("wb", "B", 1, 0, 0, 1)]
 

@@ -181,9 +181,8 @@ def design_effect(patterns: pd.DataFrame, *, metric_column: str, trials_column: 
     """How much more a rate's variance is than independent messages would give: 1 when each user
     gets one message, more when a user's messages succeed or fail together.
 
-    ``patterns``: one variant's rows of :func:`inboxlift.transforms.campaign_results.repeated_sends`
-    (per-user counts of ``trials_column`` and ``metric_column``, with the ``users`` that have them;
-    for a holdout arm, :func:`~inboxlift.transforms.campaign_results.repeated_recipients`). The
+    ``patterns``: one arm's rows of :func:`inboxlift.transforms.campaign_results.user_patterns`
+    (per-user counts of ``trials_column`` and ``metric_column``, with the ``users`` that have them). The
     rate ``p = K / N`` is a ratio of per-user sums; its variance, with users independent (the
     variant is drawn per user), is ``sum((k_u - p n_u)^2) / N^2`` (the delta method, clustered by
     user); divided by the binomial ``p (1 - p) / N`` that is ``sum((k_u - p n_u)^2) / (N p (1 - p))``,
@@ -214,7 +213,8 @@ def ab_tests(results: pd.DataFrame, campaigns: dict[str, Campaign], *, today: dt
 
     ``results``: campaign_results rows (pandas; one per campaign, variant and send day).
     ``patterns``: the tests' messages per user
-    (:func:`inboxlift.transforms.campaign_results.repeated_sends`, over :func:`ab_windows`): each
+    (the A/B rows of :func:`inboxlift.transforms.campaign_results.user_patterns`, over
+    :func:`ab_windows`, as ``variant, delivered, unique_clicks, conversions``): each
     variant's counts enter the test divided by their :func:`design_effect` (the effective sample
     size), so a user's repeated messages count as the information they hold. None: every message
     counts as independent (design effect 1).
@@ -320,7 +320,8 @@ def holdout_tests(totals: pd.DataFrame, bootstrap: pd.DataFrame, *, alpha: float
     revenue of the send days whose windows have closed; ``bootstrap``: the replicate sums of the same
     recipients (a user's sends share their weights); ``windows``: per campaign its
     ``first_send_date``, ``last_send_date`` (closed days); ``patterns``: the same recipients per user
-    (:func:`inboxlift.transforms.campaign_results.repeated_recipients`): each arm's conversions
+    (the holdout rows of :func:`inboxlift.transforms.campaign_results.user_patterns`, as
+    ``is_treated, recipients, window_conversions``): each arm's conversions
     enter the test divided by their :func:`design_effect`. None: every recipient row counts as
     independent.
     """

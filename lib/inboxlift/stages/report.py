@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 import pandas as pd
@@ -48,11 +47,12 @@ from inboxlift.transforms.attribution import recipient_outcomes
 from inboxlift.transforms.campaign_results import (
     RESULT_COLUMNS,
     aggregate_results,
+    AB_TEST,
+    HOLDOUT_TEST,
     bootstrap_revenue_sums,
-    repeated_recipients,
-    repeated_sends,
+    campaigns_with_repeats,
     summarise_outcomes,
-    tests_with_repeated_recipients,
+    user_patterns,
 )
 
 RESULTS_TABLE = "campaign_results"
@@ -122,22 +122,34 @@ def closed_before(ctx: RunContext) -> dt.datetime:
 
 AB_PATTERN_COLUMNS = ["campaign_id", "variant", "delivered", *AB_METRICS.values(), "users"]
 HOLDOUT_PATTERN_COLUMNS = ["campaign_id", "is_treated", "recipients", "window_conversions", "users"]
+SPANS = "campaign_id string, first_send_date date, last_send_date date"
 
 
-def _patterns(ctx: RunContext, spans: DataFrame, *, treated_only: bool, columns: list[str],
-              aggregate: Callable[[DataFrame, DataFrame], DataFrame]) -> pd.DataFrame:
-    """The tests' recipients per user (``aggregate``: repeated_sends or repeated_recipients over
-    ``spans``), for the tests in which some user is a recipient on two days or more; no row for the
-    others, whose design effects are all 1."""
-    # One row per test at most.
-    repeated = [row.campaign_id for row in tests_with_repeated_recipients(
-        ctx.lake.read("campaign_plan"), ctx.lake.read("outbox"), spans, treated_only=treated_only).collect()]
+def _patterns(ctx: RunContext, ab: list[tuple], holdout: list[tuple]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The A/B and the holdout tests' recipients per user (:func:`user_patterns`; ``ab``, ``holdout``:
+    (campaign_id, first_send_date, last_send_date) per test), for the tests in which some user is a
+    recipient on two days or more; no row for the others, whose design effects are all 1."""
+    found_ab, found_holdout = pd.DataFrame(columns=AB_PATTERN_COLUMNS), pd.DataFrame(columns=HOLDOUT_PATTERN_COLUMNS)
+    if not ab and not holdout:
+        return found_ab, found_holdout
+    spans_ab, spans_holdout = ctx.spark.createDataFrame(ab, SPANS), ctx.spark.createDataFrame(holdout, SPANS)
+    # One row per campaign at most.
+    repeated = campaigns_with_repeats(ctx.lake.read("campaign_plan"), ctx.lake.read("outbox"),
+                                              ab=spans_ab, holdout=spans_holdout).collect()
     if not repeated:
-        return pd.DataFrame(columns=columns)
-    # A second pass over the per-recipient outcomes for those tests: the summary keeps no user of a
-    # recipient without revenue. A row per campaign, arm and count pattern: small.
-    chosen = F.col("campaign_id").isin(*repeated)
-    return aggregate(campaign_outcomes(ctx).where(chosen), spans.where(chosen)).toPandas()[columns]
+        return found_ab, found_holdout
+    wanted = {test: [r.campaign_id for r in repeated if r[test]] for test in (AB_TEST, HOLDOUT_TEST)}
+    # One more pass over the per-recipient outcomes, for those tests only: the summary keeps no user
+    # of a recipient without revenue. A row per test, campaign, arm and count pattern: small.
+    chosen = F.col("campaign_id").isin(*{c for ids in wanted.values() for c in ids})
+    found = user_patterns(campaign_outcomes(ctx).where(chosen),
+                          ab=spans_ab.where(F.col("campaign_id").isin(*wanted[AB_TEST])),
+                          holdout=spans_holdout.where(F.col("campaign_id").isin(*wanted[HOLDOUT_TEST]))).toPandas()
+    of_ab, of_holdout = found[found["test"] == AB_TEST], found[found["test"] == HOLDOUT_TEST]
+    found_ab = of_ab.rename(columns={"arm": "variant", "trials": "delivered", "clicks": "unique_clicks"})
+    found_holdout = of_holdout.assign(is_treated=of_holdout["arm"] != HOLDOUT).rename(
+        columns={"trials": "recipients", "conversions": "window_conversions"})
+    return found_ab[AB_PATTERN_COLUMNS], found_holdout[HOLDOUT_PATTERN_COLUMNS]
 
 
 def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -> pd.DataFrame:
@@ -146,35 +158,30 @@ def experiments_of(ctx: RunContext, results: pd.DataFrame, summary: DataFrame) -
     r = ctx.settings.report
     campaigns = load_campaigns(ctx.settings.paths.campaigns_file)
     windows_ab = ab_windows(results, campaigns, click_through_days=r.click_through_days)
-    patterns = pd.DataFrame(columns=AB_PATTERN_COLUMNS)
-    if windows_ab:
-        spans_ab = ctx.spark.createDataFrame([(c, first, last) for c, (first, last, _) in sorted(windows_ab.items())],
-                                             "campaign_id string, first_send_date date, last_send_date date")
-        patterns = _patterns(ctx, spans_ab, treated_only=True, columns=AB_PATTERN_COLUMNS, aggregate=repeated_sends)
-    rows = ab_tests(results, campaigns, today=ctx.clock.today(), alpha=r.alpha, power=r.power,
-                    click_through_days=r.click_through_days, min_per_arm=r.min_recipients_per_arm,
-                    patterns=patterns)
-
     closed = results[results["is_window_closed"]]
     with_holdout = set(closed.loc[closed["variant"] == HOLDOUT, "campaign_id"])
     closed = closed[closed["campaign_id"].isin(with_holdout)]
+    # Closed days come in order, so each campaign's are the span from its first to its last.
+    windows = (closed.groupby("campaign_id")["send_date"].agg(["min", "max"]).reset_index()
+               .rename(columns={"min": "first_send_date", "max": "last_send_date"}))
+    patterns_ab, patterns_holdout = _patterns(
+        ctx, [(c, first, last) for c, (first, last, _) in sorted(windows_ab.items())],
+        list(windows.itertuples(index=False, name=None)))
+    rows = ab_tests(results, campaigns, today=ctx.clock.today(), alpha=r.alpha, power=r.power,
+                    click_through_days=r.click_through_days, min_per_arm=r.min_recipients_per_arm,
+                    patterns=patterns_ab)
     if not closed.empty:
         totals = (closed.assign(is_treated=closed["variant"] != HOLDOUT)
                   .groupby(["campaign_id", "is_treated"])[["recipients", "window_conversions", "window_revenue"]]
                   .sum().reset_index())
-        windows = (closed.groupby("campaign_id")["send_date"].agg(["min", "max"]).reset_index()
-                   .rename(columns={"min": "first_send_date", "max": "last_send_date"}))
         days = ctx.spark.createDataFrame(closed[["campaign_id", "send_date"]].drop_duplicates(),
                                          "campaign_id string, send_date date")
         sample = summary.join(F.broadcast(days), ["campaign_id", "send_date"], how="left_semi")
         # One row per campaign, arm and replicate: grows with campaigns, not users.
         bootstrap = bootstrap_revenue_sums(sample, replicates=r.bootstrap_replicates, seed=r.bootstrap_seed).toPandas()
-        # Closed days come in order, so each campaign's are the span from its first to its last.
-        spans = ctx.spark.createDataFrame(windows, "campaign_id string, first_send_date date, last_send_date date")
         rows += holdout_tests(totals, bootstrap, alpha=r.alpha, power=r.power, min_per_arm=r.min_recipients_per_arm,
                               replicates=r.bootstrap_replicates, seed=r.bootstrap_seed, windows=windows,
-                              patterns=_patterns(ctx, spans, treated_only=False, columns=HOLDOUT_PATTERN_COLUMNS,
-                                                 aggregate=repeated_recipients))
+                              patterns=patterns_holdout)
     return experiments_frame(rows)
 
 

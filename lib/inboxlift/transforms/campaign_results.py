@@ -116,82 +116,95 @@ def aggregate_results(summary: DataFrame, *, alpha: float, window_closed_before:
     return grouped.select(*GROUP, *COUNTS, *rates, F.coalesce(closed, F.lit(False)).alias("is_window_closed"))
 
 
-def repeated_sends(outcomes: DataFrame, windows: DataFrame) -> DataFrame:
-    """How the A/B tests' messages fall on their users: ``campaign_id, variant, delivered,
-    unique_clicks, conversions, users``, one row per campaign, variant and per-user count pattern
-    (how many of a user's messages in the test were delivered, clicked, converted) with the number
-    of users that have it.
+AB_TEST, HOLDOUT_TEST = "ab", "holdout"
+
+
+def _in_spans(frame: DataFrame, *, date: str, ab: DataFrame, holdout: DataFrame) -> DataFrame:
+    """``frame`` with ``_in_ab`` and ``_in_holdout``: whether its ``date`` lies in its campaign's A/B
+    test span (``ab``) and holdout test span (``holdout``); rows in neither are left out. Both spans
+    are ``campaign_id, first_send_date, last_send_date``, one row per campaign (small: broadcast)."""
+    def span(spans: DataFrame, name: str) -> DataFrame:
+        return spans.select("campaign_id", F.col("first_send_date").alias(f"_{name}_first"),
+                            F.col("last_send_date").alias(f"_{name}_last"))
+
+    def within(name: str) -> Column:
+        return F.coalesce(F.col(date).between(F.col(f"_{name}_first"), F.col(f"_{name}_last")), F.lit(False))
+
+    joined = (frame.join(F.broadcast(span(ab, "ab")), "campaign_id", how="left")
+              .join(F.broadcast(span(holdout, "ho")), "campaign_id", how="left"))
+    return (joined.withColumn("_in_ab", within("ab")).withColumn("_in_holdout", within("ho"))
+            .where(F.col("_in_ab") | F.col("_in_holdout")))
+
+
+def campaigns_with_repeats(plan: DataFrame, outbox: DataFrame, *, ab: DataFrame,
+                                   holdout: DataFrame) -> DataFrame:
+    """``campaign_id, ab, holdout``: per campaign, whether some user is a recipient on more than one
+    send day of its A/B test span (treated users) and of its holdout test span (held-out users too),
+    planned or in the outbox (the recipients of
+    :func:`inboxlift.transforms.attribution.recipient_outcomes`); only campaigns with one or the
+    other. In the others every user has one row at most, and the design effect of every rate is
+    exactly 1, so their outcomes need no second pass (:func:`user_patterns`). One read of the plan's
+    and the outbox's keys for both kinds of test.
+
+    ``ab``, ``holdout``: ``campaign_id, first_send_date, last_send_date``, one row per test.
+    """
+    require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant"], step="campaigns_with_repeats")
+    require_columns(outbox, ["campaign_id", "plan_date", "user_id", "variant"],
+                    step="campaigns_with_repeats (outbox)")
+    keys = ["campaign_id", "plan_date", "user_id", "variant"]
+    rows = _in_spans(plan.select(*keys).unionByName(outbox.select(*keys)), date="plan_date", ab=ab,
+                     holdout=holdout)
+    is_treated = F.coalesce(F.col("variant") != F.lit(HOLDOUT), F.lit(True))
+    # A user's day once, whether the plan, the outbox or both have it (its flags are the same in both).
+    user_days = rows.select("campaign_id", "user_id", "plan_date",
+                            (F.col("_in_ab") & is_treated).cast("int").alias("_ab"),
+                            F.col("_in_holdout").cast("int").alias("_holdout")).distinct()
+    days = user_days.groupBy("campaign_id", "user_id").agg(F.sum("_ab").alias("_ab_days"),
+                                                           F.sum("_holdout").alias("_holdout_days"))
+    per_test = days.groupBy("campaign_id").agg((F.max("_ab_days") > 1).alias(AB_TEST),
+                                               (F.max("_holdout_days") > 1).alias(HOLDOUT_TEST))
+    return per_test.where(F.col(AB_TEST) | F.col(HOLDOUT_TEST))
+
+
+def user_patterns(outcomes: DataFrame, *, ab: DataFrame, holdout: DataFrame) -> DataFrame:
+    """How the tests' recipients fall on their users, in one pass over ``outcomes``: ``test,
+    campaign_id, arm, trials, clicks, conversions, users``, one row per test, campaign, arm and
+    per-user count pattern, with the number of users that have it (users with the same counts share
+    a row, so the result grows with the most messages a user gets, not with users).
+
+    - ``test`` ``ab`` (treated rows of the A/B test span ``ab``): ``arm`` is the variant; a user's
+      ``trials`` are their delivered messages, ``clicks`` the clicked ones and ``conversions`` those
+      with an attributed order (the counts aggregate_results sums);
+    - ``test`` ``holdout`` (every row of the holdout test span ``holdout``, the closed days): ``arm``
+      is ``treated`` or ``holdout``; ``trials`` are the user's recipient rows, ``conversions`` those
+      with an order in their window, ``clicks`` 0.
 
     A test's messages are not independent when a user gets several (a weekly campaign over a
     four-week horizon): :func:`inboxlift.campaigns.experiments.design_effect` reads their variance
-    from these rows. Users with the same counts share a row, so the result grows with the largest
-    number of messages a user gets, not with users.
+    from these rows.
 
     ``outcomes``: per-recipient outcomes (:func:`inboxlift.transforms.attribution.recipient_outcomes`);
-    ``windows``: ``campaign_id, first_send_date, last_send_date``, the tests' send days (one row per
-    campaign). Holdout rows and days outside the window are left out.
+    ``ab``, ``holdout``: ``campaign_id, first_send_date, last_send_date``, one row per test.
     """
     require_columns(outcomes, ["campaign_id", "variant", "send_date", "user_id", "is_treated", "is_delivered",
-                               "is_clicked", "attributed_orders"], step="repeated_sends")
-    require_columns(windows, ["campaign_id", "first_send_date", "last_send_date"], step="repeated_sends (windows)")
-    count = lambda condition: F.count_if(condition).cast("long")  # noqa: E731
-    in_test = (outcomes.join(F.broadcast(windows), "campaign_id", how="inner")
-               .where(F.col("is_treated") & F.col("send_date").between(F.col("first_send_date"),
-                                                                         F.col("last_send_date"))))
-    # The same counts as aggregate_results sums (summarise_outcomes), per user.
-    per_user = in_test.groupBy("campaign_id", "variant", "user_id").agg(
-        count(F.col("is_delivered")).alias("delivered"),
-        count(F.col("is_clicked")).alias("unique_clicks"),
-        count(F.col("attributed_orders") > 0).alias("conversions"))
-    return per_user.groupBy("campaign_id", "variant", "delivered", "unique_clicks", "conversions").agg(
-        F.count("*").cast("long").alias("users"))
-
-
-def tests_with_repeated_recipients(plan: DataFrame, outbox: DataFrame, windows: DataFrame, *,
-                                   treated_only: bool = True) -> DataFrame:
-    """``campaign_id`` of the tests in which some user is a recipient on more than one send day of
-    the test's span (planned or in the outbox: the recipients of
-    :func:`inboxlift.transforms.attribution.recipient_outcomes`; held-out users too unless
-    ``treated_only``). In the others every user has one row at most, and the design effect of every
-    rate is exactly 1, so their outcomes need no second pass (:func:`repeated_sends`,
-    :func:`repeated_recipients`). Reads the plan's and the outbox's keys only.
-
-    ``windows``: ``campaign_id, first_send_date, last_send_date``, one row per test.
-    """
-    require_columns(plan, ["campaign_id", "plan_date", "user_id", "variant"], step="tests_with_repeated_recipients")
-    require_columns(outbox, ["campaign_id", "plan_date", "user_id", "variant"],
-                    step="tests_with_repeated_recipients (outbox)")
-    keys = ["campaign_id", "plan_date", "user_id"]
-    wanted = (lambda frame: frame.where(F.coalesce(F.col("variant") != F.lit(HOLDOUT), F.lit(True)))) \
-        if treated_only else (lambda frame: frame)
-    days = (wanted(plan).select(*keys).unionByName(wanted(outbox).select(*keys))
-            .join(F.broadcast(windows), "campaign_id", how="inner")
-            .where(F.col("plan_date").between(F.col("first_send_date"), F.col("last_send_date")))
-            .select(*keys).distinct())
-    return (days.groupBy("campaign_id", "user_id").count().where(F.col("count") > 1)
-            .select("campaign_id").distinct())
-
-
-def repeated_recipients(outcomes: DataFrame, windows: DataFrame) -> DataFrame:
-    """How the holdout tests' recipients fall on their users: ``campaign_id, is_treated,
-    recipients, window_conversions, users``, one row per campaign, arm and per-user count pattern
-    (how many of a user's recipient rows in the span there are, and how many converted in their
-    window), with the number of users that have it: what
-    :func:`inboxlift.campaigns.experiments.design_effect` reads for the holdout conversions test.
-
-    ``windows``: ``campaign_id, first_send_date, last_send_date``, the send days whose windows have
-    closed, one row per campaign.
-    """
-    require_columns(outcomes, ["campaign_id", "send_date", "user_id", "is_treated", "window_orders"],
-                    step="repeated_recipients")
-    require_columns(windows, ["campaign_id", "first_send_date", "last_send_date"],
-                    step="repeated_recipients (windows)")
-    in_span = (outcomes.join(F.broadcast(windows), "campaign_id", how="inner")
-               .where(F.col("send_date").between(F.col("first_send_date"), F.col("last_send_date"))))
-    per_user = in_span.groupBy("campaign_id", "is_treated", "user_id").agg(
-        F.count("*").cast("long").alias("recipients"),
-        F.count_if(F.col("window_orders") > 0).cast("long").alias("window_conversions"))
-    return per_user.groupBy("campaign_id", "is_treated", "recipients", "window_conversions").agg(
+                               "is_clicked", "attributed_orders", "window_orders"], step="user_patterns")
+    flag = lambda condition: condition.cast("long")  # noqa: E731
+    for_ab = F.when(F.col("_in_ab") & F.col("is_treated"), F.struct(
+        F.lit(AB_TEST).alias("test"), F.col("variant").alias("arm"), flag(F.col("is_delivered")).alias("trials"),
+        flag(F.col("is_clicked")).alias("clicks"), flag(F.col("attributed_orders") > 0).alias("conversions")))
+    for_holdout = F.when(F.col("_in_holdout"), F.struct(
+        F.lit(HOLDOUT_TEST).alias("test"),
+        F.when(F.col("is_treated"), F.lit("treated")).otherwise(F.lit(HOLDOUT)).alias("arm"),
+        F.lit(1).cast("long").alias("trials"), F.lit(0).cast("long").alias("clicks"),
+        flag(F.col("window_orders") > 0).alias("conversions")))
+    # A row counts for each test whose span holds it: both structs, nulls dropped, one explode.
+    rows = (_in_spans(outcomes, date="send_date", ab=ab, holdout=holdout)
+            .select("campaign_id", "user_id",
+                    F.explode(F.filter(F.array(for_ab, for_holdout), lambda t: t.isNotNull())).alias("_t"))
+            .select("campaign_id", "user_id", "_t.*"))
+    per_user = rows.groupBy("test", "campaign_id", "arm", "user_id").agg(
+        *[F.sum(c).cast("long").alias(c) for c in ("trials", "clicks", "conversions")])
+    return per_user.groupBy("test", "campaign_id", "arm", "trials", "clicks", "conversions").agg(
         F.count("*").cast("long").alias("users"))
 
 
