@@ -247,10 +247,6 @@ def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame,
     reason; holdout rows per campaign; rendered messages already sent (``delivered``: their ids) per
     campaign. One Spark job for the four (small: one row per group)."""
     tally = "_tally"
-    sent = [] if delivered is None else [
-        rendered.where(F.col("reason").isNull()).join(delivered, "message_id", how="left_semi")
-        .groupBy("campaign_id").count().withColumn("variant", F.lit(None).cast("string"))
-        .withColumn("reason", F.lit(None).cast("string")).withColumn(tally, F.lit("already_sent"))]
     rows = (
         rendered.groupBy("campaign_id", "variant", "reason").count().withColumn(tally, F.lit("rendered"))
         .unionByName(blocked.groupBy("campaign_id", "reason").count()
@@ -259,8 +255,11 @@ def _tallies(rendered: DataFrame, *, blocked: DataFrame, plan: DataFrame,
                      .withColumn("variant", F.lit(None).cast("string")).withColumn("reason", F.lit(None).cast("string"))
                      .withColumn(tally, F.lit("holdout")))
     )
-    for frame in sent:
-        rows = rows.unionByName(frame)
+    if delivered is not None:
+        rows = rows.unionByName(
+            rendered.where(F.col("reason").isNull()).join(delivered, "message_id", how="left_semi")
+            .groupBy("campaign_id").count().withColumn("variant", F.lit(None).cast("string"))
+            .withColumn("reason", F.lit(None).cast("string")).withColumn(tally, F.lit("already_sent")))
     by_tally: dict[str, list[Row]] = {"rendered": [], "refused": [], "holdout": [], "already_sent": []}
     for row in rows.collect():
         by_tally[row[tally]].append(row)
