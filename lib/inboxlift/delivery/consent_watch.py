@@ -33,12 +33,14 @@ from typing import Callable
 from urllib.parse import urlparse
 
 from inboxlift.consent import CONSENT_EVENT_TYPES
+from inboxlift.stages.ingest_sources import LANDING_SUFFIXES
 
 # A line naming a consent event type; only those lines are parsed as JSON (most lines are clicks and opens).
 _CONSENT_LINE = re.compile(
     rb'^[^\n]*"event_type"\s*:\s*"(?:' + b"|".join(t.encode() for t in CONSENT_EVENT_TYPES) + rb')"[^\n]*$',
     re.MULTILINE)
-_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# The event file names ingest reads, but compressed ones: the service writes plain JSON lines.
+_SUFFIXES = tuple(s for s in LANDING_SUFFIXES["events"] if not s.endswith(".gz"))
 # The service's file names start with the UTC time the file was opened (service.events).
 _SERVICE_NAME = re.compile(r"\.?serve-(\d{8}T\d{6}Z)-")
 
